@@ -1,0 +1,91 @@
+"""The `hermes-bot` command: run the Discord bot, chat in the terminal, manage the database
+and the model.
+
+    hermes-bot [run]                 start the Discord bot (same as `python -m bot`)
+    hermes-bot chat [--persona NAME] talk to the model in the terminal, no Discord needed
+    hermes-bot db upgrade|downgrade REV|current
+    hermes-bot download              fetch MODEL_REPO/MODEL_FILE into the hub cache
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import logging
+import sys
+from collections.abc import Sequence
+
+from bot.settings import Settings, SettingsError, load_settings
+
+log = logging.getLogger("bot")
+
+
+def _parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(prog="hermes-bot", description=__doc__.splitlines()[0])
+    parser.add_argument("--env-file", default=".env", help="settings file (default: .env)")
+    commands = parser.add_subparsers(dest="command")
+    commands.add_parser("run", help="start the Discord bot")
+    chat = commands.add_parser("chat", help="chat with the model in the terminal")
+    chat.add_argument("--persona", help="persona name (see personas/)")
+    chat.add_argument("--session", default="default", help="conversation name (kept across runs)")
+    db = commands.add_parser("db", help="database migrations")
+    db_commands = db.add_subparsers(dest="db_command", required=True)
+    db_commands.add_parser("upgrade", help="apply all migrations")
+    down = db_commands.add_parser("downgrade", help="revert to a revision")
+    down.add_argument("revision", help="e.g. -1, or base")
+    db_commands.add_parser("current", help="show the database's revision")
+    commands.add_parser("download", help="download the configured model into the hub cache")
+    return parser
+
+
+async def _chat(settings: Settings, persona: str | None, session: str) -> None:
+    from bot.runtime import open_runtime
+    from bot.terminal import chat
+
+    async with open_runtime(settings) as responder:
+        if persona is not None:
+            if persona.lower() not in responder.personas:
+                raise SettingsError(f"--persona {persona!r}: not found in {settings.personas_dir}")
+            await responder.store.set_persona(f"terminal:{session}", persona.lower())
+        await chat(responder, session=session)
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    args = _parser().parse_args(argv)
+    try:
+        settings = load_settings(dotenv_path=args.env_file)
+    except SettingsError as error:
+        print(f"error: {error}", file=sys.stderr)
+        return 2
+    logging.basicConfig(
+        level=settings.log_level, format="%(asctime)s %(levelname)s %(name)s: %(message)s"
+    )
+    logging.getLogger("alembic.runtime.plugins").setLevel(logging.WARNING)
+    from bot.engine.base import ModelLoadError
+
+    try:
+        if args.command == "chat":
+            asyncio.run(_chat(settings, args.persona, args.session))
+        elif args.command == "db":
+            from bot import migrate
+
+            if args.db_command == "upgrade":
+                migrate.upgrade(settings.database_url)
+            elif args.db_command == "downgrade":
+                migrate.downgrade(settings.database_url, args.revision)
+            else:
+                migrate.current(settings.database_url)
+        elif args.command == "download":
+            from bot.model_source import configured_model
+
+            print(configured_model(settings))
+        else:
+            from bot.app import run
+
+            run(settings)
+    except (SettingsError, ModelLoadError) as error:
+        print(f"error: {error}", file=sys.stderr)
+        return 2
+    except KeyboardInterrupt:
+        return 130
+    return 0

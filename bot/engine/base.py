@@ -1,0 +1,152 @@
+"""The engine interface: what the rest of the bot may ask of a language model.
+
+Callers build a `GenerationRequest`, `async for` the text pieces of `Engine.stream`, and may
+cancel by breaking out of the loop or by calling `Generation.cancel()`. Implementations:
+`bot.engine.llama.LlamaEngine` (llama.cpp); tests add scripted ones.
+"""
+
+from __future__ import annotations
+
+import abc
+import asyncio
+import threading
+from collections.abc import AsyncIterator, Callable
+from dataclasses import dataclass, field
+
+
+class EngineError(RuntimeError):
+    """Generation failed; the message says why in words a person can act on."""
+
+
+class ModelLoadError(EngineError):
+    """A model could not be loaded (missing, corrupt, too large); the old one keeps serving."""
+
+
+class EngineBusy(EngineError):
+    """The queue is full; try again later."""
+
+
+@dataclass(frozen=True)
+class SamplingParams:
+    temperature: float = 0.7
+    top_p: float = 0.9
+    top_k: int = 40
+    repeat_penalty: float = 1.1
+    seed: int = -1
+
+
+@dataclass(frozen=True)
+class GenerationRequest:
+    prompt: str
+    max_new_tokens: int
+    stop: tuple[str, ...] = ()
+    sampling: SamplingParams = field(default_factory=SamplingParams)
+    conversation: str | None = None  # a hint for engines that keep per-conversation state
+
+
+@dataclass
+class GenerationStats:
+    prompt_tokens: int = 0
+    reused_tokens: int = 0  # prompt tokens whose evaluation was reused from the last turn
+    completion_tokens: int = 0
+    prompt_seconds: float = 0.0
+    generation_seconds: float = 0.0
+    stopped_by: str = ""  # "stop", "length", "cancelled", or "error"
+
+    @property
+    def tokens_per_second(self) -> float:
+        return self.completion_tokens / self.generation_seconds if self.generation_seconds else 0.0
+
+
+class Generation:
+    """One generation under way: an async iterator of text pieces, cancellable from any side.
+
+    The worker thread pushes pieces with `push` (thread-safe, through the loop); the
+    consumer iterates. `position` tells how many generations are ahead in the queue.
+    """
+
+    def __init__(self, request: GenerationRequest, loop: asyncio.AbstractEventLoop) -> None:
+        self.request = request
+        self.stats = GenerationStats()
+        self.cancelled = threading.Event()
+        self._loop = loop
+        self._queue: asyncio.Queue[str | BaseException | None] = asyncio.Queue()
+        self.position = 0
+        self.on_position: Callable[[int], None] | None = None
+
+    def cancel(self) -> None:
+        """Stop generating; what was already produced stays produced."""
+        self.cancelled.set()
+
+    # Called from the worker thread.
+    def push(self, piece: str) -> None:
+        self._loop.call_soon_threadsafe(self._queue.put_nowait, piece)
+
+    def finish(self, error: BaseException | None = None) -> None:
+        self._loop.call_soon_threadsafe(self._queue.put_nowait, error)
+
+    # Called on the event loop.
+    def set_position(self, position: int) -> None:
+        self.position = position
+        if self.on_position is not None:
+            self.on_position(position)
+
+    def __aiter__(self) -> AsyncIterator[str]:
+        return self._pieces()
+
+    async def _pieces(self) -> AsyncIterator[str]:
+        try:
+            while True:
+                item = await self._queue.get()
+                if item is None:
+                    return
+                if isinstance(item, BaseException):
+                    raise item
+                yield item
+        finally:
+            # The consumer stopped early (break, exception, task cancelled): stop the worker.
+            self.cancel()
+
+    async def text(self) -> str:
+        return "".join([piece async for piece in self])
+
+
+@dataclass(frozen=True)
+class ModelInfo:
+    name: str
+    path: str
+    n_ctx: int
+
+
+class Engine(abc.ABC):
+    """A language model behind a queue; safe to use from the event loop."""
+
+    @property
+    @abc.abstractmethod
+    def info(self) -> ModelInfo: ...
+
+    @abc.abstractmethod
+    def count_tokens(self, text: str) -> int:
+        """Tokens the loaded model's own tokenizer makes of `text` (with BOS)."""
+
+    @abc.abstractmethod
+    def submit(self, request: GenerationRequest) -> Generation:
+        """Queue a generation (from the event loop); iterate the result for its text."""
+
+    @abc.abstractmethod
+    async def reload(self, path: str | None = None) -> ModelInfo:
+        """Load a model beside the current one and switch when it is ready.
+
+        On failure raise `ModelLoadError` and keep serving with the current model.
+        """
+
+    @property
+    def queue_depth(self) -> int:
+        return 0
+
+    @property
+    def last_stats(self) -> GenerationStats | None:
+        return None
+
+    async def close(self) -> None:
+        """Finish or cancel what is queued and free the model."""

@@ -1,0 +1,97 @@
+"""The chat pipeline shared by every edge: history → persona → prompt → engine → history.
+
+The Discord cogs and the terminal chat both answer through a `Responder`, so a message is
+treated the same way wherever it comes from.
+"""
+
+from __future__ import annotations
+
+import logging
+from dataclasses import dataclass
+
+from bot.conversation import Message
+from bot.engine.base import Engine, Generation, GenerationRequest, SamplingParams
+from bot.personas import DEFAULT_PERSONA, Persona
+from bot.prompt import BuiltPrompt, build_prompt
+from bot.settings import Settings
+from bot.store import Store
+
+log = logging.getLogger(__name__)
+
+
+@dataclass
+class Reply:
+    """A generation under way and the prompt it answers."""
+
+    generation: Generation
+    prompt: BuiltPrompt
+    persona: Persona
+
+
+class Responder:
+    def __init__(
+        self, settings: Settings, store: Store, engine: Engine, personas: dict[str, Persona]
+    ) -> None:
+        self.settings = settings
+        self.store = store
+        self.engine = engine
+        self.personas = personas
+
+    def persona(self, name: str | None) -> Persona:
+        """The persona with this key (or display name), else the default assistant."""
+        if name is not None:
+            wanted = name.strip().lower()
+            for key, persona in self.personas.items():
+                if wanted in (key, persona.name.lower()):
+                    return persona
+        return self.personas[DEFAULT_PERSONA]
+
+    async def conversation_persona(self, key: str) -> Persona:
+        return self.persona((await self.store.state(key)).persona)
+
+    async def start_reply(self, key: str, speaker: str) -> Reply:
+        """Build the prompt from the stored history and queue its generation.
+
+        `speaker` is the display name of the person being answered (for `{{user}}`).
+        """
+        persona = await self.conversation_persona(key)
+        history = await self.store.recent_messages(key, self.settings.history_limit)
+        prompt = build_prompt(
+            history,
+            self.engine.count_tokens,
+            n_ctx=self.engine.info.n_ctx,
+            max_new_tokens=self.settings.max_new_tokens,
+            preamble=persona.preamble(user=speaker),
+            response_prefix=persona.response_prefix(),
+        )
+        if prompt.truncated:
+            log.info("conversation %s: the prompt was cut to fit the context", key)
+        request = GenerationRequest(
+            prompt=prompt.text,
+            max_new_tokens=self.settings.max_new_tokens,
+            stop=prompt.stop,
+            sampling=SamplingParams(
+                temperature=self.settings.temperature,
+                top_p=self.settings.top_p,
+                top_k=self.settings.top_k,
+                repeat_penalty=self.settings.repeat_penalty,
+                seed=self.settings.seed,
+            ),
+            conversation=key,
+        )
+        return Reply(self.engine.submit(request), prompt, persona)
+
+    async def save_reply(
+        self, key: str, persona: Persona, text: str, bot_id: str, platform_id: str | None = None
+    ) -> None:
+        await self.store.add_message(
+            key,
+            Message(
+                author_id=bot_id,
+                author_name=persona.name,
+                content=text,
+                is_bot=True,
+                platform_id=platform_id,
+            ),
+        )
+

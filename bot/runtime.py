@@ -1,0 +1,44 @@
+"""Start and stop the parts every edge needs: database, personas, model engine, responder."""
+
+from __future__ import annotations
+
+import logging
+from collections.abc import AsyncIterator
+from contextlib import asynccontextmanager
+from pathlib import Path
+
+from bot.engine.llama import LlamaConfig, LlamaEngine
+from bot.model_source import configured_model
+from bot.personas import load_personas
+from bot.responder import Responder
+from bot.settings import Settings
+from bot.store import Store
+
+log = logging.getLogger(__name__)
+
+
+def llama_config(settings: Settings, model_path: Path) -> LlamaConfig:
+    return LlamaConfig(
+        model_path=model_path,
+        n_ctx=settings.n_ctx,
+        n_gpu_layers=settings.n_gpu_layers,
+        n_threads=settings.n_threads,
+        seed=settings.seed,
+    )
+
+
+@asynccontextmanager
+async def open_runtime(settings: Settings) -> AsyncIterator[Responder]:
+    """Open the store (migrating it), load personas and the model; close them on exit."""
+    store = await Store.open(settings.database_url)
+    try:
+        personas = load_personas(settings.personas_dir)
+        model_path = configured_model(settings)
+        log.info("loading %s (this can take a while for large models)", model_path)
+        engine = await LlamaEngine.start(llama_config(settings, model_path))
+        try:
+            yield Responder(settings, store, engine, personas)
+        finally:
+            await engine.close()
+    finally:
+        await store.close()

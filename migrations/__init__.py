@@ -1,0 +1,1 @@
+"""Alembic migrations that own the bot's database schema (applied by `bot.migrate`)."""
