@@ -188,14 +188,15 @@ class LlamaEngine(Engine):
                 job.stats.stopped_by = "cancelled"
                 job.finish()
                 continue
+            error: EngineError | None = None
             try:
                 self._generate(job)
-                job.finish()
-            except Exception as error:  # report to the caller, keep the worker alive
+            except Exception as exc:  # report to the caller, keep the worker alive
                 log.exception("generation failed")
                 job.stats.stopped_by = "error"
-                job.finish(EngineError(f"generation failed: {error}"))
+                error = exc if isinstance(exc, EngineError) else EngineError(f"generation failed: {exc}")
             self._last_stats = job.stats
+            job.finish(error)
 
     def _generate(self, job: Generation) -> None:
         llm, request, stats = self._llm, job.request, job.stats

@@ -1,0 +1,93 @@
+"""Model sources: the real huggingface_hub download path against a local cache, and the
+names /reload-model accepts (no path outside MODELS_DIR)."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import pytest
+
+from bot.engine.base import ModelLoadError
+from bot.model_source import HubFile, available_models, configured_model, download, parse_reload_target
+from bot.settings import load_settings
+
+COMMIT = "0123456789abcdef0123456789abcdef01234567"
+
+
+def fill_hub_cache(cache: Path, repo: str, filename: str, content: bytes) -> Path:
+    """Lay out a file exactly as huggingface_hub stores it after a download."""
+    folder = cache / f"models--{repo.replace('/', '--')}"
+    (folder / "refs").mkdir(parents=True)
+    (folder / "refs" / "main").write_text(COMMIT)
+    snapshot = folder / "snapshots" / COMMIT / filename
+    snapshot.parent.mkdir(parents=True)
+    snapshot.write_bytes(content)
+    return snapshot
+
+
+@pytest.fixture(autouse=True)
+def offline_hub(monkeypatch: pytest.MonkeyPatch) -> None:
+    """These machines cannot reach the hub: run huggingface_hub in its offline mode."""
+    import huggingface_hub.constants
+
+    monkeypatch.setattr(huggingface_hub.constants, "HF_HUB_OFFLINE", True)
+
+
+def test_download_finds_a_cached_file_offline(tmp_path: Path) -> None:
+    expected = fill_hub_cache(tmp_path, "org/model-GGUF", "m.Q4_K_M.gguf", b"GGUF....")
+    path = download(HubFile("org/model-GGUF", "m.Q4_K_M.gguf"), cache_dir=tmp_path)
+    assert path == expected and path.read_bytes() == b"GGUF...."
+
+
+def test_configured_model_uses_the_hub_cache(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    import huggingface_hub.constants
+
+    monkeypatch.setattr(huggingface_hub.constants, "HF_HUB_CACHE", str(tmp_path))
+    settings = load_settings({"MODEL_REPO": "org/r", "MODEL_FILE": "x.gguf"}, dotenv_path=None)
+    expected = fill_hub_cache(tmp_path, "org/r", "x.gguf", b"GGUF")
+    assert configured_model(settings) == expected
+
+
+def test_missing_from_cache_offline_says_what_to_do(tmp_path: Path) -> None:
+    with pytest.raises(ModelLoadError, match="not in the local cache.*set MODEL_PATH"):
+        download(HubFile("org/absent", "a.gguf"), cache_dir=tmp_path)
+
+
+def test_model_path_wins(tmp_path: Path) -> None:
+    settings = load_settings({"MODEL_PATH": str(tmp_path / "m.gguf")}, dotenv_path=None)
+    assert configured_model(settings) == tmp_path / "m.gguf"
+
+
+@pytest.fixture
+def models_dir(tmp_path: Path) -> Path:
+    root = tmp_path / "models"
+    (root / "sub").mkdir(parents=True)
+    (root / "a.gguf").write_bytes(b"GGUF")
+    (root / "sub" / "b.gguf").write_bytes(b"GGUF")
+    (tmp_path / "secret.gguf").write_bytes(b"GGUF")
+    (root / "link.gguf").symlink_to(tmp_path / "secret.gguf")
+    return root
+
+
+def test_reload_targets_inside_models_dir(models_dir: Path) -> None:
+    assert parse_reload_target("a.gguf", models_dir) == (models_dir / "a.gguf").resolve()
+    assert parse_reload_target("sub/b.gguf", models_dir) == (models_dir / "sub" / "b.gguf").resolve()
+    assert parse_reload_target("TheBloke/X-GGUF/x.Q4_K_M.gguf", models_dir) == HubFile(
+        "TheBloke/X-GGUF", "x.Q4_K_M.gguf"
+    )
+    assert available_models(models_dir) == ["a.gguf", "link.gguf", "sub/b.gguf"]
+
+
+@pytest.mark.parametrize(
+    "name",
+    ["../secret.gguf", "sub/../../secret.gguf", "/etc/passwd.gguf", "link.gguf", "..\\secret.gguf"],
+)
+def test_path_traversal_is_refused(models_dir: Path, name: str) -> None:
+    with pytest.raises(ModelLoadError, match="only files under MODELS_DIR"):
+        parse_reload_target(name, models_dir)
+
+
+@pytest.mark.parametrize(("name", "message"), [("notes.txt", "expected a .gguf"), ("c.gguf", "is not a file")])
+def test_other_bad_names(models_dir: Path, name: str, message: str) -> None:
+    with pytest.raises(ModelLoadError, match=message):
+        parse_reload_target(name, models_dir)
