@@ -33,3 +33,4 @@ class ConversationState:
     key: str
     persona: str | None = None
     enabled: bool = False
+    known: bool = False  # the conversation has been stored before

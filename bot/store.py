@@ -90,6 +90,18 @@ def _to_message(row: MessageRow) -> Message:
     )
 
 
+def _to_row(conversation_id: int, message: Message) -> MessageRow:
+    return MessageRow(
+        conversation_id=conversation_id,
+        platform_id=message.platform_id,
+        author_id=message.author_id,
+        author_name=message.author_name,
+        is_bot=message.is_bot,
+        content=message.content,
+        created_at=message.created_at,
+    )
+
+
 def create_engine(database_url: str) -> AsyncEngine:
     """An async engine; for SQLite, the folder is created and WAL mode switched on."""
     url = make_url(database_url)
@@ -146,7 +158,7 @@ class Store:
             row = await session.scalar(select(ConversationRow).where(ConversationRow.key == key))
         if row is None:
             return ConversationState(key=key)
-        return ConversationState(key=key, persona=row.persona, enabled=row.enabled)
+        return ConversationState(key=key, persona=row.persona, enabled=row.enabled, known=True)
 
     async def add_message(self, key: str, message: Message) -> bool:
         """Store a message; False if a message with that platform id is already stored."""
@@ -161,18 +173,24 @@ class Store:
                 )
                 if exists is not None:
                     return False
-            session.add(
-                MessageRow(
-                    conversation_id=conversation.id,
-                    platform_id=message.platform_id,
-                    author_id=message.author_id,
-                    author_name=message.author_name,
-                    is_bot=message.is_bot,
-                    content=message.content,
-                    created_at=message.created_at,
+            session.add(_to_row(conversation.id, message))
+        return True
+
+    async def put_message(self, key: str, message: Message) -> None:
+        """Store a message, or replace the content of the one with its platform id (and
+        bring it back if it was deleted): how the bot records its final replies."""
+        async with self._session() as session:
+            conversation = await self._conversation(session, key)
+            row = await session.scalar(
+                select(MessageRow).where(
+                    MessageRow.conversation_id == conversation.id,
+                    MessageRow.platform_id == message.platform_id,
                 )
             )
-        return True
+            if row is None:
+                session.add(_to_row(conversation.id, message))
+            else:
+                row.content, row.author_name, row.deleted_at = message.content, message.author_name, None
 
     async def recent_messages(self, key: str, limit: int) -> list[Message]:
         """The newest `limit` visible messages after the forget point, oldest first.

@@ -1,0 +1,93 @@
+"""The Discord bot: `create_bot` wires settings and the chat pipeline into a discord.py bot;
+`run` starts everything from settings (what `python -m bot` does)."""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+from typing import Any
+
+import discord
+import yarl
+from discord import app_commands
+from discord.ext import commands
+
+from bot.responder import Responder
+from bot.settings import Settings
+
+log = logging.getLogger(__name__)
+
+
+def point_discord_at(api_base: str, gateway_url: str) -> None:
+    """Send discord.py's REST calls and gateway connection to a Discord-compatible server."""
+    discord.http.Route.BASE = api_base.rstrip("/")
+    discord.gateway.DiscordWebSocket.DEFAULT_GATEWAY = yarl.URL(gateway_url)
+
+
+class HermesBot(commands.Bot):
+    def __init__(self, settings: Settings, responder: Responder, edit_interval: float = 1.0, **options: Any) -> None:
+        intents = discord.Intents.default()
+        intents.message_content = True  # privileged: switch it on in the Developer Portal
+        super().__init__(
+            command_prefix=commands.when_mentioned,
+            intents=intents,
+            allowed_mentions=discord.AllowedMentions.none(),
+            help_command=None,
+            **options,
+        )
+        self.settings = settings
+        self.responder = responder
+        self.edit_interval = edit_interval
+        self.tree.on_error = self._on_command_error
+
+    async def setup_hook(self) -> None:
+        from bot.cogs.admin import Admin
+        from bot.cogs.chat import Chat, RegenerateButton, StopButton
+        from bot.cogs.personas import Personas
+
+        await self.add_cog(Chat(self))
+        await self.add_cog(Admin(self))
+        await self.add_cog(Personas(self))
+        self.add_dynamic_items(StopButton, RegenerateButton)
+        synced = await self.tree.sync()
+        log.info("registered %d slash commands", len(synced))
+
+    async def on_ready(self) -> None:
+        log.info("connected as %s, serving %s", self.user, self.responder.engine.info.name)
+
+    async def _on_command_error(self, interaction: discord.Interaction, error: app_commands.AppCommandError) -> None:
+        log.error("/%s failed", interaction.command.qualified_name if interaction.command else "?", exc_info=error)
+        message = "Something went wrong with that command; the error is in the bot's log."
+        if interaction.response.is_done():
+            await interaction.followup.send(message, ephemeral=True)
+        else:
+            await interaction.response.send_message(message, ephemeral=True)
+
+
+def create_bot(settings: Settings, responder: Responder, **options: Any) -> HermesBot:
+    """The bot, pointed at the Discord API the settings name. Tests and tools build it here."""
+    point_discord_at(settings.discord_api_base, settings.discord_gateway_url)
+    return HermesBot(settings, responder, **options)
+
+
+async def serve(settings: Settings) -> None:
+    from bot.runtime import open_runtime
+
+    token = settings.require_token()
+    async with open_runtime(settings) as responder:
+        bot = create_bot(settings, responder)
+        async with bot:
+            await bot.start(token)
+
+
+def run(settings: Settings) -> None:
+    settings.require_token()  # fail before loading a 40 GB model
+    try:
+        asyncio.run(serve(settings))
+    except discord.LoginFailure as error:
+        raise SystemExit(f"error: Discord refused the token ({error}); check DISCORD_TOKEN") from None
+    except discord.PrivilegedIntentsRequired:
+        raise SystemExit(
+            "error: enable the Message Content intent in the Developer Portal (Bot → Privileged "
+            "Gateway Intents) and restart"
+        ) from None

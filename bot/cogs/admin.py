@@ -1,0 +1,124 @@
+"""Slash commands for running the bot: /reset, /status, /channel enable|disable, and the
+admins' /reload-model (hot swap: the old model serves until the new one is ready)."""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import time
+from typing import TYPE_CHECKING
+
+import discord
+from discord import app_commands
+from discord.ext import commands
+
+from bot.cogs.edge import interaction_is_admin, interaction_may_manage
+from bot.engine.base import ModelLoadError
+from bot.model_source import HubFile, available_models, configured_model, download, parse_reload_target
+from bot.policy import conversation_key
+
+if TYPE_CHECKING:
+    from bot.app import HermesBot
+
+log = logging.getLogger(__name__)
+
+
+def _uptime(seconds: float) -> str:
+    minutes, secs = divmod(int(seconds), 60)
+    hours, minutes = divmod(minutes, 60)
+    days, hours = divmod(hours, 24)
+    return (f"{days}d " if days else "") + f"{hours:02d}:{minutes:02d}:{secs:02d}"
+
+
+class Admin(commands.Cog):
+    channel = app_commands.Group(name="channel", description="Where the bot answers every message")
+
+    def __init__(self, bot: HermesBot) -> None:
+        self.bot = bot
+        self.started = time.monotonic()
+        self._reloading = asyncio.Lock()
+
+    @app_commands.command(name="reset", description="Forget this conversation up to now")
+    async def reset(self, interaction: discord.Interaction) -> None:
+        await self.bot.responder.store.reset(conversation_key(interaction.channel_id or 0))
+        await interaction.response.send_message("Done: I have forgotten everything said here before now.")
+
+    @app_commands.command(name="status", description="The model, its context, the queue and speed")
+    async def status(self, interaction: discord.Interaction) -> None:
+        engine = self.bot.responder.engine
+        stats = engine.last_stats
+        speed = f"{stats.tokens_per_second:.1f} tokens/s" if stats and stats.completion_tokens else "no generation yet"
+        lines = [
+            f"**Model:** {engine.info.name}",
+            f"**Context:** {engine.info.n_ctx} tokens",
+            f"**Queue:** {engine.queue_depth} waiting",
+            f"**Last generation:** {speed}",
+            f"**Uptime:** {_uptime(time.monotonic() - self.started)}",
+        ]
+        await interaction.response.send_message("\n".join(lines), ephemeral=True)
+
+    @channel.command(name="enable", description="Answer every message in this channel or thread")
+    async def channel_enable(self, interaction: discord.Interaction) -> None:
+        await self._set_enabled(interaction, True)
+
+    @channel.command(name="disable", description="Only answer mentions and replies here")
+    async def channel_disable(self, interaction: discord.Interaction) -> None:
+        await self._set_enabled(interaction, False)
+
+    async def _set_enabled(self, interaction: discord.Interaction, enabled: bool) -> None:
+        if not interaction_may_manage(interaction, self.bot.settings.admin_user_ids):
+            await interaction.response.send_message(
+                "You need the Manage Channels permission (or bot admin rights) for this.", ephemeral=True
+            )
+            return
+        await self.bot.responder.store.set_enabled(conversation_key(interaction.channel_id or 0), enabled)
+        await interaction.response.send_message(
+            "I will answer every message here." if enabled else "I will only answer mentions and replies here."
+        )
+
+    @app_commands.command(name="reload-model", description="Admins: load another model (or reload this one)")
+    @app_commands.describe(model="a .gguf under MODELS_DIR, or owner/repo/file.gguf from the hub")
+    async def reload_model(self, interaction: discord.Interaction, model: str | None = None) -> None:
+        settings = self.bot.settings
+        if not interaction_is_admin(interaction, settings.admin_user_ids):
+            await interaction.response.send_message("Only bot admins can reload the model.", ephemeral=True)
+            return
+        try:
+            target = parse_reload_target(model, settings.models_dir) if model else None
+        except ModelLoadError as error:
+            await interaction.response.send_message(f"Refused: {error}", ephemeral=True)
+            return
+        await interaction.response.defer(thinking=True)
+        if self._reloading.locked():
+            await interaction.edit_original_response(content="A reload is already under way; try again after it.")
+            return
+        async with self._reloading:
+            engine = self.bot.responder.engine
+            old = engine.info.name
+            try:
+                if isinstance(target, HubFile):
+                    await interaction.edit_original_response(content=f"Downloading `{target}` from the hub…")
+                    path = await asyncio.to_thread(download, target)
+                elif target is None:
+                    path = await asyncio.to_thread(configured_model, settings)
+                else:
+                    path = target
+                await interaction.edit_original_response(
+                    content=f"Loading `{path.name}`… `{old}` keeps answering meanwhile."
+                )
+                info = await engine.reload(str(path))
+            except ModelLoadError as error:
+                log.error("reload-model failed: %s", error)
+                await interaction.edit_original_response(
+                    content=f"Could not load the model: {error}\nStill serving `{old}`."
+                )
+                return
+        log.info("%s reloaded the model: %s → %s", interaction.user, old, info.name)
+        await interaction.edit_original_response(
+            content=f"Now serving `{info.name}` (context {info.n_ctx} tokens; was `{old}`)."
+        )
+
+    @reload_model.autocomplete("model")
+    async def _model_names(self, interaction: discord.Interaction, current: str) -> list[app_commands.Choice[str]]:
+        names = available_models(self.bot.settings.models_dir)
+        return [app_commands.Choice(name=n, value=n) for n in names if current.lower() in n.lower()][:25]

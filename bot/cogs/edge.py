@@ -1,0 +1,55 @@
+"""The edge: discord.py objects in, plain data out. Nothing past this module sees discord.py
+types except the cogs that send replies."""
+
+from __future__ import annotations
+
+import discord
+
+from bot.conversation import Message
+from bot.policy import Incoming, is_admin, may_manage
+
+
+def message_text(message: discord.Message) -> str:
+    """The content as people read it: mentions as @names, #channels, attachments named."""
+    text = message.clean_content
+    extras = [f"[attachment: {a.filename}]" for a in message.attachments]
+    extras += [f"[sticker: {s.name}]" for s in message.stickers]
+    return "\n".join(part for part in [text, *extras] if part.strip())
+
+
+def to_message(message: discord.Message) -> Message:
+    return Message(
+        author_id=str(message.author.id),
+        author_name=message.author.display_name,
+        content=message_text(message),
+        is_bot=message.author.bot,
+        platform_id=str(message.id),
+        created_at=message.created_at,
+    )
+
+
+def replies_to(message: discord.Message, user_id: int) -> bool:
+    resolved = message.reference.resolved if message.reference else None
+    return isinstance(resolved, discord.Message) and resolved.author.id == user_id
+
+
+def to_incoming(message: discord.Message, me: discord.abc.User, channel_enabled: bool, known: bool) -> Incoming:
+    return Incoming(
+        from_self=message.author.id == me.id,
+        from_bot=message.author.bot,
+        is_dm=message.guild is None,
+        mentions_bot=me in message.mentions,
+        replies_to_bot=replies_to(message, me.id),
+        channel_enabled=channel_enabled,
+        known_conversation=known,
+    )
+
+
+def interaction_is_admin(interaction: discord.Interaction, admin_ids: frozenset[int]) -> bool:
+    return is_admin(interaction.user.id, admin_ids, interaction.permissions.administrator)
+
+
+def interaction_may_manage(interaction: discord.Interaction, admin_ids: frozenset[int]) -> bool:
+    permissions = interaction.permissions
+    dm = interaction.guild is None
+    return dm or may_manage(interaction.user.id, admin_ids, permissions.administrator, permissions.manage_channels)

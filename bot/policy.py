@@ -1,0 +1,50 @@
+"""Pure decisions about Discord messages: should the bot store it, should it answer, who is
+an admin. The cogs describe a message as an `Incoming` and ask these functions."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+
+@dataclass(frozen=True)
+class Incoming:
+    """What the decisions need to know about a Discord message, as plain data."""
+
+    from_self: bool
+    from_bot: bool
+    is_dm: bool
+    mentions_bot: bool
+    replies_to_bot: bool
+    channel_enabled: bool
+    known_conversation: bool  # the bot already takes part in this channel
+
+
+def should_reply(message: Incoming, reply_to_bots: bool = False) -> bool:
+    """Answer DMs, mentions, replies to the bot, and everything in enabled channels;
+    never its own messages, and other bots only when configured to."""
+    if message.from_self or (message.from_bot and not reply_to_bots):
+        return False
+    return message.is_dm or message.mentions_bot or message.replies_to_bot or message.channel_enabled
+
+
+def should_store(message: Incoming, reply_to_bots: bool = False) -> bool:
+    """Keep every message of a conversation the bot takes part in (its own replies are
+    stored by the reply path, with their final text)."""
+    if message.from_self:
+        return False
+    return should_reply(message, reply_to_bots) or message.known_conversation
+
+
+def is_admin(user_id: int, admin_ids: frozenset[int], has_administrator: bool) -> bool:
+    """Admins are the ids in ADMIN_USER_IDS and members with the Administrator permission."""
+    return user_id in admin_ids or has_administrator
+
+
+def may_manage(user_id: int, admin_ids: frozenset[int], has_administrator: bool, manages_channels: bool) -> bool:
+    """Choosing a persona or enabling a channel: Manage Channels, or an admin."""
+    return manages_channels or is_admin(user_id, admin_ids, has_administrator)
+
+
+def conversation_key(channel_id: int) -> str:
+    """Each channel, thread and DM channel is one conversation."""
+    return f"discord:{channel_id}"

@@ -1,0 +1,74 @@
+"""A scripted engine for Discord tests: it answers with the texts a test queues, piece by
+piece with a delay, through the same `Generation` streaming and cancellation as the real
+engine. Tests that need the real model use `LlamaEngine` instead."""
+
+from __future__ import annotations
+
+import asyncio
+import re
+
+from bot.engine.base import (
+    Engine,
+    Generation,
+    GenerationRequest,
+    GenerationStats,
+    ModelInfo,
+)
+
+
+class ScriptedEngine(Engine):
+    def __init__(self, n_ctx: int = 4096, delay: float = 0.02) -> None:
+        self.replies: list[str] = []
+        self.prompts: list[str] = []
+        self.delay = delay
+        self._info = ModelInfo(name="scripted", path="scripted", n_ctx=n_ctx)
+        self._last: GenerationStats | None = None
+        self._lock = asyncio.Lock()
+        self._waiting = 0
+
+    def say(self, *texts: str) -> None:
+        """Queue the next replies (one per generation)."""
+        self.replies.extend(texts)
+
+    @property
+    def info(self) -> ModelInfo:
+        return self._info
+
+    @property
+    def queue_depth(self) -> int:
+        return self._waiting
+
+    @property
+    def last_stats(self) -> GenerationStats | None:
+        return self._last
+
+    def count_tokens(self, text: str) -> int:
+        return len(re.findall(r"\w+|[^\w\s]|\s+", text)) + 1
+
+    def submit(self, request: GenerationRequest) -> Generation:
+        generation = Generation(request, asyncio.get_running_loop())
+        generation.set_position(self._waiting + (1 if self._lock.locked() else 0))
+        self.prompts.append(request.prompt)
+        text = self.replies.pop(0) if self.replies else "(no scripted reply)"
+        asyncio.get_running_loop().create_task(self._run(generation, text))
+        return generation
+
+    async def _run(self, generation: Generation, text: str) -> None:
+        self._waiting += 1
+        async with self._lock:
+            self._waiting -= 1
+            pieces = re.findall(r"\S*\s*", text)
+            for piece in pieces:
+                if generation.cancelled.is_set():
+                    generation.stats.stopped_by = "cancelled"
+                    break
+                if piece:
+                    generation.push(piece)
+                    generation.stats.completion_tokens += 1
+                await asyncio.sleep(self.delay)
+            generation.stats.generation_seconds = max(1e-6, self.delay * len(pieces))
+            self._last = generation.stats
+            generation.finish()
+
+    async def reload(self, path: str | None = None) -> ModelInfo:
+        raise NotImplementedError("reloads are tested with the real LlamaEngine")
