@@ -52,6 +52,9 @@ class HermesBot(commands.Bot):
         synced = await self.tree.sync()
         log.info("registered %d slash commands", len(synced))
 
+    async def on_message(self, message: discord.Message) -> None:
+        """No prefix commands: messages are the Chat cog's; commands are slash commands."""
+
     async def on_ready(self) -> None:
         log.info("connected as %s, serving %s", self.user, self.responder.engine.info.name)
 

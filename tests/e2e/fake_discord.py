@@ -97,6 +97,7 @@ class Interaction:
     response_type: int | None = None
     original_id: int | None = None
     choices: list[dict[str, Any]] | None = None
+    user: User | None = None
 
 
 class FakeDiscord:
@@ -435,13 +436,14 @@ class FakeDiscord:
 
     def _interaction_payload(self, user: User, channel_id: int, kind: int, data: dict[str, Any]) -> tuple[Interaction, dict]:
         interaction = Interaction(id=snowflake(), token=f"token-{next(_ids)}", created=time.monotonic(),
-                                  channel_id=channel_id)
+                                  channel_id=channel_id, user=user)
         self.interactions[interaction.id] = interaction
         channel = self.channels[channel_id]
         payload: dict[str, Any] = {
             "id": str(interaction.id), "application_id": str(BOT_ID), "type": kind, "token": interaction.token,
             "version": 1, "channel_id": str(channel_id), "channel": channel, "data": data,
             "app_permissions": str(PERM_DEFAULT), "locale": "en-US", "entitlements": [],
+            "attachment_size_limit": 8 * 1024 * 1024,
             "authorizing_integration_owners": {"0": str(GUILD_ID)},
         }
         if "guild_id" in channel:
@@ -495,7 +497,8 @@ class FakeDiscord:
             flags = data.get("flags", 0) | (128 if kind == 5 else 0)
             message = self._message(interaction.channel_id, self.bot_user, data.get("content") or "",
                                     flags=flags, components=data.get("components", []),
-                                    interaction_metadata={"id": str(interaction.id), "type": 2})
+                                    interaction_metadata={"id": str(interaction.id), "type": 2,
+                                                          "user": interaction.user.payload if interaction.user else None})
             self._resolve_mentions(message, data.get("allowed_mentions"), None)
             self._store(message)
             interaction.original_id = int(message["id"])

@@ -1,0 +1,178 @@
+"""Slash commands through the real discord.py app_commands against the local Discord API."""
+
+from __future__ import annotations
+
+import asyncio
+import shutil
+from pathlib import Path
+
+import pytest
+
+from bot.engine.llama import LlamaConfig, LlamaEngine
+from tests.e2e.conftest import StartBot
+from tests.e2e.fake_discord import wait_for
+from tests.e2e.test_conversations import stored
+
+
+async def test_reset_forgets_and_survives_restart(start_bot: StartBot) -> None:
+    h = await start_bot()
+    d = h.discord
+    h.engine.say("Noted.")
+    question = await d.user_says(d.ann, d.dm, "my secret is 42")
+    await wait_for(lambda: d.replies_to(question))
+    await stored(h, d.dm, 2)
+    reset = await d.slash(d.ann, d.dm, "reset")
+    await wait_for(lambda: reset.response_type == 4)
+    assert "forgotten" in d.original(reset)["content"]
+    await h.bot.close()
+
+    h2 = await start_bot()
+    h2.engine.say("What secret?")
+    again = await d.user_says(d.ann, d.dm, "what is my secret?")
+    await wait_for(lambda: d.replies_to(again))
+    assert "42" not in h2.engine.prompts[0]
+    assert "Ann: what is my secret?" in h2.engine.prompts[0]
+
+
+async def test_history_survives_a_restart(start_bot: StartBot) -> None:
+    h = await start_bot()
+    d = h.discord
+    h.engine.say("Nice to meet you, Ann.")
+    first = await d.user_says(d.ann, d.dm, "I am Ann and I like sailing")
+    await wait_for(lambda: d.replies_to(first))
+    await stored(h, d.dm, 2)
+    await h.bot.close()
+    h2 = await start_bot()
+    h2.engine.say("You like sailing.")
+    second = await d.user_says(d.ann, d.dm, "what do I like?")
+    await wait_for(lambda: d.replies_to(second))
+    prompt = h2.engine.prompts[0]
+    assert "Ann: I am Ann and I like sailing" in prompt and "Nice to meet you, Ann." in prompt
+
+
+async def test_edits_and_deletions_change_the_stored_history(start_bot: StartBot) -> None:
+    h = await start_bot()
+    d = h.discord
+    h.engine.say("ok", "ok again", "yes")
+    wrong = await d.user_says(d.ann, d.dm, "the capital of France is Lyon")
+    await wait_for(lambda: d.replies_to(wrong))
+    oops = await d.user_says(d.ann, d.dm, "something rude")
+    await wait_for(lambda: d.replies_to(oops))
+    await stored(h, d.dm, 4)
+    await d.user_edits(wrong, "the capital of France is Paris")
+    await d.user_deletes(oops)
+    for _ in range(100):
+        contents = [m.content for m in await h.store.recent_messages(f"discord:{d.dm}", 10)]
+        if "something rude" not in contents and "the capital of France is Paris" in contents:
+            break
+        await asyncio.sleep(0.05)
+    assert contents == ["the capital of France is Paris", "ok", "ok again"]
+    question = await d.user_says(d.ann, d.dm, "right?")
+    await wait_for(lambda: d.replies_to(question))
+    assert "Lyon" not in h.engine.prompts[-1] and "rude" not in h.engine.prompts[-1]
+    assert "Ann: the capital of France is Paris" in h.engine.prompts[-1]
+
+
+async def test_channel_enable_needs_manage_channels_and_then_every_message_is_answered(start_bot: StartBot) -> None:
+    h = await start_bot()
+    d = h.discord
+    refused = await d.slash(d.ann, d.thread, "channel", sub="enable")
+    await wait_for(lambda: refused.response_type == 4)
+    assert "Manage Channels" in d.original(refused)["content"]
+    assert d.original(refused)["flags"] & 64, "refusals are ephemeral"
+    enabled = await d.slash(d.mod, d.thread, "channel", sub="enable")
+    await wait_for(lambda: enabled.response_type == 4)
+    h.engine.say("In the thread!")
+    message = await d.user_says(d.bob, d.thread, "no mention needed")
+    await wait_for(lambda: d.replies_to(message))
+    disabled = await d.slash(d.mod, d.thread, "channel", sub="disable")
+    await wait_for(lambda: disabled.response_type == 4)
+    ignored = await d.user_says(d.bob, d.thread, "now I am ignored")
+    await stored(h, d.thread, 3)
+    assert d.replies_to(ignored) == []
+
+
+async def test_persona_set_greets_and_plays_the_character(start_bot: StartBot) -> None:
+    h = await start_bot()
+    d = h.discord
+    refused = await d.slash(d.ann, d.general, "persona", sub="set", options={"name": "marlowe"})
+    await wait_for(lambda: refused.response_type == 4)
+    assert "Manage Channels" in d.original(refused)["content"]
+    complete = await d.slash(d.mod, d.general, "persona", sub="set", options={"name": "mar"}, autocomplete="name")
+    await wait_for(lambda: complete.choices is not None)
+    assert [c["value"] for c in complete.choices] == ["marlowe"]
+    chosen = await d.slash(d.mod, d.general, "persona", sub="set", options={"name": "marlowe"})
+    await wait_for(lambda: chosen.response_type == 4)
+    assert d.original(chosen)["content"].startswith("*Marlowe doesn't look up")
+    h.engine.say("Trouble, then.")
+    question = await d.user_says(d.ann, d.general, "I have a case", mention_bot=True)
+    await wait_for(lambda: d.replies_to(question))
+    prompt = h.engine.prompts[0]
+    assert "world-weary private detective" in prompt
+    assert "### Response:\nMarlowe: *Marlowe doesn't look up" in prompt
+    assert prompt.endswith("### Response:\nMarlowe: ")
+    assert "Not sent to the model" not in prompt  # creator_notes
+    show = await d.slash(d.ann, d.general, "persona", sub="show")
+    await wait_for(lambda: show.response_type == 4)
+    assert "Marlowe" in d.original(show)["content"]
+
+
+async def test_status_and_queue(start_bot: StartBot) -> None:
+    h = await start_bot()
+    d = h.discord
+    h.engine.delay = 0.05
+    h.engine.say("one " * 30, "two")
+    first = await d.user_says(d.ann, d.dm, "first")
+    second = await d.user_says(d.bob, d.general, "second", mention_bot=True)
+    notice = await wait_for(lambda: d.replies_to(second))
+    assert "queued: 1 request ahead of you" in d.history[int(notice[0]["id"])][0]
+    await wait_for(lambda: d.messages[int(notice[0]["id"])]["content"] == "two")
+    status = await d.slash(d.ann, d.dm, "status")
+    await wait_for(lambda: status.response_type == 4)
+    text = d.original(status)["content"]
+    assert "**Model:** scripted" in text and "tokens/s" in text and "**Queue:** 0 waiting" in text
+    assert d.replies_to(first)
+
+
+@pytest.mark.llama
+async def test_reload_model_with_the_real_engine(start_bot: StartBot, gguf_path: Path, tmp_path: Path) -> None:
+    models = tmp_path / "models"
+    models.mkdir()
+    shutil.copy(gguf_path, models / "good.gguf")
+    (models / "corrupt.gguf").write_bytes(gguf_path.read_bytes()[:3_000_000])
+    engine = await LlamaEngine.start(LlamaConfig(gguf_path, n_ctx=2048, n_gpu_layers=0, seed=1))
+    try:
+        h = await start_bot(engine=engine, TEMPERATURE="0", MAX_NEW_TOKENS="24")
+        d = h.discord
+        # A full path through the real model: a DM answered by llama.cpp.
+        question = await d.user_says(d.ann, d.dm, "Name three colours.")
+        reply = (await wait_for(lambda: d.replies_to(question), timeout=60))[0]
+        await stored(h, d.dm, 2)
+        assert d.messages[int(reply["id"])]["content"].strip()
+
+        non_admin = await d.slash(d.ann, d.dm, "reload-model", options={"model": "good.gguf"})
+        await wait_for(lambda: non_admin.response_type == 4)
+        assert "Only bot admins" in d.original(non_admin)["content"]
+
+        escape = await d.slash(d.bob, d.dm, "reload-model", options={"model": "../../etc/passwd.gguf"})
+        await wait_for(lambda: escape.response_type == 4)
+        assert "only files under MODELS_DIR" in d.original(escape)["content"]
+
+        corrupt = await d.slash(d.bob, d.dm, "reload-model", options={"model": "corrupt.gguf"})
+        await wait_for(lambda: "Still serving" in (d.original(corrupt) or {}).get("content", ""), timeout=60)
+        assert corrupt.response_type == 5, "deferred within Discord's 3 seconds"
+        assert engine.info.name == gguf_path.stem
+        still = await d.user_says(d.ann, d.dm, "Still there?")
+        await wait_for(lambda: d.replies_to(still), timeout=60)
+
+        complete = await d.slash(d.owner, d.general, "reload-model", options={"model": "go"}, autocomplete="model")
+        await wait_for(lambda: complete.choices is not None)
+        assert [c["value"] for c in complete.choices] == ["good.gguf"]
+        good = await d.slash(d.owner, d.general, "reload-model", options={"model": "good.gguf"})  # Administrator
+        await wait_for(lambda: "Now serving `good`" in (d.original(good) or {}).get("content", ""), timeout=60)
+        assert engine.info.name == "good"
+        after = await d.user_says(d.ann, d.dm, "And now?")
+        await wait_for(lambda: d.replies_to(after), timeout=60)
+        assert not [r for r in d.requests if r[2] == 404 and "/callback" in r[1]], "no interaction expired"
+    finally:
+        await engine.close()
