@@ -52,10 +52,14 @@ def split_message(text: str, limit: int = DISCORD_LIMIT) -> list[str]:
         if len(reopen) + len(rest) <= limit and _fence_after(rest, open_lang) is None:
             parts.append(reopen + rest)
             break
-        room = limit - len(reopen) - len("\n```")
+        room = limit - len(reopen)
         cut = _best_cut(rest, room) if len(rest) > room else len(rest)
+        still_open = _fence_after(rest[:cut], open_lang)
+        if still_open is not None:  # leave room to close the fence
+            room -= len("\n```")
+            cut = _best_cut(rest, room) if len(rest) > room else len(rest)
+            still_open = _fence_after(rest[:cut], open_lang)
         chunk, rest = rest[:cut], rest[cut:]
-        still_open = _fence_after(chunk, open_lang)
         body = (reopen + chunk).rstrip()
         if still_open is not None:
             body += "\n```"
