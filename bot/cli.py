@@ -44,9 +44,10 @@ async def _chat(settings: Settings, persona: str | None, session: str) -> None:
 
     async with open_runtime(settings) as responder:
         if persona is not None:
-            if persona.lower() not in responder.personas:
+            found = responder.find_persona(persona)
+            if found is None:
                 raise SettingsError(f"--persona {persona!r}: not found in {settings.personas_dir}")
-            await responder.store.set_persona(f"terminal:{session}", persona.lower())
+            await responder.store.set_persona(f"terminal:{session}", found)
         await chat(responder, session=session)
 
 

@@ -80,11 +80,13 @@ def _response_block(messages: Sequence[Message], prefix: str) -> str:
 
 
 def render_chat(
-    messages: Sequence[Message], preamble: str = "", response_prefix: str = ""
+    messages: Sequence[Message], preamble: str = "", response_prefix: str = "", final_input: str = ""
 ) -> str:
     """Render a chat: preamble, then alternating instruction/response blocks, then the
     open response header. Every response starts with `response_prefix` (e.g. a
-    character's "Name: "), the past ones and the one the model is about to write."""
+    character's "Name: "), the past ones and the one the model is about to write.
+    `final_input` (e.g. a persona's post-history instructions) goes in an `### Input:`
+    block right before that last header."""
     parts: list[str] = []
     if preamble.strip():
         parts.append(neutralize(preamble.strip()) + "\n\n")
@@ -103,6 +105,8 @@ def render_chat(
     elif group:
         # The chat ends with the bot: it answers again (e.g. a greeting, then a prompt).
         parts.append(_response_block(group, response_prefix))
+    if final_input.strip():
+        parts.append(f"{INPUT}\n{neutralize(final_input.strip())}\n\n")
     parts.append(f"{RESPONSE}\n{response_prefix}")
     return "".join(parts)
 
@@ -151,6 +155,7 @@ def build_prompt(
     max_new_tokens: int,
     preamble: str = "",
     response_prefix: str = "",
+    final_input: str = "",
 ) -> BuiltPrompt:
     """The prompt for answering the newest message of `history`, within the context.
 
@@ -166,7 +171,7 @@ def build_prompt(
         raise PromptTooLong(f"MAX_NEW_TOKENS={max_new_tokens} leaves no room in N_CTX={n_ctx}")
 
     def render(messages: Sequence[Message], pre: str = preamble) -> str:
-        return render_chat(messages, pre, response_prefix)
+        return render_chat(messages, pre, response_prefix, final_input)
 
     def fits(text: str) -> bool:
         return count_tokens(text) <= budget

@@ -37,14 +37,15 @@ class Responder:
         self.engine = engine
         self.personas = personas
 
+    def find_persona(self, name: str) -> str | None:
+        """The key of the persona with this key or display name (any case), if any."""
+        wanted = name.strip().lower()
+        return next((k for k, p in self.personas.items() if wanted in (k, p.name.lower())), None)
+
     def persona(self, name: str | None) -> Persona:
         """The persona with this key (or display name), else the default assistant."""
-        if name is not None:
-            wanted = name.strip().lower()
-            for key, persona in self.personas.items():
-                if wanted in (key, persona.name.lower()):
-                    return persona
-        return self.personas[DEFAULT_PERSONA]
+        key = self.find_persona(name) if name is not None else None
+        return self.personas[key or DEFAULT_PERSONA]
 
     async def conversation_persona(self, key: str) -> Persona:
         return self.persona((await self.store.state(key)).persona)
@@ -56,13 +57,20 @@ class Responder:
         """
         persona = await self.conversation_persona(key)
         history = await self.store.recent_messages(key, self.settings.history_limit)
+        lore_before: list[str] = []
+        lore_after: list[str] = []
+        if persona.lorebook is not None:
+            lore_before, lore_after = persona.lorebook.activate(
+                [m.content for m in history], self.engine.count_tokens
+            )
         prompt = build_prompt(
             history,
             self.engine.count_tokens,
             n_ctx=self.engine.info.n_ctx,
             max_new_tokens=self.settings.max_new_tokens,
-            preamble=persona.preamble(user=speaker),
+            preamble=persona.preamble(speaker, lore_before, lore_after),
             response_prefix=persona.response_prefix(),
+            final_input=persona.post_history(speaker),
         )
         if prompt.truncated:
             log.info("conversation %s: the prompt was cut to fit the context", key)

@@ -9,7 +9,7 @@ from pathlib import Path
 
 from bot.engine.llama import LlamaConfig, LlamaEngine
 from bot.model_source import configured_model
-from bot.personas import load_personas
+from bot.personas import load_personas, merge_imported
 from bot.responder import Responder
 from bot.settings import Settings
 from bot.store import Store
@@ -32,7 +32,7 @@ async def open_runtime(settings: Settings) -> AsyncIterator[Responder]:
     """Open the store (migrating it), load personas and the model; close them on exit."""
     store = await Store.open(settings.database_url)
     try:
-        personas = load_personas(settings.personas_dir)
+        personas = merge_imported(load_personas(settings.personas_dir), await store.imported_personas())
         model_path = configured_model(settings)
         log.info("loading %s (this can take a while for large models)", model_path)
         engine = await LlamaEngine.start(llama_config(settings, model_path))

@@ -7,10 +7,12 @@ SQLite is the default (WAL mode); nothing here is SQLite-only except the pragmas
 
 from __future__ import annotations
 
+import json
 from collections.abc import AsyncIterator
 from contextlib import asynccontextmanager
 from datetime import UTC, datetime
 from pathlib import Path
+from typing import Any
 
 from sqlalchemy import (
     BigInteger,
@@ -72,6 +74,17 @@ class MessageRow(Base):
     created_at: Mapped[datetime] = mapped_column(DateTime(timezone=True))
     edited_at: Mapped[datetime | None] = mapped_column(DateTime(timezone=True))
     deleted_at: Mapped[datetime | None] = mapped_column(DateTime(timezone=True))
+
+
+class ImportedPersonaRow(Base):
+    __tablename__ = "imported_personas"
+
+    id: Mapped[int] = mapped_column(Id, primary_key=True, autoincrement=True)
+    key: Mapped[str] = mapped_column(String(100), unique=True)
+    card: Mapped[str] = mapped_column(Text)  # the card's JSON, as imported
+    filename: Mapped[str] = mapped_column(String(200))
+    imported_by: Mapped[str] = mapped_column(String(64))
+    created_at: Mapped[datetime] = mapped_column(DateTime(timezone=True), default=utcnow)
 
 
 def _aware(value: datetime) -> datetime:
@@ -252,6 +265,21 @@ class Store:
     async def set_enabled(self, key: str, enabled: bool) -> None:
         async with self._session() as session:
             (await self._conversation(session, key)).enabled = enabled
+
+    async def save_imported_persona(self, key: str, card: dict[str, Any], filename: str, user_id: str) -> None:
+        """Store (or replace) an imported character card under `key`."""
+        async with self._session() as session:
+            row = await session.scalar(select(ImportedPersonaRow).where(ImportedPersonaRow.key == key))
+            if row is None:
+                row = ImportedPersonaRow(key=key)
+                session.add(row)
+            row.card, row.filename, row.imported_by = json.dumps(card), filename[:200], user_id
+
+    async def imported_personas(self) -> dict[str, dict[str, Any]]:
+        """Every imported card, key → card JSON object."""
+        async with self._sessions() as session:
+            rows = (await session.scalars(select(ImportedPersonaRow).order_by(ImportedPersonaRow.key))).all()
+        return {row.key: json.loads(row.card) for row in rows}
 
     async def enabled_keys(self) -> set[str]:
         async with self._sessions() as session:

@@ -65,11 +65,12 @@ async def _command(responder: Responder, key: str, line: str, stdout: TextIO) ->
         stdout.write(", ".join(p.name for p in responder.personas.values()) + "\n")
     elif command == "persona":
         name = argument.strip()
-        if name.lower() not in responder.personas:
+        found = responder.find_persona(name)
+        if found is None:
             stdout.write(f"(no persona named {name!r}; /personas lists them)\n")
         else:
-            await responder.store.set_persona(key, name.lower())
-            persona = responder.persona(name)
+            await responder.store.set_persona(key, found)
+            persona = responder.personas[found]
             stdout.write(f"(now talking to {persona.name})\n")
             greeting = persona.greeting(user="you")
             if greeting:

@@ -21,9 +21,13 @@ def test_upgrade_and_downgrade_on_a_real_file(database_url: str) -> None:
     with sqlite3.connect(sqlite_path(database_url)) as db:
         tables = {r[0] for r in db.execute("select name from sqlite_master where type='table'")}
         indexes = {r[0] for r in db.execute("select name from sqlite_master where type='index'")}
-        assert db.execute("select version_num from alembic_version").fetchone() == ("0001",)
-    assert {"conversations", "messages"} <= tables
+        assert db.execute("select version_num from alembic_version").fetchone() == ("0002",)
+    assert {"conversations", "messages", "imported_personas"} <= tables
     assert "ix_messages_conversation_id_id" in indexes
+    migrate.downgrade(database_url, "0001")
+    with sqlite3.connect(sqlite_path(database_url)) as db:
+        tables = {r[0] for r in db.execute("select name from sqlite_master where type='table'")}
+    assert "imported_personas" not in tables and "messages" in tables
     migrate.downgrade(database_url, "base")
     with sqlite3.connect(sqlite_path(database_url)) as db:
         tables = {r[0] for r in db.execute("select name from sqlite_master where type='table'")}
@@ -90,6 +94,9 @@ async def test_reset_forgets_and_survives_reopen(database_url: str) -> None:
     state = await reopened.state("c")
     assert state.persona == "marlowe" and state.enabled
     assert await reopened.enabled_keys() == {"c"}
+    await reopened.save_imported_persona("vex", {"name": "Vex"}, "vex.png", "42")
+    await reopened.save_imported_persona("vex", {"name": "Vex 2"}, "vex2.png", "42")
+    assert await reopened.imported_personas() == {"vex": {"name": "Vex 2"}}
     await reopened.close()
 
 

@@ -1,21 +1,29 @@
-"""Slash commands to choose the conversation's roleplay persona: /persona list|set|show|clear."""
+"""Slash commands for the conversation's roleplay persona: /persona list|show|set|clear and
+/persona import (a SillyTavern character card, PNG or JSON, as a Discord attachment)."""
 
 from __future__ import annotations
 
+import logging
+import random
+from dataclasses import replace
 from typing import TYPE_CHECKING
 
 import discord
 from discord import app_commands
 from discord.ext import commands
 
+from bot.cards import MAX_CARD_BYTES, card_from_bytes
 from bot.cogs.edge import interaction_may_manage
+from bot.personas import persona_from_dict, persona_key
 from bot.policy import conversation_key
 from bot.replies import split_message
 
 if TYPE_CHECKING:
     from bot.app import HermesBot
 
+log = logging.getLogger(__name__)
 NO_PINGS = discord.AllowedMentions.none()
+NEEDS_MANAGE = "You need the Manage Channels permission (or bot admin rights) for this."
 
 
 class Personas(commands.Cog):
@@ -23,65 +31,102 @@ class Personas(commands.Cog):
 
     def __init__(self, bot: HermesBot) -> None:
         self.bot = bot
+        self.responder = bot.responder
+
+    def _may_manage(self, interaction: discord.Interaction) -> bool:
+        return interaction_may_manage(interaction, self.bot.settings.admin_user_ids)
 
     @persona.command(name="list", description="The personas you can choose")
     async def list_personas(self, interaction: discord.Interaction) -> None:
         lines = [
-            f"`{key}` — {p.name}" + (" (roleplay)" if p.roleplay else "")
-            for key, p in sorted(self.bot.responder.personas.items())
+            f"`{key}` — {p.name}" + (" (roleplay)" if p.roleplay else "") + (" (imported)" if p.source == "imported" else "")
+            for key, p in sorted(self.responder.personas.items())
         ]
-        await interaction.response.send_message("\n".join(lines), ephemeral=True)
+        await interaction.response.send_message("\n".join(lines)[:2000], ephemeral=True)
 
     @persona.command(name="show", description="The persona of this conversation")
     async def show(self, interaction: discord.Interaction) -> None:
-        persona = await self.bot.responder.conversation_persona(conversation_key(interaction.channel_id or 0))
+        persona = await self.responder.conversation_persona(conversation_key(interaction.channel_id or 0))
         about = persona.description or persona.system_prompt or "the plain assistant"
-        await interaction.response.send_message(f"**{persona.name}**: {about[:1800]}", ephemeral=True)
+        await interaction.response.send_message(f"**{persona.name}**: {about}"[:2000], ephemeral=True)
 
     @persona.command(name="set", description="Choose the persona for this conversation")
-    @app_commands.describe(name="a persona from /persona list")
-    async def set_persona(self, interaction: discord.Interaction, name: str) -> None:
-        responder = self.bot.responder
-        if not interaction_may_manage(interaction, self.bot.settings.admin_user_ids):
-            await interaction.response.send_message(
-                "You need the Manage Channels permission (or bot admin rights) to change the persona.",
-                ephemeral=True,
-            )
+    @app_commands.describe(
+        name="a persona from /persona list",
+        greeting="which greeting to post: 0 = the main one, 1, 2… = the alternates",
+        random_greeting="post one of the greetings at random",
+    )
+    async def set_persona(
+        self, interaction: discord.Interaction, name: str, greeting: int = 0, random_greeting: bool = False
+    ) -> None:
+        if not self._may_manage(interaction):
+            await interaction.response.send_message(NEEDS_MANAGE, ephemeral=True)
             return
-        wanted = name.strip().lower()
-        key = next((k for k, p in responder.personas.items() if wanted in (k, p.name.lower())), None)
+        key = self.responder.find_persona(name)
         if key is None:
-            await interaction.response.send_message(
-                f"There is no persona called {name!r}; see /persona list.", ephemeral=True
-            )
+            await interaction.response.send_message(f"There is no persona called {name!r}; see /persona list.", ephemeral=True)
             return
         conversation = conversation_key(interaction.channel_id or 0)
-        await responder.store.set_persona(conversation, key)
-        persona = responder.personas[key]
-        greeting = persona.greeting(user=interaction.user.display_name)
-        text = f"*{persona.name} joins the conversation.*"
-        if greeting:
-            text = split_message(greeting)[0]
+        await self.responder.store.set_persona(conversation, key)
+        persona = self.responder.personas[key]
+        text = persona.greeting(interaction.user.display_name, greeting, random.Random() if random_greeting else None)
+        if not text:
+            await interaction.response.send_message(f"*{persona.name} joins the conversation.*")
+            return
+        text = split_message(text)[0]
         await interaction.response.send_message(text, allowed_mentions=NO_PINGS)
-        if greeting:
-            sent = await interaction.original_response()
-            await responder.save_reply(conversation, persona, text, bot_id=str(sent.author.id), platform_id=str(sent.id))
+        sent = await interaction.original_response()
+        await self.responder.save_reply(conversation, persona, text, bot_id=str(sent.author.id), platform_id=str(sent.id))
 
     @set_persona.autocomplete("name")
     async def _names(self, interaction: discord.Interaction, current: str) -> list[app_commands.Choice[str]]:
         return [
             app_commands.Choice(name=f"{p.name} ({key})"[:100], value=key)
-            for key, p in sorted(self.bot.responder.personas.items())
+            for key, p in sorted(self.responder.personas.items())
             if current.lower() in key or current.lower() in p.name.lower()
         ][:25]
 
     @persona.command(name="clear", description="Back to the plain assistant")
     async def clear(self, interaction: discord.Interaction) -> None:
-        if not interaction_may_manage(interaction, self.bot.settings.admin_user_ids):
+        if not self._may_manage(interaction):
+            await interaction.response.send_message(NEEDS_MANAGE, ephemeral=True)
+            return
+        await self.responder.store.set_persona(conversation_key(interaction.channel_id or 0), None)
+        await interaction.response.send_message("Back to the plain assistant.")
+
+    @persona.command(name="import", description="Import a character card (PNG or JSON, SillyTavern V1/V2/V3)")
+    @app_commands.describe(card="the character card file")
+    async def import_card(self, interaction: discord.Interaction, card: discord.Attachment) -> None:
+        if not self._may_manage(interaction):
+            await interaction.response.send_message(NEEDS_MANAGE, ephemeral=True)
+            return
+        if card.size > MAX_CARD_BYTES:
             await interaction.response.send_message(
-                "You need the Manage Channels permission (or bot admin rights) to change the persona.",
-                ephemeral=True,
+                f"That file is {card.size} bytes; cards may be at most {MAX_CARD_BYTES}.", ephemeral=True
             )
             return
-        await self.bot.responder.store.set_persona(conversation_key(interaction.channel_id or 0), None)
-        await interaction.response.send_message("Back to the plain assistant.")
+        await interaction.response.defer(ephemeral=True, thinking=True)
+        try:
+            data = await card.read()
+            raw = card_from_bytes(data)
+            persona = persona_from_dict(raw)
+        except (ValueError, discord.HTTPException) as error:  # CardError and PersonaError are ValueErrors
+            log.info("rejected card %s from %s: %s", card.filename, interaction.user, error)
+            await interaction.followup.send(f"I can't import {card.filename}: {error}", ephemeral=True)
+            return
+        key = persona_key(persona.name)
+        existing = self.responder.personas.get(key)
+        if existing is not None and existing.source != "imported":
+            await interaction.followup.send(
+                f"`{key}` is already a persona shipped with the bot; rename the character to import it.", ephemeral=True
+            )
+            return
+        await self.responder.store.save_imported_persona(key, raw, card.filename, str(interaction.user.id))
+        self.responder.personas[key] = replace(persona, source="imported")
+        greetings = len(persona.greetings)
+        lore = len(persona.lorebook.entries) if persona.lorebook else 0
+        await interaction.followup.send(
+            f"Imported **{persona.name}** as `{key}` ({greetings} greeting(s), {lore} lorebook entries). "
+            f"Use `/persona set {key}`.",
+            ephemeral=True,
+        )

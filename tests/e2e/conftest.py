@@ -12,7 +12,7 @@ import pytest
 
 from bot.app import HermesBot, create_bot
 from bot.engine.base import Engine
-from bot.personas import load_personas
+from bot.personas import load_personas, merge_imported
 from bot.responder import Responder
 from bot.settings import Settings, load_settings
 from bot.store import Store
@@ -68,7 +68,8 @@ async def start_bot(fake_discord: FakeDiscord, database_url: str, tmp_path: Path
         settings = e2e_settings(fake_discord, database_url, tmp_path / "models", **settings_extra)
         store = await Store.open(settings.database_url)
         engine = engine or ScriptedEngine(n_ctx=settings.n_ctx)
-        responder = Responder(settings, store, engine, load_personas(REPO / "personas"))
+        personas = merge_imported(load_personas(REPO / "personas"), await store.imported_personas())
+        responder = Responder(settings, store, engine, personas)
         bot = create_bot(settings, responder, guild_ready_timeout=0.1)
         fake_discord.identified.clear()
         task = asyncio.create_task(bot.start(settings.require_token()))
