@@ -28,8 +28,8 @@ class LoreEntry:
     selective: bool = False
     secondary_keys: tuple[str, ...] = ()
     case_sensitive: bool = False
-    insertion_order: int = 100
-    priority: int = 10
+    insertion_order: int = 0
+    priority: int = 0
     position: str = "before_char"  # or "after_char"
 
     def matches(self, text: str) -> bool:

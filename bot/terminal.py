@@ -36,7 +36,7 @@ async def chat(
         if not line.strip():
             continue
         if line.startswith("/"):
-            if not await _command(responder, key, line, stdout):
+            if not await _command(responder, key, line, stdout, user):
                 break
             continue
         await responder.store.add_message(key, Message(author_id=f"terminal:{user}", author_name=user, content=line))
@@ -53,7 +53,7 @@ async def chat(
             await responder.save_reply(key, reply.persona, text, bot_id="bot")
 
 
-async def _command(responder: Responder, key: str, line: str, stdout: TextIO) -> bool:
+async def _command(responder: Responder, key: str, line: str, stdout: TextIO, user: str) -> bool:
     """Run a /command; False means quit."""
     command, _, argument = line[1:].partition(" ")
     if command in {"quit", "exit"}:
@@ -72,7 +72,7 @@ async def _command(responder: Responder, key: str, line: str, stdout: TextIO) ->
             await responder.store.set_persona(key, found)
             persona = responder.personas[found]
             stdout.write(f"(now talking to {persona.name})\n")
-            greeting = persona.greeting(user="you")
+            greeting = persona.greeting(user)
             if greeting:
                 await responder.save_reply(key, persona, greeting, bot_id="bot")
                 stdout.write(f"{persona.name}> {greeting}\n")

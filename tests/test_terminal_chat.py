@@ -30,9 +30,27 @@ async def test_chat_remembers_both_sides(engine: LlamaEngine, store: Store) -> N
     assert [m.is_bot for m in history] == [False, True, True, False, True]
     assert history[0].content == "Hello, who are you?"
     assert history[2].content.startswith("*Marlowe doesn't look up")  # greeting, macros rendered
-    assert "you." in history[2].content
+    assert "you." in history[2].content  # {{user}} is the terminal user, "you"
     assert history[4].author_name == "Marlowe"
     assert "Marlowe>" in out.getvalue()
+
+
+async def test_card_persona_with_lorebook_through_the_real_model(engine: LlamaEngine, store: Store, tmp_path: Path) -> None:
+    """A PNG character card with a lorebook, played by the real GGUF model end to end."""
+    from tests.card_files import png_card, v2_card
+
+    (tmp_path / "vex.png").write_bytes(png_card(v2_card()))
+    settings = load_settings({"MAX_NEW_TOKENS": "32", "TEMPERATURE": "0"}, dotenv_path=None)
+    responder = Responder(settings, store, engine, load_personas(tmp_path))
+    out = io.StringIO()
+    await chat(responder, session="rp", user="Ann", stdin=io.StringIO("/persona vex\nIs the reactor safe?\n"), stdout=out)
+    history = await store.recent_messages("terminal:rp", 10)
+    assert [m.author_name for m in history] == ["Vex", "Ann", "Vex"]
+    assert history[0].content == "Welcome aboard, Ann."
+    reply = history[2].content
+    assert reply and "\nAnn:" not in reply and "### " not in reply
+    stats = engine.last_stats
+    assert stats is not None and stats.prompt_tokens > engine.count_tokens("unstable above 90% power")
 
 
 def test_cli_chat_end_to_end(gguf_path: Path, tmp_path: Path) -> None:

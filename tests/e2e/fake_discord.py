@@ -135,6 +135,7 @@ class FakeDiscord:
         self.interactions: dict[int, Interaction] = {}
         self.followups: list[dict[str, Any]] = []
         self.typing: list[int] = []
+        self.attachments: dict[int, bytes] = {}
         self._buckets: dict[tuple[str, str, str], Bucket] = {}
         self._ws: web.WebSocketResponse | None = None
         self._seq = 0
@@ -170,6 +171,7 @@ class FakeDiscord:
         app.router.add_get(f"{api}/webhooks/{{app}}/{{token}}/messages/@original", self._get_original)
         app.router.add_patch(f"{api}/webhooks/{{app}}/{{token}}/messages/@original", self._edit_original)
         app.router.add_post(f"{api}/webhooks/{{app}}/{{token}}", self._followup)
+        app.router.add_get("/attachments/{id}/{filename}", self._attachment)
         self._runner = web.AppRunner(app)
         await self._runner.setup()
         site = web.TCPSite(self._runner, "127.0.0.1", 0)
@@ -417,6 +419,12 @@ class FakeDiscord:
             return json.loads(form["payload_json"])  # type: ignore[arg-type]
         return await request.json() if request.can_read_body else {}
 
+    async def _attachment(self, request: web.Request) -> web.Response:
+        content = self.attachments.get(int(request.match_info["id"]))
+        if content is None:
+            return web.Response(status=404)
+        return web.Response(body=content, content_type="application/octet-stream")
+
     async def _me(self, request: web.Request) -> web.Response:
         return self._json(self.bot_user.payload)
 
@@ -453,15 +461,30 @@ class FakeDiscord:
         return interaction, payload
 
     async def slash(self, user: User, channel_id: int, name: str, options: dict[str, Any] | None = None,
-                    sub: str | None = None, autocomplete: str | None = None) -> Interaction:
-        """`user` runs `/name [sub] options` in a channel (or asks for autocomplete)."""
-        opts = [{"type": 3, "name": k, "value": v, **({"focused": True} if k == autocomplete else {})}
+                    sub: str | None = None, autocomplete: str | None = None,
+                    files: dict[str, tuple[str, bytes]] | None = None) -> Interaction:
+        """`user` runs `/name [sub] options` in a channel (or asks for autocomplete);
+        `files` attaches (filename, bytes) to attachment options."""
+        kinds = {bool: 5, int: 4, str: 3}
+        opts = [{"type": kinds[type(v)], "name": k, "value": v, **({"focused": True} if k == autocomplete else {})}
                 for k, v in (options or {}).items()]
+        resolved: dict[str, Any] = {}
+        for option, (filename, content) in (files or {}).items():
+            attachment_id = snowflake()
+            self.attachments[attachment_id] = content
+            url = f"{self.api_base.rsplit('/api/', 1)[0]}/attachments/{attachment_id}/{filename}"
+            resolved.setdefault("attachments", {})[str(attachment_id)] = {
+                "id": str(attachment_id), "filename": filename, "size": len(content), "url": url,
+                "proxy_url": url, "content_type": "image/png" if filename.endswith(".png") else "application/json",
+            }
+            opts.append({"type": 11, "name": option, "value": str(attachment_id)})
         if sub is not None:
             opts = [{"type": 1, "name": sub, "options": opts}]
         command = next((c for c in self.commands if c["name"] == name), None)
         assert command is not None, f"/{name} was not registered; registered: {[c['name'] for c in self.commands]}"
         data = {"id": command["id"], "name": name, "type": 1, "options": opts}
+        if resolved:
+            data["resolved"] = resolved
         interaction, payload = self._interaction_payload(user, channel_id, 4 if autocomplete else 2, data)
         await self._dispatch("INTERACTION_CREATE", payload)
         return interaction

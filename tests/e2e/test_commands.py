@@ -176,3 +176,34 @@ async def test_reload_model_with_the_real_engine(start_bot: StartBot, gguf_path:
         assert not [r for r in d.requests if r[2] == 404 and "/callback" in r[1]], "no interaction expired"
     finally:
         await engine.close()
+
+
+async def test_persona_import_from_an_attachment(start_bot: StartBot) -> None:
+    from tests.card_files import png, png_card, v3_card
+
+    h = await start_bot()
+    d = h.discord
+    hostile = await d.slash(d.mod, d.general, "persona", sub="import", files={"card": ("evil.png", png({"chara": b"%%%"}))})
+    await wait_for(lambda: d.followups and "can't import evil.png" in d.followups[-1]["content"])
+    assert "evil" not in h.bot.responder.personas
+    refused = await d.slash(d.ann, d.general, "persona", sub="import", files={"card": ("x.png", png_card(v3_card()))})
+    await wait_for(lambda: refused.response_type == 4)
+    assert "Manage Channels" in d.original(refused)["content"]
+
+    imported = await d.slash(d.mod, d.general, "persona", sub="import",
+                             files={"card": ("vex.png", png_card(v3_card(name="Nova Vex")))})
+    await wait_for(lambda: any("Imported **Nova Vex** as `nova-vex`" in m["content"] for m in d.followups))
+    assert imported.response_type == 5
+    chosen = await d.slash(d.mod, d.general, "persona", sub="set", options={"name": "nova-vex", "greeting": 1})
+    await wait_for(lambda: chosen.response_type == 4)
+    assert d.original(chosen)["content"] == "Strap in, Mod!"
+    await h.bot.close()
+
+    h2 = await start_bot()  # the import survives a restart
+    assert h2.bot.responder.personas["nova-vex"].source == "imported"
+    h2.engine.say("Hold on to something.")
+    question = await d.user_says(d.ann, d.general, "is the reactor ok?", mention_bot=True)
+    await wait_for(lambda: d.replies_to(question))
+    prompt = h2.engine.prompts[0]
+    assert "### Response:\nNova Vex: Strap in, Mod!" in prompt
+    assert "unstable above 90% power" in prompt and prompt.endswith("Nova Vex: ")

@@ -1,0 +1,111 @@
+"""Lorebooks: which entries a conversation activates, and what reaches the model."""
+
+from __future__ import annotations
+
+from bot.conversation import Message
+from bot.lorebook import LoreEntry, Lorebook, lorebook_from_dict
+from bot.personas import persona_from_dict
+from bot.responder import Responder
+from bot.settings import load_settings
+from bot.store import Store
+from tests.card_files import LOREBOOK, v2_card
+from tests.conftest import word_tokens
+from tests.e2e.scripted_engine import ScriptedEngine
+
+BOOK = lorebook_from_dict(LOREBOOK)
+
+
+def active(*texts: str, book: Lorebook = BOOK) -> tuple[list[str], list[str]]:
+    return book.activate(list(texts), word_tokens)
+
+
+def test_constant_entry_always_and_keys_case_insensitive_by_default() -> None:
+    before, after = active("How is the REACTOR doing?")
+    assert before == ["The year is 3021."]
+    assert after == ["The Comet's reactor is unstable above 90% power."]  # position after_char
+
+
+def test_case_sensitive_entry() -> None:
+    assert "Governor Hale hunts smugglers personally." not in active("the governor is here")[0]
+    assert "Governor Hale hunts smugglers personally." in active("the Governor is here")[0]
+
+
+def test_selective_entry_needs_a_secondary_key() -> None:
+    assert "The star map hides a treasure route." not in active("show me the map")[0]
+    assert "The star map hides a treasure route." in active("the map to the treasure")[0]
+
+
+def test_disabled_entry_never_and_scan_depth_limits_the_window() -> None:
+    assert all("DISABLED" not in c for c in active("reactor")[0] + active("reactor")[1])
+    old = active("reactor trouble", "hi", "hello", "how are you")  # scan_depth 3: too old
+    assert old[1] == []
+
+
+def test_insertion_order_and_budget_drop_low_priority_first() -> None:
+    before, _ = active("Governor, the map, the treasure")
+    assert before == ["The year is 3021.", "Governor Hale hunts smugglers personally.",
+                      "The star map hides a treasure route."]
+    tight = Lorebook(entries=BOOK.entries, scan_depth=3, token_budget=25)
+    before, after = active("Governor, the map, the treasure, the reactor", book=tight)
+    # By priority: 3021 (100) and the Governor (9) fit; the reactor (5) and the map (no
+    # priority: 0) are the first to go.
+    assert "The year is 3021." in before and "Governor Hale hunts smugglers personally." in before
+    assert "The star map hides a treasure route." not in before
+    used = sum(word_tokens(t) for t in before + after)
+    assert used <= 25
+
+
+def test_entry_matching_rules() -> None:
+    entry = LoreEntry(keys=("Dragon",), content="x", case_sensitive=True)
+    assert entry.matches("a Dragon") and not entry.matches("a dragon")
+    assert not LoreEntry(keys=("x",), content="c", enabled=False, constant=True).matches("x")
+
+
+async def test_what_reaches_the_model_for_a_persona_with_a_lorebook(store: Store) -> None:
+    """The prompt-level view: preamble order, lore, post-history input, name prefix."""
+    engine = ScriptedEngine(n_ctx=2048)
+    persona = persona_from_dict(v2_card())
+    settings = load_settings({"MAX_NEW_TOKENS": "64"}, dotenv_path=None)
+    responder = Responder(settings, store, engine, {"hermes": persona_from_dict({"name": "Hermes", "roleplay": False}), "vex": persona})
+    key = "terminal:lore"
+    await store.set_persona(key, "vex")
+    await store.add_message(key, Message("1", "Ann", "Is the reactor safe? The Governor is coming."))
+    reply = await responder.start_reply(key, speaker="Ann")
+    await reply.generation.text()
+    prompt = engine.prompts[0]
+    expected_order = [
+        "Write Vex's next reply",  # system prompt with {{original}}
+        "Keep replies under 100 words.",
+        "The year is 3021.",  # constant lore, before the description
+        "Governor Hale hunts smugglers personally.",
+        "Vex captains the Gilded Comet.",
+        "Vex's personality: bold",
+        "Scenario: Ann boards the ship.",
+        "The Comet's reactor is unstable above 90% power.",  # after_char lore
+        "Example dialogue:\n<START>\nAnn: Hi\nVex: Ahoy.",
+        "### Instruction:\nAnn: Is the reactor safe? The Governor is coming.",
+        "### Input:\nStay in character as Vex.",
+        "### Response:\nVex: ",
+    ]
+    positions = [prompt.index(part) for part in expected_order]
+    assert positions == sorted(positions)
+    assert prompt.endswith("### Response:\nVex: ")
+    assert "NOTES FOR HUMANS ONLY" not in prompt and "star map" not in prompt
+    assert "\nAnn:" in reply.prompt.stop
+
+
+async def test_budget_drops_history_before_the_persona(store: Store) -> None:
+    engine = ScriptedEngine(n_ctx=700)
+    persona = persona_from_dict(v2_card())
+    settings = load_settings({"MAX_NEW_TOKENS": "64", "N_CTX": "700"}, dotenv_path=None)
+    responder = Responder(settings, store, engine, {"hermes": persona, "vex": persona})
+    key = "terminal:budget"
+    await store.set_persona(key, "vex")
+    for i in range(60):
+        await store.add_message(key, Message("1", "Ann", f"message {i} about the reactor " + "blah " * 10))
+    reply = await responder.start_reply(key, speaker="Ann")
+    await reply.generation.text()
+    assert reply.prompt.n_tokens + 64 <= 700
+    assert len(reply.prompt.messages) < 60
+    assert "Vex captains the Gilded Comet." in reply.prompt.text
+    assert "message 59 about the reactor" in reply.prompt.text
