@@ -1,0 +1,112 @@
+"""`hermes-train`: each stage of the pipeline, or all of them, from one YAML config.
+
+    hermes-train data     CONFIG   tokenize and cache the data; print the counts
+    hermes-train train    CONFIG   QLoRA (resumes from the last checkpoint; --fresh to restart)
+    hermes-train merge    CONFIG   adapter + base → merged safetensors (shard by shard)
+    hermes-train export   CONFIG   merged → GGUF (f16/bf16) → quantized GGUFs, then check them
+    hermes-train all      CONFIG   every stage above, in order
+    hermes-train upload   CONFIG   push the adapter and GGUFs to `hub_repo`
+
+Multi-GPU: `accelerate launch --config_file training/configs/accelerate/ddp-8xh100.yaml
+-m training.cli train CONFIG`.
+"""
+
+from __future__ import annotations
+
+import argparse
+import dataclasses
+import json
+import logging
+import sys
+from collections.abc import Sequence
+from pathlib import Path
+
+from training.config import ConfigError, TrainConfig, load_config
+
+log = logging.getLogger("training")
+STAGES = ("data", "train", "merge", "export", "all", "upload")
+
+
+def paths(config: TrainConfig) -> dict[str, Path]:
+    out = config.output_dir
+    return {"adapter": out / "adapter", "merged": out / "merged", "gguf": out / "gguf"}
+
+
+def run_data(config: TrainConfig) -> None:
+    from training.data import prepare_dataset
+    from training.model import load_tokenizer
+
+    _, stats = prepare_dataset(config, load_tokenizer(config.base_model))
+    print(json.dumps(dataclasses.asdict(stats)))
+
+
+def run_merge(config: TrainConfig) -> Path:
+    from training.merge import merge_adapter
+
+    base = resolve_base(config.base_model)
+    p = paths(config)
+    return merge_adapter(base, p["adapter"], p["merged"], config.export.merge_into, config.quant)
+
+
+def run_export(config: TrainConfig) -> list[Path]:
+    from training.export import check_export, export_gguf, quantize
+
+    p = paths(config)
+    p["gguf"].mkdir(parents=True, exist_ok=True)
+    stem = config.output_dir.name
+    full = export_gguf(p["merged"], p["gguf"] / f"{stem}.{config.export.outtype}.gguf", config.export.outtype)
+    outputs = [full]
+    for qtype in config.export.quantizations:
+        outputs.append(quantize(full, p["gguf"] / f"{stem}.{qtype}.gguf", qtype))
+    for path in outputs:
+        checks = check_export(p["merged"], path, config.export.probe_prompts)
+        if not all(c.same_token_ids for c in checks):
+            raise SystemExit(f"error: {path.name}: llama.cpp tokenizes the template differently from transformers")
+    print("\n".join(f"MODEL_PATH={path}" for path in outputs))
+    return outputs
+
+
+def resolve_base(base_model: str) -> Path:
+    """A local folder as is; a hub id downloaded (safetensors, config, tokenizer) once."""
+    if Path(base_model).is_dir():
+        return Path(base_model)
+    from huggingface_hub import snapshot_download
+
+    return Path(snapshot_download(base_model, allow_patterns=["*.safetensors", "*.json", "tokenizer.model"]))
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(prog="hermes-train", description=__doc__.splitlines()[0])
+    parser.add_argument("stage", choices=STAGES)
+    parser.add_argument("config", type=Path, help="YAML recipe, e.g. training/configs/hermes-llama2-70b.yaml")
+    parser.add_argument("--fresh", action="store_true", help="train from scratch even if checkpoints exist")
+    args = parser.parse_args(argv)
+    logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
+    try:
+        config = load_config(args.config)
+    except ConfigError as error:
+        print(f"error: {error}", file=sys.stderr)
+        return 2
+    if args.stage == "data":
+        run_data(config)
+    if args.stage in ("train", "all"):
+        from training.train import train
+
+        train(config, resume=not args.fresh)
+    if args.stage in ("merge", "all"):
+        run_merge(config)
+    if args.stage in ("export", "all"):
+        run_export(config)
+    if args.stage == "upload":
+        if not config.hub_repo:
+            print("error: set hub_repo in the config to upload", file=sys.stderr)
+            return 2
+        from training.hub import upload
+
+        p = paths(config)
+        print(upload([p["adapter"], *sorted(p["gguf"].glob("*.gguf"))], config.hub_repo))
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
