@@ -43,10 +43,11 @@ def device_map() -> Any:
 def train(config: TrainConfig, resume: bool = True) -> Path:
     """Train the adapter; returns its folder (output_dir/adapter)."""
     import torch
-    from transformers import DataCollatorForSeq2Seq, Trainer, TrainingArguments
+    from transformers import DataCollatorForSeq2Seq, Trainer, TrainingArguments, set_seed
 
     tokenizer = load_tokenizer(config.base_model)
     dataset, stats = prepare_dataset(config, tokenizer)
+    set_seed(config.train.seed)  # the LoRA initialisation is random too: make runs repeatable
     model = load_qlora_model(config, device_map=device_map())
     t = config.train
     args = TrainingArguments(
