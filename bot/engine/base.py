@@ -62,7 +62,8 @@ class Generation:
     """One generation under way: an async iterator of text pieces, cancellable from any side.
 
     The worker thread pushes pieces with `push` (thread-safe, through the loop); the
-    consumer iterates. `position` tells how many generations are ahead in the queue.
+    consumer iterates. `position` is how many requests will be served before this one
+    starts (0: it starts now).
     """
 
     def __init__(self, request: GenerationRequest, loop: asyncio.AbstractEventLoop) -> None:
@@ -84,6 +85,10 @@ class Generation:
 
     def finish(self, error: BaseException | None = None) -> None:
         self._loop.call_soon_threadsafe(self._queue.put_nowait, error)
+
+    # Called on the event loop (engines that batch their deliveries, see `deliver_all`).
+    def put(self, item: str | BaseException | None) -> None:
+        self._queue.put_nowait(item)
 
     # Called on the event loop.
     def set_position(self, position: int) -> None:
@@ -109,6 +114,14 @@ class Generation:
 
     async def text(self) -> str:
         return "".join([piece async for piece in self])
+
+
+def deliver_all(items: list[tuple[Generation, str | BaseException | None]]) -> None:
+    """On the event loop: hand over a whole step's pieces (one wake-up, not one per piece).
+
+    A piece is text; None ends a generation; an exception ends it with that error."""
+    for generation, item in items:
+        generation.put(item)
 
 
 @dataclass(frozen=True)

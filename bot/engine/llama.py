@@ -106,6 +106,7 @@ class LlamaEngine(Engine):
         self._pending: collections.deque[Generation | _Swap | None] = collections.deque()
         self._wakeup = threading.Condition()
         self._last_stats: GenerationStats | None = None
+        self._busy = False  # a generation is under way
         self._worker = threading.Thread(target=self._run, name="llama-worker", daemon=True)
         self._worker.start()
 
@@ -139,7 +140,7 @@ class LlamaEngine(Engine):
                     f"{self.queue_depth} requests are already waiting; try again in a minute"
                 )
             self._pending.append(generation)
-            generation.set_position(self.queue_depth - 1)
+            generation.set_position(self.queue_depth - 1 + self._busy)
             self._wakeup.notify()
         return generation
 
@@ -173,7 +174,7 @@ class LlamaEngine(Engine):
                 self._wakeup.wait()
             job = self._pending.popleft()
             waiting = [j for j in self._pending if isinstance(j, Generation)]
-        for position, generation in enumerate(waiting):
+        for position, generation in enumerate(waiting, start=1):  # behind the one starting now
             self._loop.call_soon_threadsafe(generation.set_position, position)
         return job
 
@@ -189,12 +190,14 @@ class LlamaEngine(Engine):
                 job.finish()
                 continue
             error: EngineError | None = None
+            self._busy = True
             try:
                 self._generate(job)
             except Exception as exc:  # report to the caller, keep the worker alive
                 log.exception("generation failed")
                 job.stats.stopped_by = "error"
                 error = exc if isinstance(exc, EngineError) else EngineError(f"generation failed: {exc}")
+            self._busy = False
             self._last_stats = job.stats
             job.finish(error)
 
