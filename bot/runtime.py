@@ -7,7 +7,9 @@ from collections.abc import AsyncIterator
 from contextlib import asynccontextmanager
 from pathlib import Path
 
+from bot.engine.base import Engine
 from bot.engine.llama import LlamaConfig, LlamaEngine
+from bot.engine.scheduler import BatchConfig, BatchedEngine
 from bot.model_source import configured_model
 from bot.personas import load_personas, merge_imported
 from bot.responder import Responder
@@ -17,14 +19,18 @@ from bot.store import Store
 log = logging.getLogger(__name__)
 
 
-def llama_config(settings: Settings, model_path: Path) -> LlamaConfig:
-    return LlamaConfig(
-        model_path=model_path,
-        n_ctx=settings.n_ctx,
-        n_gpu_layers=settings.n_gpu_layers,
-        n_threads=settings.n_threads,
-        seed=settings.seed,
-    )
+async def start_engine(settings: Settings, model_path: Path) -> Engine:
+    """The engine the settings ask for: batched (default) or llama-cpp-python's simple one."""
+    if settings.engine == "simple":
+        return await LlamaEngine.start(LlamaConfig(
+            model_path=model_path, n_ctx=settings.n_ctx, n_gpu_layers=settings.n_gpu_layers,
+            n_threads=settings.n_threads, seed=settings.seed, max_queue=settings.max_queue,
+        ))
+    return await BatchedEngine.start(BatchConfig(
+        model_path=model_path, n_ctx=settings.n_ctx, n_parallel=settings.n_parallel,
+        n_gpu_layers=settings.n_gpu_layers, n_threads=settings.n_threads,
+        ram_cache_mb=settings.kv_ram_cache_mb, max_queue=settings.max_queue,
+    ))
 
 
 @asynccontextmanager
@@ -35,7 +41,7 @@ async def open_runtime(settings: Settings) -> AsyncIterator[Responder]:
         personas = merge_imported(load_personas(settings.personas_dir), await store.imported_personas())
         model_path = configured_model(settings)
         log.info("loading %s (this can take a while for large models)", model_path)
-        engine = await LlamaEngine.start(llama_config(settings, model_path))
+        engine = await start_engine(settings, model_path)
         try:
             yield Responder(settings, store, engine, personas)
         finally:

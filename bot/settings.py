@@ -50,6 +50,10 @@ class Settings:
     models_dir: Path = Path("models")
     discord_api_base: str = DISCORD_API_BASE
     discord_gateway_url: str = DISCORD_GATEWAY_URL
+    engine: str = "batched"  # or "simple": llama-cpp-python's one-sequence Llama
+    n_parallel: int = 0  # sequence slots of the batched engine; 0 = sized from KV memory
+    kv_ram_cache_mb: int = 1024  # host RAM for conversations evicted from their slot
+    max_queue: int = 32
     history_limit: int = 200
     reply_to_bots: bool = False
     log_level: str = "INFO"
@@ -128,6 +132,13 @@ def _parse_database_url(name: str, raw: str) -> str:
     return value
 
 
+def _parse_engine(name: str, raw: str) -> str:
+    value = raw.strip().lower()
+    if value not in {"batched", "simple"}:
+        raise SettingsError(f"{name}={raw!r}: expected 'batched' or 'simple'")
+    return value
+
+
 def _parse_model_path(name: str, raw: str) -> Path:
     path = Path(raw.strip()).expanduser()
     if path.suffix.lower() != ".gguf":
@@ -177,6 +188,10 @@ def load_settings(
         discord_gateway_url=get(
             "DISCORD_GATEWAY_URL", lambda n, r: _parse_url(n, r, ("ws", "wss")), defaults.discord_gateway_url
         ),
+        engine=get("ENGINE", _parse_engine, defaults.engine),
+        n_parallel=get("N_PARALLEL", lambda n, r: _parse_int(n, r, 0), defaults.n_parallel),
+        kv_ram_cache_mb=get("KV_RAM_CACHE_MB", lambda n, r: _parse_int(n, r, 0), defaults.kv_ram_cache_mb),
+        max_queue=get("MAX_QUEUE", lambda n, r: _parse_int(n, r, 1), defaults.max_queue),
         history_limit=get("HISTORY_LIMIT", lambda n, r: _parse_int(n, r, 1), defaults.history_limit),
         reply_to_bots=get("REPLY_TO_BOTS", _parse_bool, defaults.reply_to_bots),
         log_level=get("LOG_LEVEL", lambda n, r: r.strip().upper(), defaults.log_level),

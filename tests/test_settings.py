@@ -33,6 +33,8 @@ def test_dotenv_read_and_environment_overrides(tmp_path: Path) -> None:
         ("DISCORD_API_BASE", "localhost:80", "expected a URL starting with http or https://"),
         ("DATABASE_URL", "hermes.db", "expected an SQLAlchemy async URL"),
         ("MAX_NEW_TOKENS", "3000", "less than half of N_CTX=4096"),
+        ("ENGINE", "vllm", "expected 'batched' or 'simple'"),
+        ("N_PARALLEL", "-2", "expected an integer >= 0"),
     ],
 )
 def test_bad_values_name_the_variable(name: str, value: str, expected: str) -> None:

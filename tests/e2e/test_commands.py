@@ -8,7 +8,7 @@ from pathlib import Path
 
 import pytest
 
-from bot.engine.llama import LlamaConfig, LlamaEngine
+from bot.engine.scheduler import BatchConfig, BatchedEngine
 from tests.e2e.conftest import StartBot
 from tests.e2e.fake_discord import wait_for
 from tests.e2e.test_conversations import stored
@@ -135,12 +135,12 @@ async def test_status_and_queue(start_bot: StartBot) -> None:
 
 
 @pytest.mark.llama
-async def test_reload_model_with_the_real_engine(start_bot: StartBot, gguf_path: Path, tmp_path: Path) -> None:
+async def test_reload_model_with_the_real_batched_engine(start_bot: StartBot, gguf_path: Path, tmp_path: Path) -> None:
     models = tmp_path / "models"
     models.mkdir()
     shutil.copy(gguf_path, models / "good.gguf")
     (models / "corrupt.gguf").write_bytes(gguf_path.read_bytes()[:3_000_000])
-    engine = await LlamaEngine.start(LlamaConfig(gguf_path, n_ctx=2048, n_gpu_layers=0, seed=1))
+    engine = await BatchedEngine.start(BatchConfig(gguf_path, n_ctx=2048, n_parallel=2, n_gpu_layers=0))
     try:
         h = await start_bot(engine=engine, TEMPERATURE="0", MAX_NEW_TOKENS="24")
         d = h.discord
