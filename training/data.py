@@ -91,10 +91,11 @@ def tokenize_example(
     """
     prompt = alpaca_prompt(record["instruction"], record["input"] or None)
     encoded = tokenizer(prompt + record["output"], add_special_tokens=True, return_offsets_mapping=True)
-    ids = list(encoded["input_ids"]) + [tokenizer.eos_token_id]
+    tokens = list(encoded["input_ids"])
     starts = [start for start, _ in encoded["offset_mapping"]]
     # BOS has offset (0, 0): it is part of the prompt like every token starting before its end.
-    labels = [IGNORE if start < len(prompt) else token for token, start in zip(ids, starts)]
+    labels = [IGNORE if start < len(prompt) else token for token, start in zip(tokens, starts, strict=True)]
+    ids = tokens + [tokenizer.eos_token_id]
     labels.append(tokenizer.eos_token_id)
     stats.examples += 1
     if len(ids) > seq_len:

@@ -166,23 +166,21 @@ class Chat(commands.Cog):
         loop = asyncio.get_running_loop()
 
         async def show(parts: list[str], view: discord.ui.View) -> None:
+            """Make Discord show `parts`: edit what changed, send what is new."""
             for index, part in enumerate(parts):
                 if index < len(sent):
                     if shown[index] != part:
                         extra: dict[str, Any] = {"view": view} if index == 0 else {}
                         await sent[index].edit(content=part, allowed_mentions=NO_PINGS, **extra)
-                elif index == 0:
-                    sent.append(
-                        await question.reply(part, mention_author=False, allowed_mentions=NO_PINGS, view=view)
-                    )
-                    self._active[sent[0].id] = generation
+                        shown[index] = part
+                    continue
+                if index == 0:
+                    message = await question.reply(part, mention_author=False, allowed_mentions=NO_PINGS, view=view)
+                    self._active[message.id] = generation
                 else:
-                    sent.append(await question.channel.send(part, allowed_mentions=NO_PINGS))
-                    shown.append(None)
-                if index < len(shown):
-                    shown[index] = part
-                else:
-                    shown.append(part)
+                    message = await question.channel.send(part, allowed_mentions=NO_PINGS)
+                sent.append(message)
+                shown.append(part)
             throttle.mark(loop.time())
 
         if sent:

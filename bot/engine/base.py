@@ -161,5 +161,6 @@ class Engine(abc.ABC):
     def last_stats(self) -> GenerationStats | None:
         return None
 
+    @abc.abstractmethod
     async def close(self) -> None:
         """Finish or cancel what is queued and free the model."""

@@ -70,5 +70,8 @@ class ScriptedEngine(Engine):
             self._last = generation.stats
             generation.finish()
 
+    async def close(self) -> None:
+        """Nothing to free: the scripted replies live in memory."""
+
     async def reload(self, path: str | None = None) -> ModelInfo:
         raise NotImplementedError("reloads are tested with the real LlamaEngine")

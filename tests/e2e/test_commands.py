@@ -185,7 +185,7 @@ async def test_persona_import_from_an_attachment(start_bot: StartBot) -> None:
     d = h.discord
     hostile = await d.slash(d.mod, d.general, "persona", sub="import", files={"card": ("evil.png", png({"chara": b"%%%"}))})
     await wait_for(lambda: d.followups and "can't import evil.png" in d.followups[-1]["content"])
-    assert "evil" not in h.bot.responder.personas
+    assert hostile.response_type == 5 and "evil" not in h.bot.responder.personas
     refused = await d.slash(d.ann, d.general, "persona", sub="import", files={"card": ("x.png", png_card(v3_card()))})
     await wait_for(lambda: refused.response_type == 4)
     assert "Manage Channels" in d.original(refused)["content"]
