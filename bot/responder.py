@@ -92,14 +92,11 @@ class Responder:
     async def save_reply(
         self, key: str, persona: Persona, text: str, bot_id: str, platform_id: str | None = None
     ) -> None:
-        await self.store.add_message(
-            key,
-            Message(
-                author_id=bot_id,
-                author_name=persona.name,
-                content=text,
-                is_bot=True,
-                platform_id=platform_id,
-            ),
-        )
+        """Store the bot's reply; a platform message stored before (a regenerated or
+        edited reply) gets the new text."""
+        message = Message(author_id=bot_id, author_name=persona.name, content=text, is_bot=True, platform_id=platform_id)
+        if platform_id is None:
+            await self.store.add_message(key, message)
+        else:
+            await self.store.put_message(key, message)
 

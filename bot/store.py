@@ -190,8 +190,10 @@ class Store:
         return True
 
     async def put_message(self, key: str, message: Message) -> None:
-        """Store a message, or replace the content of the one with its platform id (and
-        bring it back if it was deleted): how the bot records its final replies."""
+        """Store a message with a platform id, or replace the content of the one stored
+        with it (bringing it back if it was deleted): how the bot records its replies."""
+        if message.platform_id is None:
+            raise ValueError("put_message needs a platform id; use add_message")
         async with self._session() as session:
             conversation = await self._conversation(session, key)
             row = await session.scalar(

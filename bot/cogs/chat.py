@@ -19,8 +19,8 @@ import discord
 from discord.ext import commands
 
 from bot.cogs.edge import interaction_is_admin, to_incoming, to_message
-from bot.conversation import Message
 from bot.engine.base import EngineError, Generation
+from bot.personas import Persona
 from bot.policy import conversation_key, should_reply, should_store
 from bot.prompt import PromptTooLong
 from bot.replies import EMPTY_REPLY, EditThrottle, queue_notice, split_message
@@ -149,14 +149,14 @@ class Chat(commands.Cog):
                 log.warning("cannot answer in %s: %s", key, error)
                 await question.reply(f"*(I can't answer right now: {error})*", allowed_mentions=NO_PINGS)
                 return
-            await self._stream(question, key, reply.generation, reply.persona.name, previous or [])
+            await self._stream(question, key, reply.generation, reply.persona, previous or [])
 
     async def _stream(
         self,
         question: discord.Message,
         key: str,
         generation: Generation,
-        persona_name: str,
+        persona: Persona,
         previous: list[discord.PartialMessage],
     ) -> None:
         requester = question.author.id
@@ -213,16 +213,7 @@ class Chat(commands.Cog):
         self._parts[sent[0].id] = [m.id for m in sent]
         me = self.bot.user
         for message, part in zip(sent, parts, strict=True):
-            await self.store.put_message(
-                key,
-                Message(
-                    author_id=str(me.id if me else 0),
-                    author_name=persona_name,
-                    content=part,
-                    is_bot=True,
-                    platform_id=str(message.id),
-                ),
-            )
+            await self.responder.save_reply(key, persona, part, bot_id=str(me.id if me else 0), platform_id=str(message.id))
 
     # ---- buttons -----------------------------------------------------------------------
 
