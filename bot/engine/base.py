@@ -10,7 +10,7 @@ from __future__ import annotations
 import abc
 import asyncio
 import threading
-from collections.abc import AsyncIterator, Callable
+from collections.abc import AsyncIterator
 from dataclasses import dataclass, field
 
 
@@ -73,7 +73,6 @@ class Generation:
         self._loop = loop
         self._queue: asyncio.Queue[str | BaseException | None] = asyncio.Queue()
         self.position = 0
-        self.on_position: Callable[[int], None] | None = None
 
     def cancel(self) -> None:
         """Stop generating; what was already produced stays produced."""
@@ -93,8 +92,6 @@ class Generation:
     # Called on the event loop.
     def set_position(self, position: int) -> None:
         self.position = position
-        if self.on_position is not None:
-            self.on_position(position)
 
     def __aiter__(self) -> AsyncIterator[str]:
         return self._pieces()
