@@ -30,6 +30,7 @@ if TYPE_CHECKING:
 
 log = logging.getLogger(__name__)
 NO_PINGS = discord.AllowedMentions.none()
+REMEMBERED_REPLIES = 1000  # multi-message replies whose parts Regenerate can replace
 
 
 class StopButton(discord.ui.DynamicItem[discord.ui.Button], template=r"hermes:stop:(?P<user>\d+)"):
@@ -101,7 +102,8 @@ class Chat(commands.Cog):
             lambda: EditThrottle(bot.edit_interval)
         )
         self._active: dict[int, Generation] = {}  # first reply message id → generation
-        self._parts: dict[int, list[int]] = {}  # first reply message id → all its message ids
+        # first reply message id → all its message ids, for Regenerate (the newest replies)
+        self._parts: collections.OrderedDict[int, list[int]] = collections.OrderedDict()
 
     # ---- listening ---------------------------------------------------------------------
 
@@ -211,6 +213,8 @@ class Chat(commands.Cog):
             await self.store.delete_message(key, str(extra.id))
         del sent[len(parts):]
         self._parts[sent[0].id] = [m.id for m in sent]
+        while len(self._parts) > REMEMBERED_REPLIES:
+            self._parts.popitem(last=False)
         me = self.bot.user
         for message, part in zip(sent, parts, strict=True):
             await self.responder.save_reply(key, persona, part, bot_id=str(me.id if me else 0), platform_id=str(message.id))
