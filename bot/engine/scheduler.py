@@ -22,7 +22,7 @@ import logging
 import os
 import threading
 import time
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from pathlib import Path
 from typing import Any
 
@@ -278,8 +278,6 @@ class BatchedEngine(Engine):
         return generation
 
     async def reload(self, path: str | None = None) -> ModelInfo:
-        from dataclasses import replace
-
         config = self._config if path is None else replace(self._config, model_path=Path(path))
         llama = await asyncio.to_thread(_Llama, config)  # the old model keeps serving
         done: asyncio.Future[None] = self._loop.create_future()
