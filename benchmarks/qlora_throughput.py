@@ -81,7 +81,8 @@ def main() -> None:
     print(f"device: {name}")
     print(f"model: {args.layers} layers, hidden {args.hidden}, {args.seq_len}-token rows, QLoRA nf4 + double quant, LoRA r=64")
     print(f"tokens/s per device: {tps:.0f}")
-    print(f"per layer: {tps * args.layers:.0f} layer-tokens/s → a 80-layer 70B at ≈ {tps * args.layers / 80:.0f} tokens/s")
+    if (args.hidden, args.intermediate) == (8192, 28672):  # Llama-2-70B's layer shape
+        print(f"a full 80-layer 70B at this per-layer speed: ≈ {tps * args.layers / 80:.0f} tokens/s per device")
     if cuda:
         print(f"peak GPU memory: {torch.cuda.max_memory_allocated() / 2**30:.1f} GiB")
 
