@@ -25,6 +25,7 @@ class ScriptedEngine(Engine):
         self._last: GenerationStats | None = None
         self._lock = asyncio.Lock()
         self._waiting = 0
+        self.broken: Exception | None = None  # set to make `info` fail, as a broken model would
 
     def say(self, *texts: str) -> None:
         """Queue the next replies (one per generation)."""
@@ -32,6 +33,8 @@ class ScriptedEngine(Engine):
 
     @property
     def info(self) -> ModelInfo:
+        if self.broken is not None:
+            raise self.broken
         return self._info
 
     @property

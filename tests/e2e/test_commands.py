@@ -207,3 +207,20 @@ async def test_persona_import_from_an_attachment(start_bot: StartBot) -> None:
     prompt = h2.engine.prompts[0]
     assert "### Response:\nNova Vex: Strap in, Mod!" in prompt
     assert "unstable above 90% power" in prompt and prompt.endswith("Nova Vex: ")
+
+
+async def test_a_failing_command_answers_briefly_and_logs_the_error(
+    start_bot: StartBot, caplog: pytest.LogCaptureFixture
+) -> None:
+    import logging
+
+    h = await start_bot()
+    d = h.discord
+
+    h.engine.broken = RuntimeError("disk on fire")
+    with caplog.at_level(logging.ERROR, logger="bot.app"):
+        status = await d.slash(d.ann, d.dm, "status")
+        await wait_for(lambda: status.response_type == 4)
+    answer = d.original(status)
+    assert answer["flags"] & 64 and "went wrong" in answer["content"] and "disk on fire" not in answer["content"]
+    assert "disk on fire" in caplog.text and "/status failed" in caplog.text
