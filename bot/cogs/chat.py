@@ -30,6 +30,7 @@ if TYPE_CHECKING:
 
 log = logging.getLogger(__name__)
 NO_PINGS = discord.AllowedMentions.none()
+QUEUE_REFRESH_SECONDS = 2.0  # how often a queued reply's place in the queue is refreshed
 REMEMBERED_REPLIES = 1000  # multi-message replies whose parts Regenerate can replace
 
 
@@ -185,14 +186,28 @@ class Chat(commands.Cog):
                 shown.append(part)
             throttle.mark(loop.time())
 
+        async def follow_queue(position: int) -> None:
+            """While the reply waits, keep its place in the queue up to date."""
+            while True:
+                await asyncio.sleep(QUEUE_REFRESH_SECONDS)
+                if 0 < generation.position != position:
+                    position = generation.position
+                    await show([queue_notice(position)], controls(requester, running=True))
+
         if sent:
             self._active[sent[0].id] = generation
+        watcher: asyncio.Task[None] | None = None
         if generation.position > 0:
             await show([queue_notice(generation.position)], controls(requester, running=True))
+            watcher = asyncio.create_task(follow_queue(generation.position))
 
         text = ""
         try:
             async for piece in generation:
+                if watcher is not None:
+                    watcher.cancel()
+                    await asyncio.gather(watcher, return_exceptions=True)
+                    watcher = None
                 text += piece
                 if text.strip() and throttle.ready(loop.time()):
                     await show(split_message(text), controls(requester, running=True))
@@ -200,6 +215,8 @@ class Chat(commands.Cog):
             log.error("generation failed in %s: %s", key, error)
             text += f"\n\n*(generation failed: {error})*"
         finally:
+            if watcher is not None:
+                watcher.cancel()
             if sent:
                 self._active.pop(sent[0].id, None)
 

@@ -24,7 +24,7 @@ class ScriptedEngine(Engine):
         self._info = ModelInfo(name="scripted", path="scripted", n_ctx=n_ctx)
         self._last: GenerationStats | None = None
         self._lock = asyncio.Lock()
-        self._waiting = 0
+        self._queue: list[Generation] = []  # waiting for the lock, in order
         self.broken: Exception | None = None  # set to make `info` fail, as a broken model would
 
     def say(self, *texts: str) -> None:
@@ -39,7 +39,7 @@ class ScriptedEngine(Engine):
 
     @property
     def queue_depth(self) -> int:
-        return self._waiting
+        return len(self._queue)
 
     @property
     def last_stats(self) -> GenerationStats | None:
@@ -50,16 +50,18 @@ class ScriptedEngine(Engine):
 
     def submit(self, request: GenerationRequest) -> Generation:
         generation = Generation(request, asyncio.get_running_loop())
-        generation.set_position(self._waiting + (1 if self._lock.locked() else 0))
+        generation.set_position(len(self._queue) + (1 if self._lock.locked() else 0))
+        self._queue.append(generation)
         self.prompts.append(request.prompt)
         text = self.replies.pop(0) if self.replies else "(no scripted reply)"
         asyncio.get_running_loop().create_task(self._run(generation, text))
         return generation
 
     async def _run(self, generation: Generation, text: str) -> None:
-        self._waiting += 1
         async with self._lock:
-            self._waiting -= 1
+            self._queue.remove(generation)
+            for position, waiting in enumerate(self._queue, start=1):
+                waiting.set_position(position)
             pieces = re.findall(r"\S*\s*", text)
             for piece in pieces:
                 if generation.cancelled.is_set():

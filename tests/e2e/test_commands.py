@@ -224,3 +224,21 @@ async def test_a_failing_command_answers_briefly_and_logs_the_error(
     answer = d.original(status)
     assert answer["flags"] & 64 and "went wrong" in answer["content"] and "disk on fire" not in answer["content"]
     assert "disk on fire" in caplog.text and "/status failed" in caplog.text
+
+
+async def test_a_queued_reply_shows_its_place_as_the_queue_moves(start_bot: StartBot) -> None:
+    h = await start_bot()
+    d = h.discord
+    h.engine.delay = 0.1
+    h.engine.say("one " * 25, "two " * 25, "three")
+    first = await d.user_says(d.ann, d.dm, "first")
+    await wait_for(lambda: d.replies_to(first))
+    second = await d.user_says(d.bob, d.general, "second", mention_bot=True)
+    third = await d.user_says(d.mod, d.random, "third", mention_bot=True)
+    notice = await wait_for(lambda: d.replies_to(third))
+    notice_id = int(notice[0]["id"])
+    await wait_for(lambda: d.messages[notice_id]["content"] == "three", timeout=30)
+    versions = d.history[notice_id]
+    assert versions[0] == "*(queued: 2 requests ahead of you)*"
+    assert "*(queued: 1 request ahead of you)*" in versions
+    assert d.replies_to(second) and d.rate_limited == []
