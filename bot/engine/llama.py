@@ -183,7 +183,7 @@ class LlamaEngine(Engine):
             if isinstance(job, _Swap):
                 old, self._llm, self._config = self._llm, job.llm, job.config
                 # Freed on the loop thread, where count_tokens may be reading its vocabulary.
-                self._loop.call_soon_threadsafe(_finish_swap, old, job.done)
+                self._loop.call_soon_threadsafe(finish_swap, old, job.done)
                 continue
             if job.cancelled.is_set():
                 job.stats.stopped_by = "cancelled"
@@ -246,8 +246,10 @@ class LlamaEngine(Engine):
         stats.stopped_by = reason
 
 
-def _finish_swap(old_llm: Any, done: asyncio.Future[None]) -> None:
-    old_llm.close()
+def finish_swap(old_model: Any, done: asyncio.Future[None]) -> None:
+    """On the loop thread, after a hot swap: free the old model (count_tokens, which runs
+    on the loop, may have been reading its vocabulary) and wake the reload."""
+    old_model.close()
     done.set_result(None)
 
 

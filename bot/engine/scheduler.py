@@ -37,7 +37,7 @@ from bot.engine.base import (
     ModelLoadError,
     deliver_all,
 )
-from bot.engine.llama import check_model_file
+from bot.engine.llama import check_model_file, finish_swap
 
 log = logging.getLogger(__name__)
 MIN_RESTORE_TOKENS = 32  # below this, re-evaluating is as cheap as restoring a saved state
@@ -344,7 +344,7 @@ class BatchedEngine(Engine):
         old, self._llama, self._config, self._swap = self._llama, llama, config, None
         self._slots = [_Slot(seq) for seq in range(llama.n_parallel)]
         self._ram.clear()  # saved states belong to the old model
-        self._loop.call_soon_threadsafe(_finish_swap, old, done)
+        self._loop.call_soon_threadsafe(finish_swap, old, done)
 
     def _take_admissible(self) -> list[Generation]:
         """Under the lock: as many waiting requests as there are free slots (FIFO)."""
@@ -499,7 +499,3 @@ class BatchedEngine(Engine):
         self._last_stats = stats
         self._outbox.append((job.generation, error))
 
-
-def _finish_swap(old: _Llama, done: asyncio.Future[None]) -> None:
-    old.close()  # on the loop thread, where count_tokens may be reading its vocabulary
-    done.set_result(None)
