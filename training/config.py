@@ -70,6 +70,7 @@ class ExportSpec:
     quantizations: list[str] = field(default_factory=lambda: ["Q4_K_M"])
     merge_into: str = "nf4"  # "nf4": the dequantized NF4 base the adapter trained against; or "bf16"
     probe_prompts: list[str] = field(default_factory=lambda: ["Write a haiku about the sea."])
+    check: bool = True  # compare each GGUF with transformers (needs the merged model in memory)
 
 
 @dataclass

@@ -142,8 +142,12 @@ def check_export(model_dir: Path, gguf_path: Path, prompts: list[str]) -> list[E
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
     tokenizer = AutoTokenizer.from_pretrained(model_dir)
-    model = AutoModelForCausalLM.from_pretrained(model_dir, dtype=torch.float32).eval()
-    llm = Llama(str(gguf_path), n_ctx=512, n_gpu_layers=0, logits_all=True, verbose=False)
+    # float32 on a CPU (small models, tests); bf16 spread over the GPUs for a 70B.
+    cuda = torch.cuda.is_available()
+    model = AutoModelForCausalLM.from_pretrained(
+        model_dir, dtype=torch.bfloat16 if cuda else torch.float32, device_map="auto" if cuda else None
+    ).eval()
+    llm = Llama(str(gguf_path), n_ctx=512, n_gpu_layers=-1, logits_all=True, verbose=False)
     checks = []
     try:
         for probe in prompts:
@@ -151,7 +155,7 @@ def check_export(model_dir: Path, gguf_path: Path, prompts: list[str]) -> list[E
             hf_ids = tokenizer(text).input_ids
             cpp_ids = llm.tokenize(text.encode(), add_bos=True, special=False)
             with torch.no_grad():
-                hf_logits = model(torch.tensor([hf_ids])).logits[0, -1].numpy()
+                hf_logits = model(torch.tensor([hf_ids], device=model.device)).logits[0, -1].float().cpu().numpy()
             llm.reset()
             llm.eval(hf_ids)
             cpp_logits = np.array(llm.scores[len(hf_ids) - 1])
