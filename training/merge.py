@@ -61,11 +61,14 @@ def _lora_deltas(adapter: Path) -> tuple[dict[str, tuple[Any, Any]], float]:
 def nf4_roundtrip(weight: Any, quant: QuantConfig, blocksize: int = 64) -> Any:
     """The weight as the QLoRA model saw it: quantized to NF4 and dequantized again."""
     import bitsandbytes.functional as bnbf
+    import torch
 
+    device = "cuda" if torch.cuda.is_available() else "cpu"  # a GPU does a 70B in minutes
     packed, state = bnbf.quantize_4bit(
-        weight.contiguous(), blocksize=blocksize, compress_statistics=quant.double_quant, quant_type=quant.quant_type
+        weight.to(device).contiguous(), blocksize=blocksize, compress_statistics=quant.double_quant,
+        quant_type=quant.quant_type,
     )
-    return bnbf.dequantize_4bit(packed, state).to(weight.dtype)
+    return bnbf.dequantize_4bit(packed, state).to("cpu", weight.dtype)
 
 
 def merge_adapter(
