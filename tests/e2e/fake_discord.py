@@ -6,8 +6,20 @@ refused (50035), an empty message is refused (50006), interactions must be answe
 3 seconds (10062), message routes have rate-limit buckets (5 per 5 s per channel) that
 answer 429 with Discord's headers when exhausted, pings follow `allowed_mentions`, and JSON
 is served with exactly `application/json`. Tests play users through `user_says`,
-`slash`, `click`, `user_edits` and `user_deletes`, and read what the bot did from
-`messages`, `history` (every content a message had), `rate_limited` and `requests`.
+`webhook_says`, `slash`, `click`, `user_edits` and `user_deletes`, and read what the bot
+did from `messages`, `history` (every content a message had), `rate_limited`, `requests`
+and `faults`.
+
+Outages: `fail_next` / `fail_for` answer matching requests with 5xx (bodies as Discord's
+edge sends them) or cut the connection (status 0), without handling them. A reply to a
+deleted or unknown message fails with 50035 unless `fail_if_not_exists` is false, as on
+Discord. `GET /channels/{id}/messages` pages history like Discord (newest first).
+
+The gateway keeps a session: every event gets a sequence number and is buffered, whether
+the bot is connected or not (users keep talking while it is down). IDENTIFY starts a new
+session with no replay; RESUME with the current session replays the events after `seq`,
+then RESUMED; an unknown session gets INVALID_SESSION (d=false). `close_gateway(4000)`
+drops the bot's websocket so that discord.py reconnects and resumes.
 """
 
 from __future__ import annotations
@@ -16,7 +28,10 @@ import asyncio
 import itertools
 import json
 import re
+import socket
+import struct
 import time
+from collections import deque
 from dataclasses import dataclass, field
 from datetime import UTC, datetime
 from typing import Any
@@ -26,11 +41,26 @@ from aiohttp import WSMsgType, web
 DISCORD_EPOCH_MS = 1420070400000
 BOT_ID = 900000000000000001
 GUILD_ID = 800000000000000001
+GUILD2_ID = 800000000000000002  # a second server, owned by `stranger`
 PERM_ADMINISTRATOR = 1 << 3
 PERM_MANAGE_CHANNELS = 1 << 4
 PERM_DEFAULT = 0x0000000000000400 | 0x0000000000000800 | 0x0000000000010000  # view, send, history
 MESSAGE_LIMIT = 2000
 INTERACTION_DEADLINE = 3.0
+EVENT_BUFFER = 1000  # gateway events kept per session for RESUME
+HISTORY_BUCKET = (50, 5.0)  # GET /channels/{id}/messages: 50 per 5 s per channel
+_ROUTE_PARAM = re.compile(r"\{[^}]*\}")
+# Error bodies as Discord (and the edge in front of it) sends them.
+FAULT_BODIES: dict[int, tuple[str, bytes]] = {
+    500: ("application/json", b'{"message": "500: Internal Server Error", "code": 0}'),
+    502: ("text/html", b"<html>\r\n<head><title>502 Bad Gateway</title></head>\r\n<body>\r\n"
+                       b"<center><h1>502 Bad Gateway</h1></center>\r\n<hr><center>cloudflare</center>\r\n"
+                       b"</body>\r\n</html>\r\n"),
+    503: ("text/plain", b"upstream connect error or disconnect/reset before headers. reset reason: connection failure"),
+    504: ("text/html", b"<html>\r\n<head><title>504 Gateway Time-out</title></head>\r\n<body>\r\n"
+                       b"<center><h1>504 Gateway Time-out</h1></center>\r\n<hr><center>cloudflare</center>\r\n"
+                       b"</body>\r\n</html>\r\n"),
+}
 _ids = itertools.count(1)
 
 
@@ -40,6 +70,12 @@ def snowflake() -> int:
 
 def iso_now() -> str:
     return datetime.now(UTC).isoformat()
+
+
+def route_template(route: str) -> str:
+    """`/channels/{channel}/messages/{message}` -> `/channels/{id}/messages/{id}` (any names)."""
+    route = route.removeprefix("/api/v10")
+    return _ROUTE_PARAM.sub("{id}", route)
 
 
 def user_payload(user_id: int, name: str, bot: bool = False) -> dict[str, Any]:
@@ -58,14 +94,20 @@ def user_payload(user_id: int, name: str, bot: bool = False) -> dict[str, Any]:
 class User:
     id: int
     name: str
-    permissions: int = PERM_DEFAULT
+    permissions: int = PERM_DEFAULT  # in GUILD_ID
     bot: bool = False
+    guild_permissions: dict[int, int] = field(default_factory=dict)  # in other guilds (default PERM_DEFAULT)
 
     @property
     def payload(self) -> dict[str, Any]:
         return user_payload(self.id, self.name, self.bot)
 
-    def member(self) -> dict[str, Any]:
+    def permissions_in(self, guild_id: int) -> int:
+        if guild_id == GUILD_ID:
+            return self.permissions
+        return self.guild_permissions.get(guild_id, PERM_DEFAULT)
+
+    def member(self, guild_id: int = GUILD_ID) -> dict[str, Any]:
         return {
             "user": self.payload,
             "roles": [],
@@ -74,7 +116,7 @@ class User:
             "mute": False,
             "nick": None,
             "flags": 0,
-            "permissions": str(self.permissions),
+            "permissions": str(self.permissions_in(guild_id)),
         }
 
 
@@ -100,6 +142,22 @@ class Interaction:
     user: User | None = None
 
 
+@dataclass
+class _Fault:
+    method: str
+    route: str
+    status: int
+    until: float | None = None  # fail_for: fails every match until then (monotonic)
+
+
+@dataclass
+class _Connection:
+    """One gateway websocket; `sent` is the last sequence number written to it."""
+    ws: web.WebSocketResponse
+    sent: int = 0
+    lock: asyncio.Lock = field(default_factory=asyncio.Lock)
+
+
 class FakeDiscord:
     """The stand-in server. `await start()`, then point the bot at `api_base`/`gateway_url`."""
 
@@ -110,10 +168,13 @@ class FakeDiscord:
         self.mod = User(100000000000000003, "Mod", permissions=PERM_DEFAULT | PERM_MANAGE_CHANNELS)
         self.owner = User(100000000000000004, "Owner", permissions=PERM_DEFAULT | PERM_ADMINISTRATOR)
         self.other_bot = User(100000000000000005, "OtherBot", bot=True)
+        self.stranger = User(100000000000000006, "Stranger",
+                             guild_permissions={GUILD2_ID: PERM_DEFAULT | PERM_ADMINISTRATOR})
         self.general = 700000000000000001
         self.random = 700000000000000002
         self.thread = 700000000000000003
         self.dm = 700000000000000009
+        self.other_general = 700000000000000011  # in GUILD2_ID
         self.channels: dict[int, dict[str, Any]] = {
             self.general: self._text_channel(self.general, "general"),
             self.random: self._text_channel(self.random, "random"),
@@ -125,6 +186,7 @@ class FakeDiscord:
                                     "archive_timestamp": iso_now(), "locked": False},
             },
             self.dm: {"id": str(self.dm), "type": 1, "recipients": [self.ann.payload], "last_message_id": None},
+            self.other_general: self._text_channel(self.other_general, "general", GUILD2_ID),
         }
         self.messages: dict[int, dict[str, Any]] = {}
         self.history: dict[int, list[str]] = {}
@@ -136,18 +198,28 @@ class FakeDiscord:
         self.followups: list[dict[str, Any]] = []
         self.typing: list[int] = []
         self.attachments: dict[int, bytes] = {}
+        self._webhook_ids: dict[str, int] = {}
         self._buckets: dict[tuple[str, str, str], Bucket] = {}
-        self._ws: web.WebSocketResponse | None = None
+        self.faults: list[tuple[str, str, int]] = []  # every injected failure: (method, route, status)
+        self._faults: list[_Fault] = []
+        self._ws: web.WebSocketResponse | None = None  # the latest gateway websocket
+        self._live: _Connection | None = None  # the connection with a session (identified or resumed)
         self._seq = 0
+        self._session_id: str | None = None
+        self._sessions = itertools.count(1)
+        self._events: deque[dict[str, Any]] = deque(maxlen=EVENT_BUFFER)
         self.identified = asyncio.Event()
+        self.resumed = asyncio.Event()
+        self.identifies = 0
+        self.resumes = 0
         self._runner: web.AppRunner | None = None
         self.api_base = ""
         self.gateway_url = ""
 
     @staticmethod
-    def _text_channel(channel_id: int, name: str) -> dict[str, Any]:
+    def _text_channel(channel_id: int, name: str, guild_id: int = GUILD_ID) -> dict[str, Any]:
         return {
-            "id": str(channel_id), "type": 0, "guild_id": str(GUILD_ID), "name": name, "position": 0,
+            "id": str(channel_id), "type": 0, "guild_id": str(guild_id), "name": name, "position": 0,
             "permission_overwrites": [], "nsfw": False, "parent_id": None, "topic": None,
             "last_message_id": None, "rate_limit_per_user": 0, "flags": 0,
         }
@@ -164,6 +236,7 @@ class FakeDiscord:
         app.router.add_get(f"{api}/channels/{{channel}}", self._get_channel)
         app.router.add_post(f"{api}/channels/{{channel}}/typing", self._typing)
         app.router.add_post(f"{api}/channels/{{channel}}/messages", self._create_message)
+        app.router.add_get(f"{api}/channels/{{channel}}/messages", self._channel_history)
         app.router.add_get(f"{api}/channels/{{channel}}/messages/{{message}}", self._get_message)
         app.router.add_patch(f"{api}/channels/{{channel}}/messages/{{message}}", self._edit_message)
         app.router.add_delete(f"{api}/channels/{{channel}}/messages/{{message}}", self._delete_message)
@@ -181,6 +254,7 @@ class FakeDiscord:
         self.gateway_url = f"ws://127.0.0.1:{port}/gateway"
 
     async def stop(self) -> None:
+        self._live = None
         if self._ws is not None:
             await self._ws.close()
         if self._runner is not None:
@@ -188,9 +262,61 @@ class FakeDiscord:
 
     @web.middleware
     async def _record(self, request: web.Request, handler: Any) -> web.StreamResponse:
+        fault = self._take_fault(request)
+        if fault is not None:
+            self.requests.append((request.method, request.path, fault))
+            return await self._fail(request, fault)
         response = await handler(request)
         self.requests.append((request.method, request.path, response.status))
         return response
+
+    # ---- injected faults ---------------------------------------------------------------
+
+    def fail_next(self, method: str, route: str, *statuses: int) -> None:
+        """Answer the next len(statuses) `method` requests to `route` (a template such as
+        "/channels/{id}/messages") with these statuses, unhandled; 0 cuts the connection."""
+        self._faults.extend(_Fault(method.upper(), route_template(route), status) for status in statuses)
+
+    def fail_for(self, method: str, route: str, status: int, seconds: float) -> None:
+        """Every matching request fails with `status` for the next `seconds` (Discord is down)."""
+        self._faults.append(_Fault(method.upper(), route_template(route), status, time.monotonic() + seconds))
+
+    def _take_fault(self, request: web.Request) -> int | None:
+        if not self._faults:
+            return None
+        resource = request.match_info.route.resource
+        route = route_template(resource.canonical if resource is not None else request.path)
+        now = time.monotonic()
+        self._faults = [f for f in self._faults if f.until is None or f.until > now]
+        for fault in self._faults:  # fail_next before fail_for: the first one in order wins
+            if fault.method == request.method and fault.route == route:
+                if fault.until is None:
+                    self._faults.remove(fault)
+                self.faults.append((request.method, route, fault.status))
+                return fault.status
+        return None
+
+    async def _fail(self, request: web.Request, status: int) -> web.StreamResponse:
+        if status == 0:
+            # Cut the connection after the request arrived, before any response byte: the
+            # client's aiohttp raises ServerDisconnectedError (a RST could give ClientOSError).
+            transport = request.transport
+            if transport is not None:
+                sock = transport.get_extra_info("socket")
+                if sock is not None:  # RST, not FIN: a connection reset, as when a proxy dies
+                    try:
+                        sock.setsockopt(socket.SOL_SOCKET, socket.SO_LINGER, struct.pack("ii", 1, 0))
+                    except OSError:
+                        pass
+                transport.abort()
+            raise asyncio.CancelledError  # nothing more to write on this connection
+        if status == 429:
+            headers = {"Retry-After": "1", "X-RateLimit-Scope": "shared", "Via": "1.1 google"}
+            return self._json({"message": "You are being rate limited.", "retry_after": 0.5, "global": False},
+                              429, headers)
+        content_type, body = FAULT_BODIES.get(status, (
+            "application/json", json.dumps({"message": f"{status}: Injected failure", "code": 0}).encode()))
+        return web.Response(body=body, status=status, headers={"Content-Type": content_type})
 
     @staticmethod
     def _json(data: Any, status: int = 200, headers: dict[str, str] | None = None) -> web.Response:
@@ -207,11 +333,12 @@ class FakeDiscord:
 
     # ---- rate limits -------------------------------------------------------------------
 
-    def _limit(self, method: str, route: str, major: str) -> tuple[dict[str, str], web.Response | None]:
+    def _limit(self, method: str, route: str, major: str, limit: int = 5,
+               window: float = 5.0) -> tuple[dict[str, str], web.Response | None]:
         """Take one request from the (route, channel) bucket: its headers, or a 429."""
         key = (method, route, major)
         if key not in self._buckets:
-            self._buckets[key] = Bucket(limit=5, window=5.0)
+            self._buckets[key] = Bucket(limit=limit, window=window)
         bucket = self._buckets[key]
         now = time.time()
         if now >= bucket.reset_at:
@@ -239,34 +366,95 @@ class FakeDiscord:
         ws = web.WebSocketResponse()
         await ws.prepare(request)
         self._ws = ws
+        connection = _Connection(ws)
         await ws.send_json({"op": 10, "d": {"heartbeat_interval": 41250}})
-        async for frame in ws:
-            if frame.type != WSMsgType.TEXT:
-                continue
-            payload = json.loads(frame.data)
-            if payload["op"] == 1:
-                await ws.send_json({"op": 11})
-            elif payload["op"] == 2:
-                await self._dispatch("READY", {
-                    "v": 10, "user": self.bot_user.payload, "session_id": "fake-session",
-                    "resume_gateway_url": self.gateway_url, "guilds": [{"id": str(GUILD_ID), "unavailable": True}],
-                    "private_channels": [], "relationships": [],
-                    "application": {"id": str(BOT_ID), "flags": 0},
-                })
-                await self._dispatch("GUILD_CREATE", self._guild())
-                self.identified.set()
+        try:
+            async for frame in ws:
+                if frame.type != WSMsgType.TEXT:
+                    continue
+                payload = json.loads(frame.data)
+                if payload["op"] == 1:
+                    await ws.send_json({"op": 11})
+                elif payload["op"] == 2:
+                    await self._identify(connection)
+                elif payload["op"] == 6:
+                    await self._resume(connection, payload.get("d") or {})
+        finally:
+            if self._live is connection:
+                self._live = None
+            if self._ws is ws:
+                self._ws = None
         return ws
 
-    def _guild(self) -> dict[str, Any]:
-        members = [u.member() for u in (self.bot_user, self.ann, self.bob, self.mod, self.owner)]
+    async def _identify(self, connection: _Connection) -> None:
+        """A new session: READY, then each guild's GUILD_CREATE; no old events replayed."""
+        self.identifies += 1
+        self._session_id = f"fake-session-{next(self._sessions)}"
+        self._seq = 0
+        self._events.clear()
+        self._record_event("READY", {
+            "v": 10, "user": self.bot_user.payload, "session_id": self._session_id,
+            "resume_gateway_url": self.gateway_url,
+            "guilds": [{"id": str(GUILD_ID), "unavailable": True}, {"id": str(GUILD2_ID), "unavailable": True}],
+            "private_channels": [], "relationships": [],
+            "application": {"id": str(BOT_ID), "flags": 0},
+        })
+        self._record_event("GUILD_CREATE", self._guild(GUILD_ID))
+        self._record_event("GUILD_CREATE", self._guild(GUILD2_ID))
+        self._live = connection
+        await self._flush()
+        self.identified.set()
+
+    async def _resume(self, connection: _Connection, data: dict[str, Any]) -> None:
+        """Replay the session's events after `seq`, then RESUMED; or INVALID_SESSION."""
+        seq = int(data.get("seq") or 0)
+        oldest = self._events[0]["s"] if self._events else self._seq + 1
+        if self._session_id is None or data.get("session_id") != self._session_id or oldest > seq + 1:
+            await connection.ws.send_json({"op": 9, "d": False})
+            return
+        self.resumes += 1
+        if self._live is not None and self._live is not connection:
+            old, self._live = self._live, None
+            await old.ws.close(code=4000)
+        connection.sent = seq
+        self._record_event("RESUMED", {})
+        self._live = connection
+        await self._flush()
+        self.resumed.set()
+
+    @property
+    def connected(self) -> bool:
+        """Whether the bot holds a gateway session right now (identified or resumed)."""
+        return self._live is not None and not self._live.ws.closed
+
+    async def close_gateway(self, code: int = 4000, resumable: bool = True) -> None:
+        """Close the bot's websocket with `code`; with 4000, discord.py reconnects and RESUMEs,
+        and gets the events dispatched meanwhile (they wait in the buffer). `resumable=False`:
+        Discord lost the session too, so the RESUME gets INVALID_SESSION and the bot IDENTIFYs
+        a new session without those events (it has to back-fill from channel history)."""
+        self.resumed.clear()
+        if not resumable:
+            self._session_id = None
+        live, self._live = self._live, None
+        ws = live.ws if live is not None else self._ws
+        if ws is not None and not ws.closed:
+            await ws.close(code=code)
+
+    def _guild(self, guild_id: int = GUILD_ID) -> dict[str, Any]:
+        if guild_id == GUILD_ID:
+            people, owner, name = (self.bot_user, self.ann, self.bob, self.mod, self.owner), self.owner, "Test Guild"
+        else:
+            people, owner, name = (self.bot_user, self.stranger, self.ann, self.owner), self.stranger, "Other Guild"
+        members = [u.member(guild_id) for u in people]
         for member in members:
             member.pop("permissions")
+        channels = [c for c in self.channels.values() if c.get("guild_id") == str(guild_id)]
         return {
-            "id": str(GUILD_ID), "name": "Test Guild", "icon": None, "owner_id": str(self.owner.id),
-            "roles": [{"id": str(GUILD_ID), "name": "@everyone", "permissions": str(PERM_DEFAULT), "position": 0,
+            "id": str(guild_id), "name": name, "icon": None, "owner_id": str(owner.id),
+            "roles": [{"id": str(guild_id), "name": "@everyone", "permissions": str(PERM_DEFAULT), "position": 0,
                        "color": 0, "hoist": False, "managed": False, "mentionable": False, "flags": 0}],
-            "channels": [c for c in self.channels.values() if c["type"] == 0],
-            "threads": [self.channels[self.thread]],
+            "channels": [c for c in channels if c["type"] == 0],
+            "threads": [c for c in channels if c["type"] == 11],
             "members": members, "member_count": len(members), "emojis": [], "stickers": [],
             "features": [], "large": False, "unavailable": False, "voice_states": [], "presences": [],
             "verification_level": 0, "default_message_notifications": 0, "explicit_content_filter": 0,
@@ -274,10 +462,34 @@ class FakeDiscord:
             "system_channel_flags": 0, "joined_at": iso_now(),
         }
 
-    async def _dispatch(self, event: str, data: dict[str, Any]) -> None:
-        assert self._ws is not None, "the bot is not connected"
+    def _record_event(self, event: str, data: dict[str, Any]) -> None:
         self._seq += 1
-        await self._ws.send_json({"op": 0, "s": self._seq, "t": event, "d": data})
+        self._events.append({"op": 0, "s": self._seq, "t": event, "d": data})
+
+    async def _dispatch(self, event: str, data: dict[str, Any]) -> None:
+        """Give the event the session's next sequence number, keep it for RESUME, and send
+        it if the bot is connected; while it is not, the event waits in the buffer."""
+        self._record_event(event, data)
+        await self._flush()
+
+    async def _flush(self) -> None:
+        """Send the live connection every buffered event it has not had yet, in order."""
+        connection = self._live
+        if connection is None:
+            return
+        async with connection.lock:
+            while self._live is connection:
+                pending = [e for e in self._events if e["s"] > connection.sent]
+                if not pending:
+                    return
+                for event in pending:
+                    try:
+                        await connection.ws.send_json(event)
+                    except (ConnectionError, RuntimeError):
+                        if self._live is connection:  # it went away: keep buffering for RESUME
+                            self._live = None
+                        return
+                    connection.sent = event["s"]
 
     # ---- messages ----------------------------------------------------------------------
 
@@ -291,7 +503,7 @@ class FakeDiscord:
         }
         if "guild_id" in channel:
             message["guild_id"] = channel["guild_id"]
-            member = author.member()
+            member = author.member(int(channel["guild_id"]))
             member.pop("permissions")
             member.pop("user")
             message["member"] = member
@@ -309,7 +521,7 @@ class FakeDiscord:
         users = set() if allowed is None else {str(u) for u in allowed.get("users", [])}
         content = message["content"]
         message["mention_everyone"] = "everyone" in parse and ("@everyone" in content or "@here" in content)
-        everyone = {u.id: u for u in (self.ann, self.bob, self.mod, self.owner, self.bot_user)}
+        everyone = {u.id: u for u in (self.ann, self.bob, self.mod, self.owner, self.stranger, self.bot_user)}
         mentioned = []
         for raw_id in re.findall(r"<@!?(\d+)>", content):
             if ("users" in parse or raw_id in users) and int(raw_id) in everyone:
@@ -343,9 +555,18 @@ class FakeDiscord:
         extra: dict[str, Any] = {"components": body.get("components", [])}
         reply_author = None
         if reference := body.get("message_reference"):
-            referenced = self.messages.get(int(reference["message_id"]))
-            if referenced is None:
-                return self._error(400, 50035, "Invalid Form Body: Unknown message")
+            referenced_id = int(reference["message_id"])
+            referenced = self.messages.get(referenced_id)
+            if referenced is None or referenced_id in self.deleted:
+                if reference.get("fail_if_not_exists", True):
+                    return self._json({
+                        "code": 50035,
+                        "errors": {"message_reference": {"_errors": [
+                            {"code": "REPLIES_UNKNOWN_MESSAGE", "message": "Unknown message"}]}},
+                        "message": "Invalid Form Body",
+                    }, 400)
+                referenced = None  # Discord sends it as a plain message
+        if reference and referenced is not None:
             extra |= {"type": 19, "message_reference": {**reference, "message_id": str(reference["message_id"]),
                                                          "channel_id": str(channel_id)},
                       "referenced_message": referenced}
@@ -399,10 +620,47 @@ class FakeDiscord:
         return event
 
     async def _get_message(self, request: web.Request) -> web.Response:
-        message = self.messages.get(int(request.match_info["message"]))
-        if message is None:
+        message_id = int(request.match_info["message"])
+        message = self.messages.get(message_id)
+        if message is None or message_id in self.deleted or message["channel_id"] != request.match_info["channel"]:
             return self._error(404, 10008, "Unknown Message")
         return self._json(message)
+
+    async def _channel_history(self, request: web.Request) -> web.Response:
+        """Like Discord: at most `limit` (1..100, default 50) messages, newest first; `after`
+        gives the oldest ones after it, `before` the newest ones before it, `around` both."""
+        channel_id = int(request.match_info["channel"])
+        if channel_id not in self.channels:
+            return self._error(404, 10003, "Unknown Channel")
+        headers, limited = self._limit("GET", "/channels/{id}/messages", str(channel_id), *HISTORY_BUCKET)
+        if limited:
+            return limited
+        query = request.query
+        try:
+            limit = int(query.get("limit", 50))
+            before, after, around = (int(query[k]) if k in query else None for k in ("before", "after", "around"))
+        except ValueError:
+            return self._error(400, 50035, "Invalid Form Body")
+        if not 1 <= limit <= 100:
+            return self._json({"code": 50035, "message": "Invalid Form Body", "errors": {"limit": {"_errors": [
+                {"code": "NUMBER_TYPE_MAX" if limit > 100 else "NUMBER_TYPE_MIN",
+                 "message": "int value should be between 1 and 100."}]}}}, 400)
+        visible = sorted(
+            (m for mid, m in self.messages.items()
+             if int(m["channel_id"]) == channel_id and mid not in self.deleted and not m.get("flags", 0) & 64),
+            key=lambda m: int(m["id"]),
+        )
+        if around is not None:
+            older = [m for m in visible if int(m["id"]) < around][-(limit // 2):] if limit // 2 else []
+            newer = [m for m in visible if int(m["id"]) >= around][:limit - len(older)]
+            page = older + newer
+        elif after is not None:
+            page = [m for m in visible if int(m["id"]) > after][:limit]
+        elif before is not None:
+            page = [m for m in visible if int(m["id"]) < before][-limit:]
+        else:
+            page = visible[-limit:]
+        return self._json(page[::-1], headers=headers)
 
     async def _get_channel(self, request: web.Request) -> web.Response:
         channel = self.channels.get(int(request.match_info["channel"]))
@@ -447,15 +705,17 @@ class FakeDiscord:
                                   channel_id=channel_id, user=user)
         self.interactions[interaction.id] = interaction
         channel = self.channels[channel_id]
+        guild_id = int(channel.get("guild_id", GUILD_ID))
         payload: dict[str, Any] = {
             "id": str(interaction.id), "application_id": str(BOT_ID), "type": kind, "token": interaction.token,
             "version": 1, "channel_id": str(channel_id), "channel": channel, "data": data,
             "app_permissions": str(PERM_DEFAULT), "locale": "en-US", "entitlements": [],
             "attachment_size_limit": 8 * 1024 * 1024,
-            "authorizing_integration_owners": {"0": str(GUILD_ID)},
+            "authorizing_integration_owners": {"0": str(guild_id)},
         }
         if "guild_id" in channel:
-            payload |= {"guild_id": str(GUILD_ID), "guild_locale": "en-US", "member": user.member(), "context": 0}
+            payload |= {"guild_id": str(guild_id), "guild_locale": "en-US", "member": user.member(guild_id),
+                        "context": 0}
         else:
             payload |= {"user": user.payload, "context": 1}
         return interaction, payload
@@ -575,8 +835,10 @@ class FakeDiscord:
     # ---- playing users -----------------------------------------------------------------
 
     async def user_says(self, user: User, channel_id: int, content: str, reply_to: int | None = None,
-                        mention_bot: bool = False) -> int:
-        """`user` posts `content`; `mention_bot` prefixes the bot's mention as a client does."""
+                        mention_bot: bool = False, webhook_id: int | None = None) -> int:
+        """`user` posts `content`; `mention_bot` prefixes the bot's mention as a client does.
+        With `webhook_id`, a webhook named after `user` posts it (author.bot is true, no member).
+        The message exists even while the bot is disconnected; its event then waits for RESUME."""
         if mention_bot:
             content = f"<@{BOT_ID}> {content}"
         extra: dict[str, Any] = {}
@@ -584,10 +846,20 @@ class FakeDiscord:
             extra = {"type": 19, "message_reference": {"message_id": str(reply_to), "channel_id": str(channel_id)},
                      "referenced_message": self.messages[reply_to]}
         message = self._message(channel_id, user, content, **extra)
+        if webhook_id is not None:
+            message.pop("member", None)
+            message["webhook_id"] = str(webhook_id)
+            message["author"] = {"id": str(webhook_id), "username": user.name, "global_name": None,
+                                 "discriminator": "0000", "avatar": None, "bot": True, "public_flags": 0}
         self._resolve_mentions(message, {"parse": ["users"]}, None)
         self._store(message)
         await self._dispatch("MESSAGE_CREATE", message)
         return int(message["id"])
+
+    async def webhook_says(self, channel_id: int, name: str, content: str, webhook_id: int | None = None) -> int:
+        """A webhook called `name` (an integration, another bot's relay) posts `content`."""
+        webhook_id = webhook_id or self._webhook_ids.setdefault(name, snowflake())
+        return await self.user_says(User(webhook_id, name, bot=True), channel_id, content, webhook_id=webhook_id)
 
     async def user_edits(self, message_id: int, content: str) -> None:
         message = {**self.messages[message_id], "content": content, "edited_timestamp": iso_now()}
