@@ -34,3 +34,26 @@ class ConversationState:
     persona: str | None = None
     enabled: bool = False
     known: bool = False  # the conversation has been stored before
+
+
+# A reply's life: streaming while the model writes, then one final state.
+STREAMING, DONE, STOPPED, INTERRUPTED, FAILED = "streaming", "done", "stopped", "interrupted", "failed"
+FINAL_STATES = frozenset({DONE, STOPPED, INTERRUPTED, FAILED})
+
+
+@dataclass(frozen=True)
+class StoredReply:
+    """One reply of the bot as the store keeps it: the model's text (once, unsplit), its
+    state, the notice shown under it for people (never fed to the model), and its Discord
+    parts. `undelivered`: Discord does not show its final state yet."""
+
+    id: int
+    key: str
+    status: str
+    content: str
+    author_name: str
+    part_ids: tuple[str, ...] = ()
+    reply_to: str | None = None  # the question's platform id
+    requester_id: str | None = None
+    notice: str | None = None
+    undelivered: bool = False

@@ -92,11 +92,7 @@ class Responder:
     async def save_reply(
         self, key: str, persona: Persona, text: str, bot_id: str, platform_id: str | None = None
     ) -> None:
-        """Store the bot's reply; a platform message stored before (a regenerated or
-        edited reply) gets the new text."""
+        """Store words of the bot that are not a streamed reply (the terminal's replies, a
+        persona's greeting), once and unsplit; `platform_id` is the first message showing them."""
         message = Message(author_id=bot_id, author_name=persona.name, content=text, is_bot=True, platform_id=platform_id)
-        if platform_id is None:
-            await self.store.add_message(key, message)
-        else:
-            await self.store.put_message(key, message)
-
+        await self.store.add_message(key, message)

@@ -1,18 +1,29 @@
 """Conversation history: SQLAlchemy 2 async tables and the queries the bot needs.
 
 The schema is owned by Alembic (`migrations/`); `Store.open` upgrades it before use.
-SQLite is the default (WAL mode); nothing here is SQLite-only except the pragmas, so
-`DATABASE_URL` may point at PostgreSQL.
+SQLite is the default (WAL mode); `DATABASE_URL` may point at PostgreSQL: the only
+dialect-specific parts are the SQLite pragmas and transaction mode, and the dialect's own
+`INSERT … ON CONFLICT DO NOTHING` for get-or-create.
+
+Writes wait instead of failing: SQLite waits up to `LOCK_WAIT_SECONDS` for a lock another
+process holds (busy timeout), starts write transactions with `BEGIN IMMEDIATE` (so a
+transaction never has to upgrade a stale read lock), takes one writer at a time inside the
+process, and retries a whole transaction that still met a lock until the same bound again.
+Bot replies keep their lifecycle here (`begin_reply` … `finish_reply`, `mark_delivered`):
+see `bot.reply_stream`.
 """
 
 from __future__ import annotations
 
+import asyncio
 import json
-from collections.abc import AsyncIterator
+import logging
+import time
+from collections.abc import AsyncIterator, Awaitable, Callable, Sequence
 from contextlib import asynccontextmanager
 from datetime import UTC, datetime
 from pathlib import Path
-from typing import Any
+from typing import Any, TypeVar
 
 from sqlalchemy import (
     BigInteger,
@@ -24,17 +35,26 @@ from sqlalchemy import (
     String,
     Text,
     UniqueConstraint,
+    and_,
     event,
+    false,
     func,
+    not_,
+    or_,
     select,
     update,
 )
+from sqlalchemy.dialects import postgresql, sqlite
 from sqlalchemy.engine import make_url
+from sqlalchemy.exc import OperationalError
 from sqlalchemy.ext.asyncio import AsyncEngine, AsyncSession, async_sessionmaker, create_async_engine
 from sqlalchemy.orm import DeclarativeBase, Mapped, mapped_column
 
-from bot.conversation import ConversationState, Message, utcnow
+from bot.conversation import FINAL_STATES, STREAMING, ConversationState, Message, StoredReply, utcnow
 
+log = logging.getLogger(__name__)
+T = TypeVar("T")
+LOCK_WAIT_SECONDS = 30.0  # how long a write waits for another process's lock (then again, retried)
 # SQLite only autoincrements an INTEGER PRIMARY KEY; elsewhere ids are 64-bit.
 Id = BigInteger().with_variant(Integer, "sqlite")
 
@@ -52,6 +72,7 @@ class ConversationRow(Base):
     enabled: Mapped[bool] = mapped_column(Boolean, default=False, server_default="0")
     # Messages with an id <= forget_before_id are hidden from the prompt (set by /reset).
     forget_before_id: Mapped[int | None] = mapped_column(Id)
+    is_dm: Mapped[bool] = mapped_column(Boolean, default=False, server_default=false())
     created_at: Mapped[datetime] = mapped_column(DateTime(timezone=True), default=utcnow)
 
 
@@ -59,6 +80,8 @@ class MessageRow(Base):
     __tablename__ = "messages"
     __table_args__ = (
         Index("ix_messages_conversation_id_id", "conversation_id", "id"),
+        Index("ix_messages_reply_status", "reply_status"),
+        Index("ix_messages_undelivered", "undelivered"),
         UniqueConstraint("conversation_id", "platform_id", name="uq_messages_conversation_platform"),
     )
 
@@ -74,6 +97,13 @@ class MessageRow(Base):
     created_at: Mapped[datetime] = mapped_column(DateTime(timezone=True))
     edited_at: Mapped[datetime | None] = mapped_column(DateTime(timezone=True))
     deleted_at: Mapped[datetime | None] = mapped_column(DateTime(timezone=True))
+    # Bot replies only: their lifecycle (see bot.conversation.StoredReply).
+    reply_status: Mapped[str | None] = mapped_column(String(16))
+    reply_to: Mapped[str | None] = mapped_column(String(64))
+    requester_id: Mapped[str | None] = mapped_column(String(64))
+    part_ids: Mapped[str | None] = mapped_column(Text)  # JSON list of Discord message ids
+    notice: Mapped[str | None] = mapped_column(Text)
+    undelivered: Mapped[bool] = mapped_column(Boolean, default=False, server_default=false())
 
 
 class ImportedPersonaRow(Base):
@@ -103,43 +133,79 @@ def _to_message(row: MessageRow) -> Message:
     )
 
 
-def _to_row(conversation_id: int, message: Message) -> MessageRow:
-    return MessageRow(
-        conversation_id=conversation_id,
-        platform_id=message.platform_id,
-        author_id=message.author_id,
-        author_name=message.author_name,
-        is_bot=message.is_bot,
-        content=message.content,
-        created_at=message.created_at,
+def _to_reply(row: MessageRow, key: str) -> StoredReply:
+    return StoredReply(
+        id=row.id,
+        key=key,
+        status=row.reply_status or STREAMING,
+        content=row.content,
+        author_name=row.author_name,
+        part_ids=tuple(json.loads(row.part_ids or "[]")),
+        reply_to=row.reply_to,
+        requester_id=row.requester_id,
+        notice=row.notice,
+        undelivered=row.undelivered,
     )
 
 
-def create_engine(database_url: str) -> AsyncEngine:
-    """An async engine; for SQLite, the folder is created and WAL mode switched on."""
-    url = make_url(database_url)
-    engine = create_async_engine(url)
-    if url.get_backend_name() == "sqlite":
-        if url.database and url.database != ":memory:":
-            Path(url.database).parent.mkdir(parents=True, exist_ok=True)
+def _message_values(conversation_id: int, message: Message) -> dict[str, Any]:
+    return {
+        "conversation_id": conversation_id,
+        "platform_id": message.platform_id,
+        "author_id": message.author_id,
+        "author_name": message.author_name,
+        "is_bot": message.is_bot,
+        "content": message.content,
+        "created_at": message.created_at,
+    }
 
-        @event.listens_for(engine.sync_engine, "connect")
-        def _pragmas(dbapi_connection, _record) -> None:  # type: ignore[no-untyped-def]
-            cursor = dbapi_connection.cursor()
-            cursor.execute("PRAGMA journal_mode=WAL")
-            cursor.execute("PRAGMA foreign_keys=ON")
-            cursor.execute("PRAGMA synchronous=NORMAL")
-            cursor.close()
+
+def create_engine(database_url: str, immediate: bool = False) -> AsyncEngine:
+    """An async engine. For SQLite: the folder is created, WAL mode switched on, a lock held
+    by another process is waited for (busy timeout), and with `immediate` every transaction
+    starts with BEGIN IMMEDIATE (for the writer: it takes the write lock up front)."""
+    url = make_url(database_url)
+    if url.get_backend_name() != "sqlite":
+        return create_async_engine(url)
+    if url.database and url.database != ":memory:":
+        Path(url.database).parent.mkdir(parents=True, exist_ok=True)
+    engine = create_async_engine(url, connect_args={"timeout": LOCK_WAIT_SECONDS})
+
+    @event.listens_for(engine.sync_engine, "connect")
+    def _pragmas(dbapi_connection, _record) -> None:  # type: ignore[no-untyped-def]
+        # The driver's own implicit BEGIN is switched off: we emit BEGIN ourselves below.
+        dbapi_connection.isolation_level = None
+        cursor = dbapi_connection.cursor()
+        cursor.execute(f"PRAGMA busy_timeout={int(LOCK_WAIT_SECONDS * 1000)}")
+        cursor.execute("PRAGMA journal_mode=WAL")
+        cursor.execute("PRAGMA foreign_keys=ON")
+        cursor.execute("PRAGMA synchronous=NORMAL")
+        cursor.close()
+
+    @event.listens_for(engine.sync_engine, "begin")
+    def _begin(connection) -> None:  # type: ignore[no-untyped-def]
+        connection.exec_driver_sql("BEGIN IMMEDIATE" if immediate else "BEGIN")
 
     return engine
+
+
+def _is_lock_error(error: OperationalError) -> bool:
+    text = str(error.orig).lower()
+    return "locked" in text or "busy" in text
 
 
 class Store:
     """All reads and writes of conversations and their messages."""
 
-    def __init__(self, engine: AsyncEngine) -> None:
+    def __init__(self, engine: AsyncEngine, writer: AsyncEngine | None = None) -> None:
         self.engine = engine
+        self.writer = writer or engine
         self._sessions = async_sessionmaker(engine, expire_on_commit=False)
+        self._write_sessions = async_sessionmaker(self.writer, expire_on_commit=False)
+        self._dialect = engine.dialect.name
+        # SQLite has one writer at a time: queue ours here instead of in the lock.
+        self._write_lock = asyncio.Lock() if self._dialect == "sqlite" else None
+        self.lock_wait = LOCK_WAIT_SECONDS
 
     @classmethod
     async def open(cls, database_url: str, migrate: bool = True) -> Store:
@@ -148,22 +214,52 @@ class Store:
             from bot.migrate import upgrade_async
 
             await upgrade_async(database_url)
-        return cls(create_engine(database_url))
+        engine = create_engine(database_url)
+        writer = create_engine(database_url, immediate=True) if engine.dialect.name == "sqlite" else None
+        return cls(engine, writer)
 
     async def close(self) -> None:
         await self.engine.dispose()
+        if self.writer is not self.engine:
+            await self.writer.dispose()
 
-    @asynccontextmanager
-    async def _session(self) -> AsyncIterator[AsyncSession]:
-        async with self._sessions() as session, session.begin():
-            yield session
+    async def _write(self, work: Callable[[AsyncSession], Awaitable[T]]) -> T:
+        """Run `work` in one write transaction; a lock held elsewhere is waited out (busy
+        timeout), and a transaction that still met one is retried until `lock_wait` more."""
+        deadline = time.monotonic() + self.lock_wait
+        delay = 0.05
+        while True:
+            try:
+                if self._write_lock is None:
+                    return await self._transaction(work)
+                async with self._write_lock:
+                    return await self._transaction(work)
+            except OperationalError as error:
+                if not _is_lock_error(error) or time.monotonic() > deadline:
+                    raise
+                log.warning("the database is locked by another process; retrying the write")
+                await asyncio.sleep(delay)
+                delay = min(1.0, delay * 2)
 
-    async def _conversation(self, session: AsyncSession, key: str) -> ConversationRow:
+    async def _transaction(self, work: Callable[[AsyncSession], Awaitable[T]]) -> T:
+        async with self._write_sessions() as session, session.begin():
+            return await work(session)
+
+    def _insert(self, table: type[Base]) -> Any:
+        """The dialect's INSERT, which knows ON CONFLICT DO NOTHING."""
+        return (postgresql.insert if self._dialect == "postgresql" else sqlite.insert)(table)
+
+    async def _conversation(self, session: AsyncSession, key: str, is_dm: bool = False) -> ConversationRow:
+        """Get or create, race-free: concurrent first messages all land in one row."""
+        await session.execute(
+            self._insert(ConversationRow)
+            .values(key=key, enabled=False, is_dm=is_dm, created_at=utcnow())
+            .on_conflict_do_nothing(index_elements=["key"])
+        )
         row = await session.scalar(select(ConversationRow).where(ConversationRow.key == key))
-        if row is None:
-            row = ConversationRow(key=key, enabled=False)
-            session.add(row)
-            await session.flush()
+        assert row is not None
+        if is_dm and not row.is_dm:
+            row.is_dm = True
         return row
 
     async def state(self, key: str) -> ConversationState:
@@ -173,45 +269,26 @@ class Store:
             return ConversationState(key=key)
         return ConversationState(key=key, persona=row.persona, enabled=row.enabled, known=True)
 
-    async def add_message(self, key: str, message: Message) -> bool:
+    async def add_message(self, key: str, message: Message, is_dm: bool = False) -> bool:
         """Store a message; False if a message with that platform id is already stored."""
-        async with self._session() as session:
-            conversation = await self._conversation(session, key)
-            if message.platform_id is not None:
-                exists = await session.scalar(
-                    select(MessageRow.id).where(
-                        MessageRow.conversation_id == conversation.id,
-                        MessageRow.platform_id == message.platform_id,
-                    )
-                )
-                if exists is not None:
-                    return False
-            session.add(_to_row(conversation.id, message))
-        return True
 
-    async def put_message(self, key: str, message: Message) -> None:
-        """Store a message with a platform id, or replace the content of the one stored
-        with it (bringing it back if it was deleted): how the bot records its replies."""
-        if message.platform_id is None:
-            raise ValueError("put_message needs a platform id; use add_message")
-        async with self._session() as session:
-            conversation = await self._conversation(session, key)
-            row = await session.scalar(
-                select(MessageRow).where(
-                    MessageRow.conversation_id == conversation.id,
-                    MessageRow.platform_id == message.platform_id,
-                )
+        async def work(session: AsyncSession) -> bool:
+            conversation = await self._conversation(session, key, is_dm)
+            result = await session.execute(
+                self._insert(MessageRow)
+                .values(**_message_values(conversation.id, message))
+                .on_conflict_do_nothing(index_elements=["conversation_id", "platform_id"])
             )
-            if row is None:
-                session.add(_to_row(conversation.id, message))
-            else:
-                row.content, row.author_name, row.deleted_at = message.content, message.author_name, None
+            return bool(result.rowcount)
+
+        return await self._write(work)
 
     async def recent_messages(self, key: str, limit: int) -> list[Message]:
         """The newest `limit` visible messages after the forget point, oldest first.
 
         One bounded range scan of the (conversation_id, id) index: the cost does not grow
-        with the number of messages stored.
+        with the number of messages stored. Replies with no text yet (just begun, or that
+        only showed a notice) are left out: the model never reads an empty turn.
         """
         async with self._sessions() as session:
             conversation = await session.scalar(
@@ -221,7 +298,11 @@ class Store:
                 return []
             query = (
                 select(MessageRow)
-                .where(MessageRow.conversation_id == conversation.id, MessageRow.deleted_at.is_(None))
+                .where(
+                    MessageRow.conversation_id == conversation.id,
+                    MessageRow.deleted_at.is_(None),
+                    not_(and_(MessageRow.is_bot, MessageRow.content == "")),
+                )
                 .order_by(MessageRow.id.desc())
                 .limit(limit)
             )
@@ -239,7 +320,7 @@ class Store:
         return await self._update_message(key, platform_id, deleted_at=utcnow())
 
     async def _update_message(self, key: str, platform_id: str, **values: object) -> bool:
-        async with self._session() as session:
+        async def work(session: AsyncSession) -> bool:
             conversation_id = select(ConversationRow.id).where(ConversationRow.key == key)
             result = await session.execute(
                 update(MessageRow)
@@ -249,33 +330,45 @@ class Store:
                 )
                 .values(**values)
             )
-        return bool(result.rowcount)
+            return bool(result.rowcount)
+
+        return await self._write(work)
 
     async def reset(self, key: str) -> None:
         """Forget everything stored so far in this conversation (kept, but hidden)."""
-        async with self._session() as session:
+
+        async def work(session: AsyncSession) -> None:
             conversation = await self._conversation(session, key)
             newest = await session.scalar(
                 select(func.max(MessageRow.id)).where(MessageRow.conversation_id == conversation.id)
             )
             conversation.forget_before_id = newest
 
+        await self._write(work)
+
     async def set_persona(self, key: str, persona: str | None) -> None:
-        async with self._session() as session:
+        async def work(session: AsyncSession) -> None:
             (await self._conversation(session, key)).persona = persona
 
+        await self._write(work)
+
     async def set_enabled(self, key: str, enabled: bool) -> None:
-        async with self._session() as session:
+        async def work(session: AsyncSession) -> None:
             (await self._conversation(session, key)).enabled = enabled
+
+        await self._write(work)
 
     async def save_imported_persona(self, key: str, card: dict[str, Any], filename: str, user_id: str) -> None:
         """Store (or replace) an imported character card under `key`."""
-        async with self._session() as session:
+
+        async def work(session: AsyncSession) -> None:
             row = await session.scalar(select(ImportedPersonaRow).where(ImportedPersonaRow.key == key))
             if row is None:
                 row = ImportedPersonaRow(key=key)
                 session.add(row)
             row.card, row.filename, row.imported_by = json.dumps(card), filename[:200], user_id
+
+        await self._write(work)
 
     async def imported_personas(self) -> dict[str, dict[str, Any]]:
         """Every imported card, key → card JSON object."""
@@ -287,3 +380,137 @@ class Store:
         async with self._sessions() as session:
             keys = await session.scalars(select(ConversationRow.key).where(ConversationRow.enabled))
         return set(keys)
+
+    # ---- replies: their lifecycle (bot.reply_stream drives it) -------------------------
+
+    async def begin_reply(
+        self, key: str, *, author_id: str, author_name: str, reply_to: str | None, requester_id: str | None
+    ) -> int:
+        """A new reply, `streaming`, with no text yet; its row id."""
+
+        async def work(session: AsyncSession) -> int:
+            conversation = await self._conversation(session, key)
+            row = MessageRow(
+                conversation_id=conversation.id, author_id=author_id, author_name=author_name, is_bot=True,
+                content="", created_at=utcnow(), reply_status=STREAMING, reply_to=reply_to,
+                requester_id=requester_id, part_ids="[]", undelivered=False,
+            )
+            session.add(row)
+            await session.flush()
+            return row.id
+
+        return await self._write(work)
+
+    async def restart_reply(self, reply_id: int, author_name: str) -> None:
+        """Regenerate: the reply streams again from nothing, in the same Discord parts."""
+        await self._update_reply(
+            reply_id, content="", reply_status=STREAMING, notice=None, author_name=author_name, deleted_at=None
+        )
+
+    async def update_reply(self, reply_id: int, content: str, part_ids: Sequence[str]) -> None:
+        """What Discord shows now: the model's text so far, in these parts."""
+        await self._update_reply(reply_id, **self._shown(content, part_ids))
+
+    async def finish_reply(self, reply_id: int, status: str, content: str, notice: str | None) -> None:
+        """The reply's final state; Discord is brought in step next (`mark_delivered`)."""
+        if status not in FINAL_STATES:
+            raise ValueError(f"not a final reply state: {status}")
+        await self._update_reply(reply_id, reply_status=status, content=content, notice=notice, undelivered=True)
+
+    async def mark_delivered(self, reply_id: int, content: str, part_ids: Sequence[str]) -> None:
+        """Discord shows the reply's final state in these parts."""
+        await self._update_reply(reply_id, undelivered=False, **self._shown(content, part_ids))
+
+    @staticmethod
+    def _shown(content: str, part_ids: Sequence[str]) -> dict[str, Any]:
+        # The first part's id identifies the reply (edits, deletions, buttons).
+        return {"content": content, "part_ids": json.dumps(list(part_ids)),
+                "platform_id": part_ids[0] if part_ids else None}
+
+    async def _update_reply(self, reply_id: int, **values: Any) -> None:
+        async def work(session: AsyncSession) -> None:
+            await session.execute(update(MessageRow).where(MessageRow.id == reply_id).values(**values))
+
+        await self._write(work)
+
+    async def reply(self, reply_id: int) -> StoredReply | None:
+        async with self._sessions() as session:
+            found = (await session.execute(
+                select(MessageRow, ConversationRow.key)
+                .join(ConversationRow, ConversationRow.id == MessageRow.conversation_id)
+                .where(MessageRow.id == reply_id)
+            )).first()
+        return _to_reply(found[0], found[1]) if found else None
+
+    async def reply_by_part(self, key: str, platform_id: str) -> StoredReply | None:
+        """The reply whose first Discord part has this id."""
+        async with self._sessions() as session:
+            row = await session.scalar(
+                select(MessageRow)
+                .join(ConversationRow, ConversationRow.id == MessageRow.conversation_id)
+                .where(ConversationRow.key == key, MessageRow.platform_id == platform_id,
+                       MessageRow.reply_status.is_not(None))
+            )
+        return _to_reply(row, key) if row else None
+
+    async def interrupt_streaming(self, notice: str) -> int:
+        """At start: replies a crash left `streaming` are `interrupted` (and Discord is to
+        be brought in step). How many there were."""
+
+        async def work(session: AsyncSession) -> int:
+            result = await session.execute(
+                update(MessageRow).where(MessageRow.reply_status == STREAMING)
+                .values(reply_status="interrupted", notice=notice, undelivered=True)
+            )
+            return int(result.rowcount)
+
+        return await self._write(work)
+
+    async def undelivered_replies(self, limit: int = 100) -> list[StoredReply]:
+        """Final replies that Discord does not show as such yet, oldest first."""
+        async with self._sessions() as session:
+            rows = (await session.execute(
+                select(MessageRow, ConversationRow.key)
+                .join(ConversationRow, ConversationRow.id == MessageRow.conversation_id)
+                .where(MessageRow.undelivered, MessageRow.reply_status != STREAMING)
+                .order_by(MessageRow.id)
+                .limit(limit)
+            )).all()
+        return [_to_reply(row, key) for row, key in rows]
+
+    async def recovery_keys(self) -> list[str]:
+        """Conversations to back-fill after a restart: enabled channels and DMs."""
+        async with self._sessions() as session:
+            keys = await session.scalars(
+                select(ConversationRow.key).where(or_(ConversationRow.enabled, ConversationRow.is_dm))
+            )
+        return list(keys)
+
+    async def newest_platform_id(self, key: str, window: int = 50) -> int | None:
+        """The newest Discord message id stored in a conversation (among its newest rows)."""
+        async with self._sessions() as session:
+            ids = await session.scalars(
+                select(MessageRow.platform_id)
+                .join(ConversationRow, ConversationRow.id == MessageRow.conversation_id)
+                .where(ConversationRow.key == key, MessageRow.platform_id.is_not(None))
+                .order_by(MessageRow.id.desc())
+                .limit(window)
+            )
+            numbers = [int(i) for i in ids if i.isdigit()]
+        return max(numbers, default=None)
+
+    async def unanswered(self, key: str, since: datetime) -> Message | None:
+        """The newest message from a person since `since` that no reply of the bot follows."""
+        async with self._sessions() as session:
+            conversation = await session.scalar(select(ConversationRow).where(ConversationRow.key == key))
+            if conversation is None:
+                return None
+            newest = await session.scalar(
+                select(MessageRow)
+                .where(MessageRow.conversation_id == conversation.id, MessageRow.deleted_at.is_(None))
+                .order_by(MessageRow.id.desc())
+                .limit(1)
+            )
+        if newest is None or newest.is_bot or _aware(newest.created_at) < since:
+            return None
+        return _to_message(newest)
