@@ -1,10 +1,14 @@
 """The Discord bot: `create_bot` wires settings and the chat pipeline into a discord.py bot;
-`run` starts everything from settings (what `python -m bot` does)."""
+`run` starts everything from settings (what `python -m bot` does) and shuts it down
+gracefully on SIGTERM or SIGINT: no new work, the replies under way end with their final
+state in Discord and in the store, then the gateway, the engine and the database close."""
 
 from __future__ import annotations
 
 import asyncio
 import logging
+import signal
+import time
 from typing import Any
 
 import discord
@@ -42,7 +46,8 @@ class HermesBot(commands.Bot):
 
     async def setup_hook(self) -> None:
         from bot.cogs.admin import Admin
-        from bot.cogs.chat import Chat, RegenerateButton, StopButton
+        from bot.cogs.buttons import RegenerateButton, StopButton
+        from bot.cogs.chat import Chat
         from bot.cogs.personas import Personas
 
         await self.add_cog(Chat(self))
@@ -51,6 +56,16 @@ class HermesBot(commands.Bot):
         self.add_dynamic_items(StopButton, RegenerateButton)
         synced = await self.tree.sync()
         log.info("registered %d slash commands", len(synced))
+
+    async def shutdown(self) -> None:
+        """End gracefully: replies under way reach their final state (within
+        SHUTDOWN_GRACE_SECONDS), then the connection to Discord closes."""
+        from bot.cogs.chat import Chat
+
+        chat = self.get_cog("Chat")
+        if isinstance(chat, Chat):
+            await chat.shutdown(self.settings.shutdown_grace_seconds)
+        await self.close()
 
     async def on_message(self, message: discord.Message) -> None:
         """No prefix commands: messages are the Chat cog's; commands are slash commands."""
@@ -77,10 +92,25 @@ async def serve(settings: Settings) -> None:
     from bot.runtime import open_runtime
 
     token = settings.require_token()
+    stop = asyncio.Event()
+    loop = asyncio.get_running_loop()
+    for signum in (signal.SIGTERM, signal.SIGINT):
+        loop.add_signal_handler(signum, stop.set)
     async with open_runtime(settings) as responder:
+        if stop.is_set():
+            return
         bot = create_bot(settings, responder)
         async with bot:
-            await bot.start(token)
+            runner = asyncio.create_task(bot.start(token))
+            stopping = asyncio.create_task(stop.wait())
+            await asyncio.wait({runner, stopping}, return_when=asyncio.FIRST_COMPLETED)
+            if stop.is_set():
+                started = time.monotonic()
+                log.info("stop signal received: finishing the replies under way")
+                await bot.shutdown()
+                log.info("Discord side closed in %.2f s; closing the engine and the database", time.monotonic() - started)
+            stopping.cancel()
+            await runner
 
 
 def run(settings: Settings) -> None:

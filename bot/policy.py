@@ -48,3 +48,9 @@ def may_manage(user_id: int, admin_ids: frozenset[int], has_administrator: bool,
 def conversation_key(channel_id: int) -> str:
     """Each channel, thread and DM channel is one conversation."""
     return f"discord:{channel_id}"
+
+
+def channel_of(key: str) -> int | None:
+    """The Discord channel id of a conversation key (None for other edges' keys)."""
+    prefix, _, channel_id = key.partition(":")
+    return int(channel_id) if prefix == "discord" and channel_id.isdigit() else None

@@ -57,6 +57,9 @@ class Settings:
     history_limit: int = 200
     reply_to_bots: bool = False
     log_level: str = "INFO"
+    delivery_retry_seconds: float = 30.0  # how long a Discord send or edit is retried on 5xx
+    recovery_window_seconds: float = 300.0  # after a restart, answer questions this recent
+    shutdown_grace_seconds: float = 10.0  # SIGTERM: how long in-flight replies get to finish
 
     def require_token(self) -> str:
         """The Discord token, or a SettingsError saying how to get one."""
@@ -195,6 +198,16 @@ def load_settings(
         history_limit=get("HISTORY_LIMIT", lambda n, r: _parse_int(n, r, 1), defaults.history_limit),
         reply_to_bots=get("REPLY_TO_BOTS", _parse_bool, defaults.reply_to_bots),
         log_level=get("LOG_LEVEL", lambda n, r: r.strip().upper(), defaults.log_level),
+        delivery_retry_seconds=get(
+            "DELIVERY_RETRY_SECONDS", lambda n, r: _parse_float(n, r, 0.0, 3600.0), defaults.delivery_retry_seconds
+        ),
+        recovery_window_seconds=get(
+            "RECOVERY_WINDOW_SECONDS", lambda n, r: _parse_float(n, r, 0.0, 7 * 86400.0),
+            defaults.recovery_window_seconds,
+        ),
+        shutdown_grace_seconds=get(
+            "SHUTDOWN_GRACE_SECONDS", lambda n, r: _parse_float(n, r, 0.0, 600.0), defaults.shutdown_grace_seconds
+        ),
     )
     if settings.max_new_tokens >= settings.n_ctx // 2:
         raise SettingsError(

@@ -39,7 +39,8 @@ async def test_history_survives_a_restart(start_bot: StartBot) -> None:
     d = h.discord
     h.engine.say("Nice to meet you, Ann.")
     first = await d.user_says(d.ann, d.dm, "I am Ann and I like sailing")
-    await wait_for(lambda: d.replies_to(first))
+    reply = (await wait_for(lambda: d.replies_to(first)))[0]
+    await wait_for(lambda: d.messages[int(reply["id"])]["content"] == "Nice to meet you, Ann.")
     await stored(h, d.dm, 2)
     await h.bot.close()
     h2 = await start_bot()

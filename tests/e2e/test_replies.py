@@ -48,8 +48,9 @@ async def test_long_reply_is_split_and_code_fences_stay_valid(start_bot: StartBo
     assert parts[0].rstrip().endswith("```") and parts[1].startswith("```python\n")
     assert d.rate_limited == []
     assert "".join(parts).count("print(") == 60, "no line of code lost"
-    history = await stored(h, d.dm, 3)
-    assert [m.is_bot for m in history] == [False, True, True]
+    history = await stored(h, d.dm, 2)
+    assert [m.is_bot for m in history] == [False, True]
+    assert history[1].content == text.strip(), "history keeps the reply once, unsplit, without fence repairs"
 
 
 async def test_stop_keeps_what_was_written(start_bot: StartBot) -> None:
@@ -69,9 +70,11 @@ async def test_stop_keeps_what_was_written(start_bot: StartBot) -> None:
     # The final edit drops Stop and keeps Regenerate; the text is cut short, not lost.
     await wait_for(lambda: [c["label"] for row in d.messages[reply_id]["components"] for c in row["components"]] == ["Regenerate"])
     final = d.messages[reply_id]["content"]
-    assert 0 < len(final) < len(LONG_STORY) and LONG_STORY.startswith(final)
+    assert final.endswith("\n\n*(stopped)*"), "people see that the reply was stopped"
+    written = final.removesuffix("\n\n*(stopped)*")
+    assert 0 < len(written) < len(LONG_STORY) and LONG_STORY.startswith(written)
     history = await stored(h, d.dm, 2)
-    assert history[-1].content == final
+    assert history[-1].content == written, "history has the model's words, not the notice"
 
 
 async def test_regenerate_replaces_the_reply(start_bot: StartBot) -> None:

@@ -1,0 +1,168 @@
+"""Answering one question in Discord: prompt → engine → a `ReplyStream` that shows and
+stores the text as it comes, at most one edit per second per channel.
+
+`Answerer` also keeps the replies under way (for Stop, and for a shutdown that gives each
+of them its final state) and waits out the queue with the person's place in it shown.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import collections
+import contextlib
+import logging
+from collections.abc import AsyncIterator
+from dataclasses import dataclass
+
+import discord
+
+from bot.conversation import StoredReply
+from bot.engine.base import EngineError, Generation
+from bot.prompt import PromptTooLong
+from bot.replies import EditThrottle, queue_notice
+from bot.reply_stream import Destination, ReplyStream
+from bot.responder import Responder
+
+log = logging.getLogger(__name__)
+QUEUE_REFRESH_SECONDS = 2.0  # how often a queued reply's place in the queue is refreshed
+TYPING_SECONDS = 8.0  # Discord shows "typing" for 10 s after each trigger
+
+
+@dataclass(frozen=True)
+class Question:
+    """A message to answer, as plain data."""
+
+    key: str
+    channel_id: int
+    message_id: int | None
+    author_id: int
+    author_name: str
+
+
+@dataclass
+class _UnderWay:
+    stream: ReplyStream
+    generation: Generation | None = None
+
+
+class Answerer:
+    def __init__(self, responder: Responder, bot_user_id: int, retry_seconds: float, edit_interval: float = 1.0) -> None:
+        self.responder = responder
+        self.store = responder.store
+        self.bot_user_id = bot_user_id
+        self.retry_seconds = retry_seconds
+        self._throttles: collections.defaultdict[int, EditThrottle] = collections.defaultdict(
+            lambda: EditThrottle(edit_interval)
+        )
+        self._under_way: dict[int, _UnderWay] = {}  # reply row id → reply being written
+        self.shutting_down = False
+
+    def generation_of(self, message_id: int) -> Generation | None:
+        """The generation of the reply whose first Discord part is this message."""
+        return next((u.generation for u in self._under_way.values() if u.stream.first_part_id == message_id), None)
+
+    def is_under_way(self, reply_id: int) -> bool:
+        return reply_id in self._under_way
+
+    async def answer(self, question: Question, channel: discord.abc.Messageable,
+                     previous: StoredReply | None = None) -> None:
+        """Write the answer (with `previous`, in place of that reply)."""
+        persona = await self.responder.conversation_persona(question.key)
+        to = Destination(channel, question.message_id, question.author_id)
+        stream = ReplyStream(self.store, question.key, to, str(self.bot_user_id), persona.name,
+                             self.retry_seconds, previous)
+        await stream.begin()
+        assert stream.reply_id is not None
+        under_way = self._under_way[stream.reply_id] = _UnderWay(stream)
+        try:
+            async with _typing(channel):
+                try:
+                    reply = await self.responder.start_reply(question.key, speaker=question.author_name)
+                except (EngineError, PromptTooLong) as error:
+                    log.warning("cannot answer in %s: %s", question.key, error)
+                    await stream.fail(f"I can't answer right now: {error}")
+                    return
+                under_way.generation = reply.generation
+                if self.shutting_down:
+                    reply.generation.cancel()
+                await self._stream(stream, reply.generation, question.channel_id)
+        except asyncio.CancelledError:
+            # Cut off (a shutdown past its grace): keep the final state in the store at least.
+            with contextlib.suppress(Exception):
+                await asyncio.shield(self.store.finish_reply(stream.reply_id, "interrupted", stream.text, None))
+            raise
+        finally:
+            self._under_way.pop(stream.reply_id, None)
+
+    async def _stream(self, stream: ReplyStream, generation: Generation, channel_id: int) -> None:
+        throttle = self._throttles[channel_id]
+        loop = asyncio.get_running_loop()
+        follower: asyncio.Task[None] | None = None
+        if generation.position > 0:
+            await stream.show("", queue_notice(generation.position))
+            throttle.mark(loop.time())
+            follower = asyncio.create_task(self._follow_queue(stream, generation))
+        text = ""
+        error: EngineError | None = None
+        try:
+            async for piece in generation:
+                if follower is not None:
+                    follower.cancel()
+                    await asyncio.gather(follower, return_exceptions=True)
+                    follower = None
+                text += piece
+                if text.strip() and throttle.ready(loop.time()):
+                    await stream.show(text)
+                    throttle.mark(loop.time())
+        except EngineError as failure:
+            log.error("generation failed: %s", failure)
+            error = failure
+        finally:
+            if follower is not None:
+                follower.cancel()
+        stream.text = text
+        await asyncio.sleep(throttle.wait_time(loop.time()))
+        throttle.mark(loop.time())
+        if error is not None and not self.shutting_down:
+            await stream.fail(f"generation failed: {error}")
+        elif self.shutting_down and generation.stats.stopped_by in ("cancelled", "error"):
+            await stream.interrupt()
+        else:
+            await stream.finish(stopped=generation.stats.stopped_by == "cancelled")
+
+    @staticmethod
+    async def _follow_queue(stream: ReplyStream, generation: Generation) -> None:
+        """While the reply waits, keep its place in the queue up to date."""
+        position = generation.position
+        while True:
+            await asyncio.sleep(QUEUE_REFRESH_SECONDS)
+            if 0 < generation.position != position:
+                position = generation.position
+                await stream.show("", queue_notice(position))
+
+    def interrupt_all(self) -> int:
+        """Shutting down: end every generation; each reply then takes the `interrupted`
+        state in Discord and in the store. How many there were."""
+        self.shutting_down = True
+        for under_way in self._under_way.values():
+            if under_way.generation is not None:
+                under_way.generation.cancel()
+        return len(self._under_way)
+
+
+@contextlib.asynccontextmanager
+async def _typing(channel: discord.abc.Messageable) -> AsyncIterator[None]:
+    """Show "typing" while the reply is prepared; best effort (a failing trigger is no
+    reason to lose the reply, unlike discord.py's own `typing()`, which raises)."""
+
+    async def keep() -> None:
+        while True:
+            with contextlib.suppress(discord.HTTPException, OSError):
+                await channel.typing()  # awaited, it triggers once
+            await asyncio.sleep(TYPING_SECONDS)
+
+    task = asyncio.create_task(keep())
+    try:
+        yield
+    finally:
+        task.cancel()

@@ -1,0 +1,136 @@
+"""After a restart or a crash, and while Discord has bad moments: nothing stays lost.
+
+At start (once, when the gateway is ready):
+1. replies a crash left `streaming` become `interrupted` (the store);
+2. every reply whose final state Discord does not show yet gets it: Stop removed,
+   Regenerate live, the notice shown, missing parts sent (`sync_reply`);
+3. enabled channels and DMs are back-filled from Discord with what was said while the
+   bot was down (`channel.history(after=newest stored id)`), and the newest question of
+   each, if no reply follows it and it is recent (RECOVERY_WINDOW_SECONDS), is answered.
+Then, every `REDELIVER_SECONDS`, replies that Discord could not take in time are tried
+again.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+from datetime import timedelta
+from typing import TYPE_CHECKING
+
+import discord
+
+from bot.answering import Question
+from bot.cogs.edge import to_message
+from bot.conversation import StoredReply, utcnow
+from bot.policy import channel_of
+from bot.reply_stream import INTERRUPTED_NOTICE, Destination, sync_reply
+from bot.store import Store
+
+if TYPE_CHECKING:
+    from bot.app import HermesBot
+    from bot.cogs.chat import Chat
+
+log = logging.getLogger(__name__)
+REDELIVER_SECONDS = 10.0
+BACKFILL_LIMIT = 500  # messages read back per conversation at most
+
+
+class Recovery:
+    def __init__(self, bot: HermesBot, store: Store, chat: Chat) -> None:
+        self.bot = bot
+        self.store = store
+        self.chat = chat
+        self._startup: asyncio.Task[None] | None = None
+        self._redeliver: asyncio.Task[None] | None = None
+
+    def start(self) -> None:
+        """On (every) READY: the first time, recover; keep redelivering in the background."""
+        if self._startup is None:
+            self._startup = asyncio.create_task(self._recover(), name="recovery")
+
+    def tasks(self) -> list[asyncio.Task[None]]:
+        return [t for t in (self._startup, self._redeliver) if t is not None and not t.done()]
+
+    async def _recover(self) -> None:
+        try:
+            interrupted = await self.store.interrupt_streaming(INTERRUPTED_NOTICE)
+            if interrupted:
+                log.info("recovery: %d replies were cut off by the last stop; marking them interrupted", interrupted)
+            await self.redeliver()
+            await self.backfill_all()
+        except Exception:
+            log.exception("recovery at start failed")
+        self._redeliver = asyncio.create_task(self._redeliver_forever(), name="redelivery")
+
+    async def _redeliver_forever(self) -> None:
+        while self.chat.accepting:
+            await asyncio.sleep(REDELIVER_SECONDS)
+            try:
+                await self.redeliver()
+            except Exception:
+                log.exception("redelivery failed")
+
+    async def redeliver(self) -> int:
+        """Bring Discord in step with every stored final reply it does not show yet."""
+        delivered = 0
+        for reply in await self.store.undelivered_replies():
+            if not self.chat.accepting:
+                break
+            to = self._destination(reply)
+            if to is None:
+                continue
+            try:
+                if await sync_reply(self.store, reply, to, self.bot.settings.delivery_retry_seconds):
+                    delivered += 1
+            except discord.HTTPException as error:  # 403: the bot may not post there any more
+                log.warning("reply %d cannot be delivered (%s); giving up on it", reply.id, error)
+                await self.store.mark_delivered(reply.id, reply.content, list(reply.part_ids))
+        if delivered:
+            log.info("delivered %d stored replies that Discord had not shown", delivered)
+        return delivered
+
+    def _destination(self, reply: StoredReply) -> Destination | None:
+        channel_id = channel_of(reply.key)
+        if channel_id is None:
+            return None
+        return Destination(
+            self.bot.get_partial_messageable(channel_id),
+            int(reply.reply_to) if reply.reply_to else None,
+            int(reply.requester_id or 0),
+        )
+
+    async def backfill_all(self) -> None:
+        window = self.bot.settings.recovery_window_seconds
+        for key in await self.store.recovery_keys():
+            channel_id = channel_of(key)
+            if channel_id is None or not self.chat.accepting:
+                continue
+            try:
+                added = await self.backfill(key, channel_id)
+            except (discord.HTTPException, OSError) as error:
+                log.warning("cannot read back %s (%s)", key, error)
+                continue
+            if added:
+                log.info("recovery: %d messages in %s arrived while the bot was down", added, key)
+            question = await self.store.unanswered(key, since=utcnow() - timedelta(seconds=window))
+            if question is not None and question.platform_id is not None:
+                log.info("recovery: answering the unanswered question %s in %s", question.platform_id, key)
+                self.chat.queue_answer(Question(key, channel_id, int(question.platform_id), int(question.author_id),
+                                                question.author_name))
+
+    async def backfill(self, key: str, channel_id: int) -> int:
+        """Store what Discord has in this channel after the newest stored message."""
+        after = await self.store.newest_platform_id(key)
+        if after is None:
+            return 0
+        me = self.bot.user
+        channel = self.bot.get_partial_messageable(channel_id)
+        added = 0
+        async for message in channel.history(after=discord.Object(after), limit=BACKFILL_LIMIT, oldest_first=True):
+            if me is not None and message.author.id == me.id:
+                continue  # the bot's own replies are stored by the reply path
+            if message.author.bot and not self.bot.settings.reply_to_bots:
+                continue
+            added += await self.store.add_message(key, to_message(message))
+        return added

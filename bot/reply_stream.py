@@ -1,0 +1,202 @@
+"""A reply's life, kept in step in Discord and in the store.
+
+    begin ─▶ streaming (the text is stored as it is shown, with the ids of its parts)
+                ├─▶ done | stopped     final edit: Stop gone, Regenerate live
+                ├─▶ failed             engine or prompt error: text kept, the person told
+                └─▶ interrupted        shut down now, or found streaming at the next start
+
+`ReplyStream` drives one reply while its generation runs. Every final state is stored
+first (`undelivered`), then `sync_reply` makes Discord show it and marks it delivered: if
+Discord is down, the stored reply is delivered later by the same function (a periodic
+retry, and again at the next start). History keeps the model's text once, unsplit; the
+notice under a reply is for people and never stored as the bot's words.
+"""
+
+from __future__ import annotations
+
+import logging
+from collections.abc import Sequence
+from dataclasses import dataclass
+
+import discord
+
+from bot.cogs.buttons import controls
+from bot.conversation import DONE, FAILED, INTERRUPTED, STOPPED, StoredReply
+from bot.delivery import is_gone, is_transient, retried
+from bot.replies import EMPTY_REPLY, split_message
+from bot.store import Store
+
+log = logging.getLogger(__name__)
+NO_PINGS = discord.AllowedMentions.none()
+STOPPED_NOTICE = "*(stopped)*"
+INTERRUPTED_NOTICE = "*(interrupted: the bot restarted; press Regenerate for a whole answer)*"
+
+
+def failed_notice(reason: str) -> str:
+    return f"*({reason}; press Regenerate to try again)*"
+
+
+def display(text: str, notice: str | None) -> str:
+    """What people see: the model's text, then the notice (if any) on its own paragraph."""
+    text = text.strip()
+    if notice:
+        return f"{text}\n\n{notice}" if text else notice
+    return text or EMPTY_REPLY
+
+
+@dataclass(frozen=True)
+class Destination:
+    """Where a reply goes: a channel, the question it answers, who asked."""
+
+    channel: discord.abc.Messageable
+    question_id: int | None
+    requester_id: int
+
+
+class PartWriter:
+    """Makes Discord show a list of parts: edits the parts that changed, sends new ones
+    (the first as a reply to the question, which may have been deleted), deletes surplus.
+    Each call is retried on Discord's transient failures for `retry_seconds`."""
+
+    def __init__(self, to: Destination, part_ids: Sequence[int], retry_seconds: float) -> None:
+        self.to = to
+        self.part_ids = list(part_ids)
+        self.shown: list[str | None] = [None] * len(self.part_ids)
+        self.retry_seconds = retry_seconds
+
+    async def put(self, parts: list[str], running: bool) -> None:
+        for index, part in enumerate(parts):
+            if index < len(self.part_ids):
+                if self.shown[index] != part:
+                    await self._edit(index, part, running)
+            else:
+                await self._send(index, part, running)
+
+    async def trim(self, count: int) -> None:
+        """Delete the parts past the first `count` (a final reply shorter than before)."""
+        for message_id in self.part_ids[count:]:
+            message = self.to.channel.get_partial_message(message_id)  # type: ignore[attr-defined]
+            try:
+                await retried(message.delete, "delete a surplus part", self.retry_seconds)
+            except discord.NotFound:
+                pass
+        del self.part_ids[count:], self.shown[count:]
+
+    async def _edit(self, index: int, part: str, running: bool) -> None:
+        message = self.to.channel.get_partial_message(self.part_ids[index])  # type: ignore[attr-defined]
+        extra = {"view": controls(self.to.requester_id, running)} if index == 0 else {}
+        try:
+            await retried(lambda: message.edit(content=part, allowed_mentions=NO_PINGS, **extra), "edit a reply",
+                          self.retry_seconds)
+        except discord.NotFound:
+            log.info("part %d of a reply was deleted in Discord; not editing it again", message.id)
+        self.shown[index] = part
+
+    async def _send(self, index: int, part: str, running: bool) -> None:
+        extra: dict[str, object] = {}
+        if index == 0:
+            extra["view"] = controls(self.to.requester_id, running)
+            if self.to.question_id is not None:
+                # Still a reply when the question was deleted meanwhile: Discord sends it plain.
+                extra["reference"] = discord.MessageReference(
+                    message_id=self.to.question_id, channel_id=self.to.channel.id,  # type: ignore[attr-defined]
+                    fail_if_not_exists=False,
+                )
+                extra["mention_author"] = False
+        message = await retried(lambda: self.to.channel.send(part, allowed_mentions=NO_PINGS, **extra),
+                                "send a reply", self.retry_seconds)
+        self.part_ids.append(message.id)
+        self.shown.append(part)
+
+
+async def sync_reply(store: Store, reply: StoredReply, to: Destination, retry_seconds: float,
+                     writer: PartWriter | None = None) -> bool:
+    """Make Discord show a stored reply's final state, then mark it delivered. False when
+    Discord could not be reached in time: it stays undelivered, to be tried again."""
+    writer = writer or PartWriter(to, [int(i) for i in reply.part_ids], retry_seconds)
+    parts = split_message(display(reply.content, reply.notice))
+    try:
+        await writer.put(parts, running=False)
+        await writer.trim(len(parts))
+    except discord.HTTPException as error:
+        if not (is_transient(error) or is_gone(error)):
+            raise
+        log.warning("Discord did not take reply %d (%s); it is stored and will be delivered later", reply.id, error)
+        await store.update_reply(reply.id, reply.content, [str(i) for i in writer.part_ids])
+        return False
+    except OSError as error:  # connection errors that outlived the retries
+        log.warning("Discord unreachable for reply %d (%s); it will be delivered later", reply.id, error)
+        return False
+    await store.mark_delivered(reply.id, reply.content, [str(i) for i in writer.part_ids])
+    return True
+
+
+class ReplyStream:
+    """One reply while it is written: `begin`, `show` as text arrives, then one of
+    `finish` (done or stopped), `fail` or `interrupt`."""
+
+    def __init__(self, store: Store, key: str, to: Destination, author_id: str, author_name: str,
+                 retry_seconds: float, previous: StoredReply | None = None) -> None:
+        self.store = store
+        self.key = key
+        self.to = to
+        self.author_id = author_id
+        self.author_name = author_name
+        self.retry_seconds = retry_seconds
+        self.previous = previous
+        self.writer = PartWriter(to, [int(i) for i in previous.part_ids] if previous else [], retry_seconds)
+        self.reply_id: int | None = previous.id if previous else None
+        self.text = ""
+        self.undelivered = False  # Discord stopped taking this reply's edits
+
+    @property
+    def first_part_id(self) -> int | None:
+        return self.writer.part_ids[0] if self.writer.part_ids else None
+
+    async def begin(self) -> None:
+        """Store the reply as `streaming` (regenerating: the same row, emptied)."""
+        if self.previous is not None:
+            await self.store.restart_reply(self.previous.id, self.author_name)
+            return
+        self.reply_id = await self.store.begin_reply(
+            self.key, author_id=self.author_id, author_name=self.author_name,
+            reply_to=str(self.to.question_id) if self.to.question_id else None,
+            requester_id=str(self.to.requester_id),
+        )
+
+    async def show(self, text: str, notice: str | None = None) -> None:
+        """Show the text so far (and a notice such as the queue position), Stop live; the
+        store holds exactly what Discord shows. If Discord stays down, the text is still
+        stored and showing resumes with the final state."""
+        assert self.reply_id is not None, "begin() first"
+        self.text = text
+        if not self.undelivered:
+            try:
+                await self.writer.put(split_message(display(text, notice)), running=True)
+            except (discord.HTTPException, OSError) as error:
+                if isinstance(error, discord.HTTPException) and not (is_transient(error) or is_gone(error)):
+                    raise
+                log.warning("Discord is not taking reply %d (%s); it goes on in the store", self.reply_id, error)
+                self.undelivered = True
+        await self.store.update_reply(self.reply_id, text, [str(i) for i in self.writer.part_ids])
+
+    async def finish(self, stopped: bool = False) -> bool:
+        return await self._final(STOPPED if stopped else DONE, STOPPED_NOTICE if stopped else None)
+
+    async def fail(self, reason: str) -> bool:
+        return await self._final(FAILED, failed_notice(reason))
+
+    async def interrupt(self) -> bool:
+        return await self._final(INTERRUPTED, INTERRUPTED_NOTICE)
+
+    async def _final(self, status: str, notice: str | None) -> bool:
+        """Store the final state, then bring Discord in step. True once Discord shows it."""
+        assert self.reply_id is not None, "begin() first"
+        self.text = self.text.strip()
+        await self.store.finish_reply(self.reply_id, status, self.text, notice)
+        reply = StoredReply(
+            id=self.reply_id, key=self.key, status=status, content=self.text, author_name=self.author_name,
+            part_ids=tuple(str(i) for i in self.writer.part_ids), notice=notice, undelivered=True,
+        )
+        return await sync_reply(self.store, reply, self.to, self.retry_seconds, self.writer)
+
