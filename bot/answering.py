@@ -25,6 +25,7 @@ from bot.responder import Responder
 
 log = logging.getLogger(__name__)
 QUEUE_REFRESH_SECONDS = 2.0  # how often a queued reply's place in the queue is refreshed
+QUEUE_FIRST_LOOK_SECONDS = 0.5  # how soon a reply that got no text yet looks at its place
 TYPING_SECONDS = 8.0  # Discord shows "typing" for 10 s after each trigger
 
 
@@ -97,11 +98,10 @@ class Answerer:
     async def _stream(self, stream: ReplyStream, generation: Generation, channel_id: int) -> None:
         throttle = self._throttles[channel_id]
         loop = asyncio.get_running_loop()
-        follower: asyncio.Task[None] | None = None
         if generation.position > 0:
             await stream.show("", queue_notice(generation.position))
             throttle.mark(loop.time())
-            follower = asyncio.create_task(self._follow_queue(stream, generation))
+        follower: asyncio.Task[None] | None = asyncio.create_task(self._follow_queue(stream, generation))
         text = ""
         error: EngineError | None = None
         try:
@@ -132,10 +132,11 @@ class Answerer:
 
     @staticmethod
     async def _follow_queue(stream: ReplyStream, generation: Generation) -> None:
-        """While the reply waits, keep its place in the queue up to date."""
+        """Until the first text, show the reply's place in the queue when it changes (an
+        engine may only know it once the scheduler has looked at the request)."""
         position = generation.position
         while True:
-            await asyncio.sleep(QUEUE_REFRESH_SECONDS)
+            await asyncio.sleep(QUEUE_FIRST_LOOK_SECONDS if position == 0 else QUEUE_REFRESH_SECONDS)
             if 0 < generation.position != position:
                 position = generation.position
                 await stream.show("", queue_notice(position))

@@ -50,7 +50,9 @@ class HermesBot(commands.Bot):
         from bot.cogs.chat import Chat
         from bot.cogs.personas import Personas
 
-        await self.add_cog(Chat(self))
+        chat = Chat(self)
+        await chat.recovery.before_connect()
+        await self.add_cog(chat)
         await self.add_cog(Admin(self))
         await self.add_cog(Personas(self))
         self.add_dynamic_items(StopButton, RegenerateButton)

@@ -21,7 +21,7 @@ MAX_JOBS = 4  # waiting jobs per conversation (one of them at most a coalesced a
 
 @dataclass
 class _Lane:
-    jobs: deque[tuple[bool, Job]] = field(default_factory=deque)  # (is an answer, job)
+    jobs: deque[tuple[int | None, Job]] = field(default_factory=deque)  # (answer's order or None, job)
     worker: asyncio.Task[None] | None = None
 
 
@@ -31,16 +31,18 @@ class ChannelQueue:
         self._lanes: dict[str, _Lane] = {}
         self._closed = False
 
-    def answer(self, key: str, job: Job) -> None:
-        """Queue an answer; one already waiting in this lane is replaced (coalesced)."""
+    def answer(self, key: str, job: Job, order: int) -> None:
+        """Queue an answer to the question numbered `order` (its message id): an answer
+        already waiting in this lane answers the newer of the two questions (coalesced)."""
         lane = self._lanes.setdefault(key, _Lane())
-        for index, (is_answer, _) in enumerate(lane.jobs):
-            if is_answer:
-                lane.jobs[index] = (True, job)
-                log.info("%s: a newer message joins the answer already waiting", key)
+        for index, (waiting, _) in enumerate(lane.jobs):
+            if waiting is not None:
+                if order > waiting:
+                    lane.jobs[index] = (order, job)
+                log.info("%s: one answer for the messages that came while the bot was busy", key)
                 break
         else:
-            lane.jobs.append((True, job))
+            lane.jobs.append((order, job))
         self._run(key, lane)
 
     def other(self, key: str, job: Job) -> bool:
@@ -48,7 +50,7 @@ class ChannelQueue:
         lane = self._lanes.setdefault(key, _Lane())
         if len(lane.jobs) >= self.max_jobs:
             return False
-        lane.jobs.append((False, job))
+        lane.jobs.append((None, job))
         self._run(key, lane)
         return True
 

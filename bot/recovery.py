@@ -1,7 +1,9 @@
 """After a restart or a crash, and while Discord has bad moments: nothing stays lost.
 
-At start (once, when the gateway is ready):
-1. replies a crash left `streaming` become `interrupted` (the store);
+At start:
+1. before connecting (so no reply of this run can be mistaken for one): replies a crash
+   left `streaming` become `interrupted` in the store;
+then once the gateway is ready:
 2. every reply whose final state Discord does not show yet gets it: Stop removed,
    Regenerate live, the notice shown, missing parts sent (`sync_reply`);
 3. enabled channels and DMs are back-filled from Discord with what was said while the
@@ -44,19 +46,25 @@ class Recovery:
         self._startup: asyncio.Task[None] | None = None
         self._redeliver: asyncio.Task[None] | None = None
 
+    async def before_connect(self) -> None:
+        interrupted = await self.store.interrupt_streaming(INTERRUPTED_NOTICE)
+        if interrupted:
+            log.info("recovery: %d replies were cut off by the last stop; marking them interrupted", interrupted)
+
     def start(self) -> None:
         """On (every) READY: the first time, recover; keep redelivering in the background."""
         if self._startup is None:
             self._startup = asyncio.create_task(self._recover(), name="recovery")
 
-    def tasks(self) -> list[asyncio.Task[None]]:
-        return [t for t in (self._startup, self._redeliver) if t is not None and not t.done()]
+    def stop(self) -> list[asyncio.Task[None]]:
+        """Shutting down: the periodic redelivery ends now; the start-up recovery, if it is
+        still running, is returned to be waited for (its answers go through the lanes)."""
+        if self._redeliver is not None:
+            self._redeliver.cancel()
+        return [self._startup] if self._startup is not None and not self._startup.done() else []
 
     async def _recover(self) -> None:
         try:
-            interrupted = await self.store.interrupt_streaming(INTERRUPTED_NOTICE)
-            if interrupted:
-                log.info("recovery: %d replies were cut off by the last stop; marking them interrupted", interrupted)
             await self.redeliver()
             await self.backfill_all()
         except Exception:
@@ -77,6 +85,8 @@ class Recovery:
         for reply in await self.store.undelivered_replies():
             if not self.chat.accepting:
                 break
+            if self.chat.is_under_way(reply.id):
+                continue  # its own ReplyStream is delivering it right now
             to = self._destination(reply)
             if to is None:
                 continue

@@ -62,12 +62,13 @@ class PartWriter:
         self.to = to
         self.part_ids = list(part_ids)
         self.shown: list[str | None] = [None] * len(self.part_ids)
+        self.running: bool | None = None  # the buttons the first part shows (None: unknown)
         self.retry_seconds = retry_seconds
 
     async def put(self, parts: list[str], running: bool) -> None:
         for index, part in enumerate(parts):
             if index < len(self.part_ids):
-                if self.shown[index] != part:
+                if self.shown[index] != part or (index == 0 and self.running != running):
                     await self._edit(index, part, running)
             else:
                 await self._send(index, part, running)
@@ -91,6 +92,8 @@ class PartWriter:
         except discord.NotFound:
             log.info("part %d of a reply was deleted in Discord; not editing it again", message.id)
         self.shown[index] = part
+        if index == 0:
+            self.running = running
 
     async def _send(self, index: int, part: str, running: bool) -> None:
         extra: dict[str, object] = {}
@@ -107,6 +110,8 @@ class PartWriter:
                                 "send a reply", self.retry_seconds)
         self.part_ids.append(message.id)
         self.shown.append(part)
+        if index == 0:
+            self.running = running
 
 
 async def sync_reply(store: Store, reply: StoredReply, to: Destination, retry_seconds: float,

@@ -13,6 +13,7 @@ from __future__ import annotations
 
 import asyncio
 import logging
+import weakref
 from typing import TYPE_CHECKING
 
 import discord
@@ -38,6 +39,9 @@ class Chat(commands.Cog):
         self.answerer: Answerer | None = None  # once the bot knows its own id
         self.recovery = Recovery(bot, self.store, self)
         self.accepting = True
+        # Messages of a channel are handled in the order Discord sent them (discord.py runs
+        # each listener as its own task; without this, storing could reorder them).
+        self._arrivals: weakref.WeakValueDictionary[int, asyncio.Lock] = weakref.WeakValueDictionary()
 
     def _answerer(self) -> Answerer:
         if self.answerer is None:
@@ -46,6 +50,9 @@ class Chat(commands.Cog):
             self.answerer = Answerer(self.bot.responder, me.id, self.bot.settings.delivery_retry_seconds,
                                      self.bot.edit_interval)
         return self.answerer
+
+    def is_under_way(self, reply_id: int) -> bool:
+        return self.answerer is not None and self.answerer.is_under_way(reply_id)
 
     # ---- listening ---------------------------------------------------------------------
 
@@ -59,11 +66,13 @@ class Chat(commands.Cog):
         if me is None or message.author.id == me.id:
             return
         key = conversation_key(message.channel.id)
-        state = await self.store.state(key)
-        incoming = to_incoming(message, me, state.enabled, state.known)
-        reply_to_bots = self.bot.settings.reply_to_bots
-        if should_store(incoming, reply_to_bots):
-            await self.store.add_message(key, to_message(message), is_dm=incoming.is_dm)
+        arrival = self._arrivals.setdefault(message.channel.id, asyncio.Lock())
+        async with arrival:
+            state = await self.store.state(key)
+            incoming = to_incoming(message, me, state.enabled, state.known)
+            reply_to_bots = self.bot.settings.reply_to_bots
+            if should_store(incoming, reply_to_bots):
+                await self.store.add_message(key, to_message(message), is_dm=incoming.is_dm)
         if should_reply(incoming, reply_to_bots):
             self.queue_answer(Question(key, message.channel.id, message.id, message.author.id,
                                        message.author.display_name), message.channel)
@@ -74,7 +83,7 @@ class Chat(commands.Cog):
             log.info("%s: shutting down; the stored question is answered after the restart", question.key)
             return
         channel = channel or self.bot.get_partial_messageable(question.channel_id)
-        self.lanes.answer(question.key, lambda: self._answerer().answer(question, channel))
+        self.lanes.answer(question.key, lambda: self._answerer().answer(question, channel), question.message_id or 0)
 
     @commands.Cog.listener()
     async def on_raw_message_edit(self, payload: discord.RawMessageUpdateEvent) -> None:
@@ -146,7 +155,7 @@ class Chat(commands.Cog):
         under_way = self.answerer.interrupt_all() if self.answerer else 0
         log.info("shutting down: %d replies under way, %d waiting (stored, answered after the restart)",
                  under_way, dropped)
-        workers = self.lanes.workers() + self.recovery.tasks()
+        workers = self.lanes.workers() + self.recovery.stop()
         if workers:
             done, pending = await asyncio.wait(workers, timeout=grace)
             for task in pending:

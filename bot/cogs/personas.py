@@ -75,14 +75,13 @@ class Personas(commands.Cog):
             await interaction.response.send_message(f"*{persona.name} joins the conversation.*")
             return
         # A greeting of any length is posted whole: the first part answers the command, the
-        # rest follow it; each part is stored as its own message, as a long reply's are.
+        # rest follow it. History keeps it once, unsplit, under the first part's id.
         await interaction.response.send_message(parts[0], allowed_mentions=NO_PINGS)
-        sent: discord.Message | discord.WebhookMessage = await interaction.original_response()
-        bot_id = str(sent.author.id)
-        await self.responder.save_reply(conversation, persona, parts[0], bot_id=bot_id, platform_id=str(sent.id))
+        sent = await interaction.original_response()
+        await self.responder.save_reply(conversation, persona, text.strip(), bot_id=str(sent.author.id),
+                                        platform_id=str(sent.id))
         for part in parts[1:]:
-            sent = await interaction.followup.send(part, allowed_mentions=NO_PINGS, wait=True)
-            await self.responder.save_reply(conversation, persona, part, bot_id=bot_id, platform_id=str(sent.id))
+            await interaction.followup.send(part, allowed_mentions=NO_PINGS, wait=True)
 
     @set_persona.autocomplete("name")
     async def _names(self, interaction: discord.Interaction, current: str) -> list[app_commands.Choice[str]]:

@@ -224,6 +224,12 @@ class FakeDiscord:
             "last_message_id": None, "rate_limit_per_user": 0, "flags": 0,
         }
 
+    def add_text_channel(self, name: str, guild_id: int = GUILD_ID) -> int:
+        """Another text channel (call before the bot connects: it arrives with GUILD_CREATE)."""
+        channel_id = snowflake()
+        self.channels[channel_id] = self._text_channel(channel_id, name, guild_id)
+        return channel_id
+
     # ---- server lifecycle --------------------------------------------------------------
 
     async def start(self) -> None:

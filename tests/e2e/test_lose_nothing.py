@@ -1,0 +1,179 @@
+"""Faults a real deployment meets, injected into the fake Discord and the database while the
+real bot (discord.py, SQLite, the reply path) runs: nothing may be lost."""
+
+from __future__ import annotations
+
+import asyncio
+import subprocess
+import sys
+import time
+
+import pytest
+
+from bot import recovery
+from tests.e2e.conftest import StartBot
+from tests.e2e.fake_discord import wait_for
+from tests.e2e.nothing_lost import assert_nothing_lost, rows
+
+SEND = "/channels/{id}/messages"
+EDIT = "/channels/{id}/messages/{id}"
+STORY = " ".join(f"Word{i}." for i in range(80))
+
+
+async def test_503_on_the_first_send_of_two_replies(start_bot: StartBot) -> None:
+    h = await start_bot()
+    d = h.discord
+    h.engine.say("First answer.", "Second answer.")
+    d.fail_next("POST", SEND, 503)
+    first = await d.user_says(d.ann, d.dm, "one")
+    await wait_for(lambda: d.replies_to(first))
+    d.fail_next("POST", SEND, 503, 503)
+    second = await d.user_says(d.ann, d.dm, "two")
+    await wait_for(lambda: d.replies_to(second))
+    stored = await assert_nothing_lost(d, h.store, {d.dm: [first, second]})
+    assert [r.content for r in stored[d.dm] if r.is_bot] == ["First answer.", "Second answer."]
+    assert [f[2] for f in d.faults] == [503, 503, 503]
+
+
+async def test_errors_and_dropped_connections_on_streaming_edits(start_bot: StartBot) -> None:
+    h = await start_bot()
+    d = h.discord
+    h.engine.delay = 0.03
+    h.engine.say(STORY)
+    d.fail_next("PATCH", EDIT, 503, 0, 500, 503)
+    question = await d.user_says(d.ann, d.dm, "a story please")
+    reply = (await wait_for(lambda: d.replies_to(question)))[0]
+    await wait_for(lambda: d.messages[int(reply["id"])]["content"] == STORY, timeout=40)
+    stored = await assert_nothing_lost(d, h.store, {d.dm: [question]})
+    assert [r.content for r in stored[d.dm] if r.is_bot] == [STORY]
+    assert len(d.faults) == 4
+
+
+async def test_a_question_deleted_while_its_reply_waits_still_gets_the_reply(start_bot: StartBot) -> None:
+    h = await start_bot()
+    d = h.discord
+    h.engine.delay = 0.05
+    h.engine.say(STORY, "The answer to the deleted question.")
+    first = await d.user_says(d.ann, d.dm, "first")
+    await wait_for(lambda: d.replies_to(first))
+    second = await d.user_says(d.ann, d.dm, "second, soon deleted")
+    await d.user_deletes(second)
+    answer = await wait_for(lambda: [m for m in d.bot_messages(d.dm)
+                                     if m["content"] == "The answer to the deleted question."], timeout=30)
+    assert "message_reference" not in answer[0], "sent plainly, as Discord does with fail_if_not_exists=false"
+    stored = await rows(h.store, d.dm)
+    assert stored[-1].content == "The answer to the deleted question." and stored[-1].status == "done"
+    assert all(status < 500 for _, _, status in d.requests)
+
+
+async def test_discord_down_longer_than_the_retries(start_bot: StartBot, monkeypatch: pytest.MonkeyPatch) -> None:
+    """Sends fail for 4 s, the bot retries for 1 s: the reply is stored, then posted once
+    Discord answers again."""
+    monkeypatch.setattr(recovery, "REDELIVER_SECONDS", 0.5)
+    h = await start_bot(DELIVERY_RETRY_SECONDS="1")
+    d = h.discord
+    h.engine.say("Stored while Discord was down.")
+    d.fail_for("POST", SEND, 503, 4.0)
+    question = await d.user_says(d.ann, d.dm, "are you there?")
+
+    async def stored_undelivered() -> bool:
+        return any(r.undelivered and r.content for r in await rows(h.store, d.dm))
+
+    deadline = time.monotonic() + 10
+    while not await stored_undelivered():
+        assert time.monotonic() < deadline, "the reply was not stored while Discord was down"
+        await asyncio.sleep(0.05)
+    assert d.bot_messages(d.dm) == []
+    reply = (await wait_for(lambda: d.replies_to(question), timeout=20))[0]
+    assert reply["content"] == "Stored while Discord was down."
+    await assert_nothing_lost(d, h.store, {d.dm: [question]})
+
+
+async def test_a_database_locked_by_another_process_for_8_seconds(start_bot: StartBot, database_url: str) -> None:
+    h = await start_bot()
+    d = h.discord
+    h.engine.say("one", "two", "three")
+    path = database_url.split("///", 1)[1]
+    locker = subprocess.Popen(
+        [sys.executable, "-c",
+         "import sqlite3, sys, time\n"
+         f"db = sqlite3.connect({path!r}, isolation_level=None)\n"
+         "db.execute('BEGIN IMMEDIATE'); print('locked', flush=True); time.sleep(8); db.execute('COMMIT')"],
+        stdout=subprocess.PIPE, text=True,
+    )
+    try:
+        assert locker.stdout is not None and (await asyncio.to_thread(locker.stdout.readline)).strip() == "locked"
+        started = time.monotonic()
+        dm = await d.user_says(d.ann, d.dm, "while the database is locked")
+        mention = await d.user_says(d.bob, d.general, "me too", mention_bot=True)
+        await wait_for(lambda: d.replies_to(dm) and d.replies_to(mention), timeout=40)
+        waited = time.monotonic() - started
+    finally:
+        locker.wait(20)
+    assert locker.returncode == 0
+    assert waited > 6, f"answered after {waited:.1f} s: the lock was not held?"
+    await assert_nothing_lost(d, h.store, {d.dm: [dm], d.general: [mention]})
+
+
+async def test_eight_simultaneous_first_messages(start_bot: StartBot) -> None:
+    h = await start_bot()
+    d = h.discord
+    h.engine.delay = 0.0
+    h.engine.say(*[f"answer {i}" for i in range(8)])
+    people = [d.ann, d.bob, d.mod, d.owner]
+    sent = await asyncio.gather(
+        *[d.user_says(person, d.general, f"hello from {person.name}", mention_bot=True) for person in people],
+        *[d.user_says(d.ann, d.dm, f"dm {i}") for i in range(4)],
+    )
+    stored = await assert_nothing_lost(d, h.store, {d.general: list(sent[:4]), d.dm: list(sent[4:])})
+    assert sum(not r.is_bot for r in stored[d.general]) == 4 and sum(not r.is_bot for r in stored[d.dm]) == 4
+
+
+async def test_a_busy_channel_gets_one_reply_for_what_was_said_meanwhile(start_bot: StartBot) -> None:
+    h = await start_bot()
+    d = h.discord
+    await h.store.set_enabled(f"discord:{d.general}", True)
+    h.engine.delay = 0.05
+    h.engine.say(STORY, "One answer for all of you.")
+    first = await d.user_says(d.ann, d.general, "start")
+    await wait_for(lambda: d.replies_to(first))
+    later = [await d.user_says(person, d.general, f"{person.name} adds something")
+             for person in (d.bob, d.mod, d.owner, d.ann)]
+    await wait_for(lambda: d.replies_to(later[-1]), timeout=30)
+    await assert_nothing_lost(d, h.store, {d.general: [first, *later]})
+    assert len(h.engine.prompts) == 2, "one generation for the four messages that came meanwhile"
+    assert all(f"{p.name} adds something" in h.engine.prompts[1] for p in (d.bob, d.mod, d.owner, d.ann))
+    assert all(not d.replies_to(m) for m in later[:-1]), "the reply references the latest message"
+
+
+async def test_messages_during_a_gateway_outage_are_replayed_on_resume(start_bot: StartBot) -> None:
+    h = await start_bot()
+    d = h.discord
+    h.engine.say("Still here.")
+    await d.close_gateway(4000)
+    question = await d.user_says(d.ann, d.dm, "said while the gateway was down")
+    await asyncio.wait_for(d.resumed.wait(), 20)
+    await wait_for(lambda: d.replies_to(question))
+    await assert_nothing_lost(d, h.store, {d.dm: [question]})
+
+
+async def test_a_restart_back_fills_and_answers_once(start_bot: StartBot) -> None:
+    h = await start_bot()
+    d = h.discord
+    h.engine.say("Hello.")
+    first = await d.user_says(d.ann, d.dm, "hi")
+    reply = (await wait_for(lambda: d.replies_to(first)))[0]
+    await wait_for(lambda: d.messages[int(reply["id"])]["content"] == "Hello." and
+                   not d.messages[int(reply["id"])]["components"][0]["components"][0].get("disabled"))
+    await h.bot.close()
+    missed = [await d.user_says(d.ann, d.dm, f"while you were away {i}") for i in range(3)]
+    h2 = await start_bot()
+    h2.engine.say("Welcome back answer.")
+    answer = (await wait_for(lambda: d.replies_to(missed[-1]), timeout=30))[0]
+    await wait_for(lambda: d.messages[int(answer["id"])]["content"] == "Welcome back answer.")
+    assert all(f"while you were away {i}" in h2.engine.prompts[0] for i in range(3))
+    await assert_nothing_lost(d, h2.store, {d.dm: [first, *missed]})
+    await h2.bot.close()
+    h3 = await start_bot()
+    await asyncio.sleep(2)
+    assert h3.engine.prompts == [], "a question is answered once, not again at the next start"
