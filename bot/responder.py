@@ -17,6 +17,22 @@ from bot.settings import Settings
 from bot.store import Store
 
 log = logging.getLogger(__name__)
+# The most characters one token of the prompt is assumed to take when the history is first
+# cut to size (Llama-family tokenizers average about 4 for English). Counting tokens over
+# the whole stored window (200 messages of 4000 characters: 800,000 characters, several
+# times over in the budget's binary search) would hold the event loop for a second; the
+# history is cut to what can possibly fit first, then counted exactly.
+MAX_CHARS_PER_TOKEN = 8
+
+
+def newest_within(history: list[Message], max_chars: int) -> list[Message]:
+    """The newest messages whose contents add up to at most `max_chars` (at least one)."""
+    total = 0
+    for index in range(len(history) - 1, -1, -1):
+        total += len(history[index].content) + len(history[index].author_name) + 4
+        if total > max_chars:
+            return history[index + 1:] or history[-1:]
+    return history
 
 
 @dataclass
@@ -57,6 +73,8 @@ class Responder:
         """
         persona = await self.conversation_persona(key)
         history = await self.store.recent_messages(key, self.settings.history_limit)
+        n_ctx = self.engine.info.n_ctx
+        history = newest_within(history, (n_ctx - self.settings.max_new_tokens) * MAX_CHARS_PER_TOKEN)
         lore_before: list[str] = []
         lore_after: list[str] = []
         if persona.lorebook is not None:
@@ -66,7 +84,7 @@ class Responder:
         prompt = build_prompt(
             history,
             self.engine.count_tokens,
-            n_ctx=self.engine.info.n_ctx,
+            n_ctx=n_ctx,
             max_new_tokens=self.settings.max_new_tokens,
             preamble=persona.preamble(speaker, lore_before, lore_after),
             response_prefix=persona.response_prefix(),
