@@ -1,217 +1,412 @@
 """Settings: `.env` plus environment variables, validated once into one frozen object.
 
-Environment variables override `.env`. A bad value raises `SettingsError` naming the
-variable and what it expects, so the bot refuses to start instead of misbehaving later.
+Environment variables override `.env`; an empty or blank value means "use the default";
+variables that are not settings are ignored (the process environment has hundreds).
+Environment names are matched in upper case only, `.env` names in any case. Every value is
+checked when the bot starts: a bad one raises `SettingsError`, one line that names the
+variable, quotes what it was given and says what it expects, so the bot refuses to start
+instead of dying later with a traceback (`LOG_LEVEL=verbose` used to pass here and crash
+`logging.basicConfig`).
+
+Why pydantic-settings rather than hand-written parsing: each setting is declared once, as a
+typed field with its constraints (`ge=`, `le=`, `Literal[...]`, `SecretStr`), and pydantic
+checks all of them, defaults included, on every construction, so nothing can slip through
+unparsed the way LOG_LEVEL did; `Settings(...)` built directly is validated exactly as the
+environment is. Its `.env` source reads the file with python-dotenv's parser, as before.
+What remains here are the rules that are ours: the Discord URLs, the id list, the `.gguf`
+suffix, the database URL rewrite, MAX_NEW_TOKENS against N_CTX, and the wording of the
+errors. `load_settings` composes the sources itself (the `.env` file, then a mapping of
+environment variables: `os.environ`, or the one a test hands in), so `Settings(...)` alone
+never reads the environment.
+
+The token is a secret. It is a `SecretStr`: `repr(settings)`, `str(settings)`,
+`settings.model_dump()` and any log line show `**********`; only `require_token()` returns
+the plain string. Error messages never quote it (not even when it was pasted into another
+variable), and a password in DATABASE_URL is masked in the repr. DISCORD_API_BASE must be
+https:// and DISCORD_GATEWAY_URL wss://, so the token never travels in clear; plain http://
+and ws:// are allowed only to a loopback host (127.0.0.0/8, localhost, ::1), where the
+tests run their stand-in Discord.
 """
 
 from __future__ import annotations
 
+import ipaddress
 import os
-from collections.abc import Callable, Mapping
-from dataclasses import dataclass, field
+import re
+from collections.abc import Iterator, Mapping
 from pathlib import Path
-from typing import TypeVar
+from typing import Annotated, Any, Literal
+from urllib.parse import urlsplit
 
-from dotenv import dotenv_values
+from pydantic import Field, SecretStr, ValidationError, field_validator, model_validator
+from pydantic_settings import (
+    BaseSettings,
+    DotEnvSettingsSource,
+    NoDecode,
+    PydanticBaseSettingsSource,
+    SettingsConfigDict,
+)
+from pydantic_settings import SettingsError as _SourceError
 
 DEFAULT_MODEL_REPO = "TheBloke/Nous-Hermes-Llama2-70B-GGUF"
 DEFAULT_MODEL_FILE = "nous-hermes-llama2-70b.Q4_K_M.gguf"
 DEFAULT_DATABASE_URL = "sqlite+aiosqlite:///data/hermes.db"
 DISCORD_API_BASE = "https://discord.com/api/v10"
 DISCORD_GATEWAY_URL = "wss://gateway.discord.gg/"
+LOG_LEVELS = ("DEBUG", "INFO", "WARNING", "ERROR", "CRITICAL")
 
-T = TypeVar("T")
+_LOOPBACK = "127.0.0.0/8, localhost or ::1"
+_HIDDEN = "<hidden>"
 
 
 class SettingsError(ValueError):
     """A setting is missing or malformed; the message names it and says what it expects."""
 
 
-@dataclass(frozen=True)
-class Settings:
-    """Every setting of the bot, validated. See the README's settings table."""
+def _setting(default: Any, expects: str, **constraints: Any) -> Any:
+    """A field whose description says, in words, what its variable expects (used in errors)."""
+    return Field(default, description=expects, **constraints)
 
-    discord_token: str | None = None
-    database_url: str = DEFAULT_DATABASE_URL
-    model_path: Path | None = None
-    model_repo: str = DEFAULT_MODEL_REPO
-    model_file: str = DEFAULT_MODEL_FILE
-    n_gpu_layers: int = -1
-    n_ctx: int = 4096
-    n_threads: int | None = None
-    max_new_tokens: int = 512
-    temperature: float = 0.7
-    top_p: float = 0.9
-    top_k: int = 40
-    repeat_penalty: float = 1.1
-    seed: int = -1
-    admin_user_ids: frozenset[int] = field(default_factory=frozenset)
-    personas_dir: Path = Path("personas")
-    models_dir: Path = Path("models")
-    discord_api_base: str = DISCORD_API_BASE
-    discord_gateway_url: str = DISCORD_GATEWAY_URL
-    engine: str = "batched"  # or "simple": llama-cpp-python's one-sequence Llama
-    n_parallel: int = 0  # sequence slots of the batched engine; 0 = sized from KV memory
-    kv_ram_cache_mb: int = 1024  # host RAM for conversations evicted from their slot
-    max_queue: int = 32
-    history_limit: int = 200
-    reply_to_bots: bool = False
-    log_level: str = "INFO"
-    delivery_retry_seconds: float = 30.0  # how long a Discord send or edit is retried on 5xx
-    recovery_window_seconds: float = 300.0  # after a restart, answer questions this recent
-    shutdown_grace_seconds: float = 10.0  # SIGTERM: how long in-flight replies get to finish
+
+def _integer(default: int | None, minimum: int) -> Any:
+    return _setting(default, f"an integer >= {minimum}", ge=minimum)
+
+
+def _number(default: float, low: float, high: float) -> Any:
+    return _setting(
+        default, f"a number between {low} and {high}", ge=low, le=high, allow_inf_nan=False
+    )
+
+
+class Settings(BaseSettings):
+    """Every setting of the bot, validated and immutable. See the README's settings table.
+
+    Build it with `load_settings()`; `Settings(n_ctx=2048, ...)` takes field names, validates
+    them the same way (raising `SettingsError`), and reads nothing from the environment."""
+
+    model_config = SettingsConfigDict(
+        frozen=True,
+        # Keyword construction rejects misspelt field names; unknown *environment*
+        # variables never get here (load_settings keeps only the settings' own).
+        extra="forbid",
+        str_strip_whitespace=True,
+        hide_input_in_errors=True,  # a ValidationError never prints a value (the token)
+        validate_default=True,
+    )
+
+    discord_token: SecretStr | None = _setting(None, "the bot token")
+    database_url: str = _setting(
+        DEFAULT_DATABASE_URL,
+        "an SQLAlchemy async URL such as sqlite+aiosqlite:///data/hermes.db or "
+        "postgresql+asyncpg://user:pw@host/db",
+    )
+    model_path: Path | None = _setting(None, "a path to a .gguf file")
+    model_repo: str = _setting(DEFAULT_MODEL_REPO, "a Hugging Face repository, owner/name")
+    model_file: str = _setting(DEFAULT_MODEL_FILE, "a file name in MODEL_REPO")
+    n_gpu_layers: int = _setting(-1, "an integer >= -1 (-1 = every layer on the GPU)", ge=-1)
+    n_ctx: int = _integer(4096, 256)
+    n_threads: int | None = _integer(None, 1)
+    max_new_tokens: int = _integer(512, 1)
+    temperature: float = _number(0.7, 0.0, 5.0)
+    top_p: float = _number(0.9, 0.0, 1.0)
+    top_k: int = _integer(40, 0)
+    repeat_penalty: float = _number(1.1, 0.0, 10.0)
+    seed: int = _setting(-1, "an integer >= -1 (-1 = random)", ge=-1)
+    admin_user_ids: Annotated[frozenset[int], NoDecode] = _setting(
+        frozenset(), "comma-separated Discord user ids"
+    )
+    personas_dir: Path = _setting(Path("personas"), "a folder")
+    models_dir: Path = _setting(Path("models"), "a folder")
+    discord_api_base: str = _setting(
+        DISCORD_API_BASE, f"an https:// URL (http:// only to a loopback host: {_LOOPBACK})"
+    )
+    discord_gateway_url: str = _setting(
+        DISCORD_GATEWAY_URL, f"a wss:// URL (ws:// only to a loopback host: {_LOOPBACK})"
+    )
+    # "batched": continuous batching, per-conversation KV slots; "simple": llama-cpp-python's
+    # one-sequence Llama.
+    engine: Literal["batched", "simple"] = _setting("batched", "'batched' or 'simple'")
+    n_parallel: int = _integer(0, 0)  # sequence slots of the batched engine; 0 = sized from KV memory
+    kv_ram_cache_mb: int = _integer(1024, 0)  # host RAM for conversations evicted from their slot
+    max_queue: int = _integer(32, 1)
+    history_limit: int = _integer(200, 1)
+    reply_to_bots: bool = _setting(False, "true or false")
+    log_level: Literal["DEBUG", "INFO", "WARNING", "ERROR", "CRITICAL"] = _setting(
+        "INFO", f"one of {', '.join(LOG_LEVELS)} (any case)"
+    )
+    delivery_retry_seconds: float = _number(30.0, 0.0, 3600.0)  # Discord send/edit retried on 5xx
+    recovery_window_seconds: float = _number(300.0, 0.0, 7 * 86400.0)  # after a restart, answer these
+    shutdown_grace_seconds: float = _number(10.0, 0.0, 600.0)  # SIGTERM: time for in-flight replies
+
+    @classmethod
+    def settings_customise_sources(
+        cls,
+        settings_cls: type[BaseSettings],
+        init_settings: PydanticBaseSettingsSource,
+        env_settings: PydanticBaseSettingsSource,
+        dotenv_settings: PydanticBaseSettingsSource,
+        file_secret_settings: PydanticBaseSettingsSource,
+    ) -> tuple[PydanticBaseSettingsSource, ...]:
+        # Only the keywords: the environment and `.env` are read by load_settings, which can
+        # be handed a mapping and a file of its own (tests do), and whose errors are ours.
+        return (init_settings,)
+
+    def __init__(self, **values: Any) -> None:
+        try:
+            super().__init__(**values)
+            return
+        except ValidationError as error:
+            message = _explain(error, values)
+        raise SettingsError(message)  # outside `except`: no chained ValidationError
 
     def require_token(self) -> str:
         """The Discord token, or a SettingsError saying how to get one."""
-        if not self.discord_token:
+        if self.discord_token is None or not self.discord_token.get_secret_value():
             raise SettingsError(
                 "DISCORD_TOKEN is not set: put your bot token in .env (see the README, "
                 "'Create the Discord application'), or try the model without Discord "
                 "with `hermes-bot chat`."
             )
-        return self.discord_token
+        return self.discord_token.get_secret_value()
 
+    def __repr_args__(self) -> Iterator[tuple[str | None, Any]]:
+        for name, value in super().__repr_args__():
+            if name == "database_url" and isinstance(value, str):
+                value = _mask_password(value)
+            yield name, value
 
-def _parse_int(name: str, raw: str, minimum: int | None = None) -> int:
-    try:
-        value = int(raw.strip())
-    except ValueError:
-        raise SettingsError(f"{name}={raw!r}: expected an integer") from None
-    if minimum is not None and value < minimum:
-        raise SettingsError(f"{name}={value}: expected an integer >= {minimum}")
-    return value
+    @field_validator("discord_token", mode="before")
+    @classmethod
+    def _token(cls, value: Any) -> Any:
+        raw = value.get_secret_value() if isinstance(value, SecretStr) else value
+        if isinstance(raw, str):
+            raw = raw.strip()
+            if not raw:
+                return None
+            if not raw.isprintable() or any(c.isspace() for c in raw):
+                raise ValueError("expected the bot token, one word without spaces")
+        return raw
 
-
-def _parse_float(name: str, raw: str, low: float, high: float) -> float:
-    try:
-        value = float(raw.strip())
-    except ValueError:
-        raise SettingsError(f"{name}={raw!r}: expected a number") from None
-    if not low <= value <= high:
-        raise SettingsError(f"{name}={value}: expected a number between {low} and {high}")
-    return value
-
-
-def _parse_bool(name: str, raw: str) -> bool:
-    value = raw.strip().lower()
-    if value in {"1", "true", "yes", "on"}:
-        return True
-    if value in {"0", "false", "no", "off"}:
-        return False
-    raise SettingsError(f"{name}={raw!r}: expected true or false")
-
-
-def _parse_ids(name: str, raw: str) -> frozenset[int]:
-    ids = set()
-    for part in raw.split(","):
-        part = part.strip()
-        if not part:
-            continue
-        if not part.isdigit():
-            raise SettingsError(
-                f"{name}: {part!r} is not a Discord user id; expected comma-separated numbers "
-                "(Developer Mode → right-click a user → Copy User ID)"
+    @field_validator("database_url", mode="before")
+    @classmethod
+    def _database_url(cls, value: Any) -> Any:
+        if not isinstance(value, str):
+            return value
+        value = value.strip()
+        if "://" not in value:
+            raise ValueError(
+                "expected an SQLAlchemy async URL such as sqlite+aiosqlite:///data/hermes.db "
+                "or postgresql+asyncpg://user:pw@host/db"
             )
-        ids.add(int(part))
-    return frozenset(ids)
+        if value.startswith("sqlite://"):
+            value = "sqlite+aiosqlite://" + value[len("sqlite://"):]
+        return value
+
+    @field_validator("model_path", "personas_dir", "models_dir", mode="before")
+    @classmethod
+    def _path(cls, value: Any) -> Any:
+        if isinstance(value, str):
+            value = value.strip()
+            if "\0" in value:
+                raise ValueError("expected a path")
+            value = Path(value)
+        return value.expanduser() if isinstance(value, Path) else value
+
+    @field_validator("model_path")
+    @classmethod
+    def _gguf(cls, value: Path | None) -> Path | None:
+        if value is not None and value.suffix.lower() != ".gguf":
+            raise ValueError("expected a path to a .gguf file")
+        return value
+
+    @field_validator("admin_user_ids", mode="before")
+    @classmethod
+    def _ids(cls, value: Any) -> Any:
+        if not isinstance(value, str):
+            return value
+        ids = set()
+        for part in value.split(","):
+            part = part.strip()
+            if not part:
+                continue
+            if not (part.isascii() and part.isdigit()):
+                raise ValueError(
+                    f"{part!r} is not a Discord user id; expected comma-separated numbers "
+                    "(Developer Mode → right-click a user → Copy User ID)"
+                )
+            ids.add(int(part))
+        return frozenset(ids)
+
+    @field_validator("discord_api_base", mode="before")
+    @classmethod
+    def _api_base(cls, value: Any) -> Any:
+        return _checked_url(value, "https", "http") if isinstance(value, str) else value
+
+    @field_validator("discord_gateway_url", mode="before")
+    @classmethod
+    def _gateway_url(cls, value: Any) -> Any:
+        return _checked_url(value, "wss", "ws") if isinstance(value, str) else value
+
+    @field_validator("engine", mode="before")
+    @classmethod
+    def _engine(cls, value: Any) -> Any:
+        return value.strip().lower() if isinstance(value, str) else value
+
+    @field_validator("log_level", mode="before")
+    @classmethod
+    def _log_level(cls, value: Any) -> Any:
+        return value.strip().upper() if isinstance(value, str) else value
+
+    @model_validator(mode="after")
+    def _room_for_the_conversation(self) -> Settings:
+        if self.max_new_tokens >= self.n_ctx // 2:
+            raise ValueError(
+                f"MAX_NEW_TOKENS={self.max_new_tokens}: expected less than half of "
+                f"N_CTX={self.n_ctx}, so that the conversation still fits in the prompt"
+            )
+        return self
 
 
-def _parse_url(name: str, raw: str, schemes: tuple[str, ...]) -> str:
-    value = raw.strip()
-    if not value.startswith(tuple(f"{s}://" for s in schemes)):
-        raise SettingsError(f"{name}={value!r}: expected a URL starting with {' or '.join(schemes)}://")
-    return value
+def _is_loopback(host: str) -> bool:
+    host = host.rstrip(".").lower()
+    if host == "localhost":
+        return True
+    try:
+        return ipaddress.ip_address(host).is_loopback
+    except ValueError:
+        return False
 
 
-def _parse_database_url(name: str, raw: str) -> str:
-    value = raw.strip()
-    if "://" not in value:
-        raise SettingsError(
-            f"{name}={value!r}: expected an SQLAlchemy async URL such as "
-            "sqlite+aiosqlite:///data/hermes.db or postgresql+asyncpg://user:pw@host/db"
-        )
-    if value.startswith("sqlite://") or value.startswith("sqlite:///"):
-        value = "sqlite+aiosqlite://" + value[len("sqlite://"):]
-    return value
+def _checked_url(value: str, secure: str, plain: str) -> str:
+    """`value` if it is a secure-scheme URL, or a plain-scheme one to a loopback host.
+
+    Anything a URL parser might read differently from urllib (user info, backslashes,
+    spaces, control characters) is refused rather than interpreted."""
+    value = value.strip()
+    article = "an" if secure == "https" else "a"
+    expected = f"expected {article} {secure}:// URL ({plain}:// only to a loopback host: {_LOOPBACK})"
+    if not re.fullmatch(r"[!-~]+", value) or "\\" in value:
+        raise ValueError(expected)
+    try:
+        parts = urlsplit(value)
+        parts.port  # noqa: B018 - raises ValueError on a malformed port
+    except ValueError:
+        raise ValueError(expected) from None
+    scheme = parts.scheme.lower()
+    host = parts.hostname or ""
+    if not host or "@" in parts.netloc:
+        raise ValueError(expected)
+    if scheme == secure or (scheme == plain and _is_loopback(host)):
+        return value
+    raise ValueError(expected)
 
 
-def _parse_engine(name: str, raw: str) -> str:
-    value = raw.strip().lower()
-    if value not in {"batched", "simple"}:
-        raise SettingsError(f"{name}={raw!r}: expected 'batched' or 'simple'")
-    return value
+def _mask_password(url: str) -> str:
+    return re.sub(r"(://[^/@:]*:)[^/@]*@", r"\1***@", url)
 
 
-def _parse_model_path(name: str, raw: str) -> Path:
-    path = Path(raw.strip()).expanduser()
-    if path.suffix.lower() != ".gguf":
-        raise SettingsError(f"{name}={raw!r}: expected a path to a .gguf file")
-    return path
+class _MappingSource(PydanticBaseSettingsSource):
+    """The settings found in a mapping of environment variables (os.environ or a test's).
+
+    Names are matched exactly, in upper case, as they always were: a stray lower-case
+    `seed` or `engine` some other tool exported is not a setting of the bot."""
+
+    def __init__(self, settings_cls: type[BaseSettings], environ: Mapping[str, str]) -> None:
+        super().__init__(settings_cls)
+        self._environ = environ
+
+    def get_field_value(self, field: Any, field_name: str) -> tuple[Any, str, bool]:
+        return self._environ.get(field_name.upper()), field_name, False
+
+    def __call__(self) -> dict[str, Any]:
+        found = {}
+        for name, field in self.settings_cls.model_fields.items():
+            value, key, _ = self.get_field_value(field, name)
+            if value is not None:
+                found[key] = value
+        return found
+
+
+def _variable(field: str) -> str:
+    return field.upper()
+
+
+def _shown(value: Any) -> str:
+    """A bad value as the error message quotes it: numbers bare, anything else in repr."""
+    if isinstance(value, str):
+        try:
+            float(value)
+        except ValueError:
+            return repr(value)
+        return value
+    return repr(value)
+
+
+def _explain(error: ValidationError, given: Mapping[str, Any]) -> str:
+    """One line for all the problems: VARIABLE=value: expected what it expects; ...
+
+    `given` holds the values as they were read, so the message quotes what the user wrote
+    (not what a validator had made of it) and never the token."""
+    problems = []
+    for item in error.errors(include_url=False):
+        loc = item.get("loc") or ()
+        detail = item.get("msg", "")
+        if item.get("type") == "value_error":
+            detail = str(item.get("ctx", {}).get("error", detail))
+        if not loc:  # a rule across settings; its message names them
+            problems.append(detail)
+            continue
+        field = str(loc[0])
+        info = Settings.model_fields.get(field)
+        if item.get("type") != "value_error" and info is not None and info.description:
+            detail = f"expected {info.description}"
+        if field == "discord_token":
+            problems.append(f"{_variable(field)}: {detail}")
+        else:
+            value = given[field] if field in given else item.get("input")
+            problems.append(f"{_variable(field)}={_shown(value)}: {detail}")
+    message = "; ".join(problems) or "invalid settings"
+    token = given.get("discord_token")
+    if isinstance(token, SecretStr):
+        token = token.get_secret_value()
+    if isinstance(token, str) and len(token.strip()) >= 8:
+        token = token.strip()
+        message = message.replace(token, _HIDDEN)
+    return message.replace("\n", " ")
+
+
+def _known(values: Mapping[str, Any]) -> dict[str, Any]:
+    """The settings' own variables, stripped; blank ones dropped so the default applies."""
+    kept = {}
+    for name, value in values.items():
+        if name not in Settings.model_fields:
+            continue
+        if isinstance(value, str):
+            value = value.strip()
+            if not value:
+                continue
+        kept[name] = value
+    return kept
 
 
 def load_settings(
     environ: Mapping[str, str] | None = None, dotenv_path: str | Path | None = ".env"
 ) -> Settings:
-    """Read `.env` (if present) and the environment, and validate everything once."""
-    values: dict[str, str] = {}
-    if dotenv_path is not None and Path(dotenv_path).is_file():
-        values.update({k: v for k, v in dotenv_values(dotenv_path).items() if v is not None})
-    values.update(os.environ if environ is None else environ)
-
-    def get(name: str, parse: Callable[[str, str], T], default: T) -> T:
-        raw = values.get(name)
-        if raw is None or raw.strip() == "":
-            return default
-        return parse(name, raw)
-
-    defaults = Settings()
-    settings = Settings(
-        discord_token=get("DISCORD_TOKEN", lambda n, r: r.strip(), None),
-        database_url=get("DATABASE_URL", _parse_database_url, defaults.database_url),
-        model_path=get("MODEL_PATH", _parse_model_path, None),
-        model_repo=get("MODEL_REPO", lambda n, r: r.strip(), defaults.model_repo),
-        model_file=get("MODEL_FILE", lambda n, r: r.strip(), defaults.model_file),
-        n_gpu_layers=get("N_GPU_LAYERS", lambda n, r: _parse_int(n, r, -1), defaults.n_gpu_layers),
-        n_ctx=get("N_CTX", lambda n, r: _parse_int(n, r, 256), defaults.n_ctx),
-        n_threads=get("N_THREADS", lambda n, r: _parse_int(n, r, 1), None),
-        max_new_tokens=get("MAX_NEW_TOKENS", lambda n, r: _parse_int(n, r, 1), defaults.max_new_tokens),
-        temperature=get("TEMPERATURE", lambda n, r: _parse_float(n, r, 0.0, 5.0), defaults.temperature),
-        top_p=get("TOP_P", lambda n, r: _parse_float(n, r, 0.0, 1.0), defaults.top_p),
-        top_k=get("TOP_K", lambda n, r: _parse_int(n, r, 0), defaults.top_k),
-        repeat_penalty=get(
-            "REPEAT_PENALTY", lambda n, r: _parse_float(n, r, 0.0, 10.0), defaults.repeat_penalty
-        ),
-        seed=get("SEED", lambda n, r: _parse_int(n, r, -1), defaults.seed),
-        admin_user_ids=get("ADMIN_USER_IDS", _parse_ids, frozenset()),
-        personas_dir=get("PERSONAS_DIR", lambda n, r: Path(r.strip()).expanduser(), defaults.personas_dir),
-        models_dir=get("MODELS_DIR", lambda n, r: Path(r.strip()).expanduser(), defaults.models_dir),
-        discord_api_base=get(
-            "DISCORD_API_BASE", lambda n, r: _parse_url(n, r, ("http", "https")), defaults.discord_api_base
-        ),
-        discord_gateway_url=get(
-            "DISCORD_GATEWAY_URL", lambda n, r: _parse_url(n, r, ("ws", "wss")), defaults.discord_gateway_url
-        ),
-        engine=get("ENGINE", _parse_engine, defaults.engine),
-        n_parallel=get("N_PARALLEL", lambda n, r: _parse_int(n, r, 0), defaults.n_parallel),
-        kv_ram_cache_mb=get("KV_RAM_CACHE_MB", lambda n, r: _parse_int(n, r, 0), defaults.kv_ram_cache_mb),
-        max_queue=get("MAX_QUEUE", lambda n, r: _parse_int(n, r, 1), defaults.max_queue),
-        history_limit=get("HISTORY_LIMIT", lambda n, r: _parse_int(n, r, 1), defaults.history_limit),
-        reply_to_bots=get("REPLY_TO_BOTS", _parse_bool, defaults.reply_to_bots),
-        log_level=get("LOG_LEVEL", lambda n, r: r.strip().upper(), defaults.log_level),
-        delivery_retry_seconds=get(
-            "DELIVERY_RETRY_SECONDS", lambda n, r: _parse_float(n, r, 0.0, 3600.0), defaults.delivery_retry_seconds
-        ),
-        recovery_window_seconds=get(
-            "RECOVERY_WINDOW_SECONDS", lambda n, r: _parse_float(n, r, 0.0, 7 * 86400.0),
-            defaults.recovery_window_seconds,
-        ),
-        shutdown_grace_seconds=get(
-            "SHUTDOWN_GRACE_SECONDS", lambda n, r: _parse_float(n, r, 0.0, 600.0), defaults.shutdown_grace_seconds
-        ),
-    )
-    if settings.max_new_tokens >= settings.n_ctx // 2:
-        raise SettingsError(
-            f"MAX_NEW_TOKENS={settings.max_new_tokens}: expected less than half of "
-            f"N_CTX={settings.n_ctx}, so that the conversation still fits in the prompt"
+    """Read `.env` (if present) and the environment (`os.environ` unless `environ` is
+    given), environment first, and validate everything once. Raises `SettingsError`."""
+    try:
+        from_file = (
+            {}
+            if dotenv_path is None
+            else DotEnvSettingsSource(
+                Settings, env_file=Path(dotenv_path), env_file_encoding="utf-8"
+            )()
         )
-    return settings
+        from_env = _MappingSource(Settings, os.environ if environ is None else environ)()
+    except (OSError, UnicodeDecodeError) as error:
+        reason = getattr(error, "strerror", None) or type(error).__name__
+        raise SettingsError(f"{dotenv_path}: cannot read the settings file ({reason})") from None
+    except _SourceError as error:
+        raise SettingsError(f"cannot read the settings: {error}") from None
+    # The environment overrides `.env`, a blank value included: blank means the default.
+    return Settings(**_known({**from_file, **from_env}))
