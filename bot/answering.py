@@ -65,6 +65,10 @@ class Answerer:
     def is_under_way(self, reply_id: int) -> bool:
         return reply_id in self._under_way
 
+    def under_way_for(self, requester_id: int) -> int:
+        """How many answers to this person are being prepared, queued or written."""
+        return sum(u.stream.to.requester_id == requester_id for u in self._under_way.values())
+
     async def answer(self, question: Question, channel: discord.abc.Messageable,
                      previous: StoredReply | None = None) -> None:
         """Write the answer (with `previous`, in place of that reply)."""

@@ -16,10 +16,13 @@ import yarl
 from discord import app_commands
 from discord.ext import commands
 
+from bot.fair_use import Cooldown
 from bot.responder import Responder
 from bot.settings import Settings
 
 log = logging.getLogger(__name__)
+RELOAD_COOLDOWN_SECONDS = 60.0
+IMPORT_COOLDOWN_SECONDS = 30.0
 
 
 def point_discord_at(api_base: str, gateway_url: str) -> None:
@@ -42,7 +45,11 @@ class HermesBot(commands.Bot):
         self.settings = settings
         self.responder = responder
         self.edit_interval = edit_interval
+        # Per person: a reload loads tens of GB; parsing a card costs memory and time.
+        self.reload_cooldown = Cooldown(RELOAD_COOLDOWN_SECONDS)
+        self.import_cooldown = Cooldown(IMPORT_COOLDOWN_SECONDS)
         self.tree.on_error = self._on_command_error
+        self.tree.interaction_check = self._allowed_interaction  # type: ignore[method-assign]
 
     async def setup_hook(self) -> None:
         from bot.cogs.admin import Admin
@@ -59,6 +66,11 @@ class HermesBot(commands.Bot):
         synced = await self.tree.sync()
         log.info("registered %d slash commands", len(synced))
 
+    async def is_bot_owner(self, user: discord.abc.User) -> bool:
+        """The bot's owners govern the bot (the model, for every server): the ids in
+        ADMIN_USER_IDS and the application's owner or team members, as Discord reports them."""
+        return user.id in self.settings.admin_user_ids or await self.is_owner(user)
+
     async def shutdown(self) -> None:
         """End gracefully: replies under way reach their final state (within
         SHUTDOWN_GRACE_SECONDS), then the connection to Discord closes."""
@@ -74,10 +86,39 @@ class HermesBot(commands.Bot):
 
     async def on_ready(self) -> None:
         log.info("connected as %s, serving %s", self.user, self.responder.engine.info.name)
+        for guild in list(self.guilds):
+            await self._leave_if_not_allowed(guild)
+
+    async def on_guild_join(self, guild: discord.Guild) -> None:
+        await self._leave_if_not_allowed(guild)
+
+    def allowed_guild(self, guild_id: int | None) -> bool:
+        """DMs, and any server unless ALLOWED_GUILD_IDS names the allowed ones."""
+        allowed = self.settings.allowed_guild_ids
+        return guild_id is None or not allowed or guild_id in allowed
+
+    async def _leave_if_not_allowed(self, guild: discord.Guild) -> None:
+        if not self.allowed_guild(guild.id):
+            log.warning("leaving server %s (%d): not in ALLOWED_GUILD_IDS", guild.name, guild.id)
+            try:
+                await guild.leave()
+            except discord.HTTPException as error:
+                log.error("could not leave server %d: %s", guild.id, error)
+
+    async def _allowed_interaction(self, interaction: discord.Interaction) -> bool:
+        """Every slash command passes here first; refused ones are answered (discord.py
+        would otherwise leave the interaction to fail)."""
+        if self.allowed_guild(interaction.guild_id):
+            return True
+        await interaction.response.send_message("You can't use this command here.", ephemeral=True)
+        return False
 
     async def _on_command_error(self, interaction: discord.Interaction, error: app_commands.AppCommandError) -> None:
-        log.error("/%s failed", interaction.command.qualified_name if interaction.command else "?", exc_info=error)
-        message = "Something went wrong with that command; the error is in the bot's log."
+        if isinstance(error, app_commands.CheckFailure):
+            message = "You can't use this command here."
+        else:
+            log.error("/%s failed", interaction.command.qualified_name if interaction.command else "?", exc_info=error)
+            message = "Something went wrong with that command; the error is in the bot's log."
         if interaction.response.is_done():
             await interaction.followup.send(message, ephemeral=True)
         else:

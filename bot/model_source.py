@@ -11,7 +11,7 @@ import logging
 from dataclasses import dataclass
 from pathlib import Path, PurePosixPath
 
-from huggingface_hub import hf_hub_download
+from huggingface_hub import get_hf_file_metadata, hf_hub_download, hf_hub_url
 from huggingface_hub.errors import EntryNotFoundError, LocalEntryNotFoundError, RepositoryNotFoundError
 
 from bot.engine.base import ModelLoadError
@@ -41,6 +41,23 @@ def download(source: HubFile, cache_dir: Path | None = None) -> Path:
         ) from error
     except (RepositoryNotFoundError, EntryNotFoundError) as error:
         raise ModelLoadError(f"{source} does not exist on the hub: {error}") from error
+
+
+def check_hub_source(source: HubFile, allowed_repos: frozenset[str], max_bytes: int) -> None:
+    """Refuse a hub file outside HUB_ALLOWED_REPOS or larger than MAX_DOWNLOAD_GB, before
+    anything is downloaded (`/reload-model` names come from people in Discord)."""
+    if source.repo not in allowed_repos:
+        raise ModelLoadError(
+            f"{source.repo} is not in HUB_ALLOWED_REPOS ({', '.join(sorted(allowed_repos)) or 'empty'}); "
+            "the bot's host can add it there"
+        )
+    try:
+        size = get_hf_file_metadata(hf_hub_url(source.repo, source.filename)).size
+    except Exception as error:  # offline, or the hub unreachable: only the cache can serve it
+        log.info("cannot ask the hub for the size of %s (%s); the local cache decides", source, error)
+        return
+    if size is not None and size > max_bytes:
+        raise ModelLoadError(f"{source} is {size / 1e9:.1f} GB, more than MAX_DOWNLOAD_GB={max_bytes / 1e9:g}")
 
 
 def configured_model(settings: Settings) -> Path:

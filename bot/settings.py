@@ -137,6 +137,17 @@ class Settings(BaseSettings):
     delivery_retry_seconds: float = _number(30.0, 0.0, 3600.0)  # Discord send/edit retried on 5xx
     recovery_window_seconds: float = _number(300.0, 0.0, 7 * 86400.0)  # after a restart, answer these
     shutdown_grace_seconds: float = _number(10.0, 0.0, 600.0)  # SIGTERM: time for in-flight replies
+    # Authority and fair use (see the README's "Who governs what").
+    allowed_guild_ids: Annotated[frozenset[int], NoDecode] = _setting(
+        frozenset(), "comma-separated Discord server ids (empty: any server)"
+    )
+    hub_allowed_repos: Annotated[frozenset[str], NoDecode] = _setting(
+        frozenset({DEFAULT_MODEL_REPO}), "comma-separated hub repositories, owner/name"
+    )
+    max_download_gb: float = _number(100.0, 0.0, 10_000.0)  # largest hub file /reload-model fetches
+    user_messages_per_minute: int = _integer(12, 0)  # answers per person per minute; 0 = no limit
+    user_queue_share: int = _integer(0, 0)  # answers one person may have waiting; 0 = a quarter of MAX_QUEUE
+    bot_reply_limit: int = _integer(3, 0)  # answers to bots in a row without a person speaking
 
     @classmethod
     def settings_customise_sources(
@@ -219,7 +230,23 @@ class Settings(BaseSettings):
             raise ValueError("expected a path to a .gguf file")
         return value
 
-    @field_validator("admin_user_ids", mode="before")
+    @field_validator("hub_allowed_repos", mode="before")
+    @classmethod
+    def _repos(cls, value: Any) -> Any:
+        if not isinstance(value, str):
+            return value
+        repos = set()
+        for part in value.split(","):
+            part = part.strip()
+            if not part:
+                continue
+            owner, slash, name = part.partition("/")
+            if not (slash and owner and name and "/" not in name and part.isprintable() and " " not in part):
+                raise ValueError(f"{part!r} is not a hub repository; expected owner/name, comma-separated")
+            repos.add(part)
+        return frozenset(repos)
+
+    @field_validator("admin_user_ids", "allowed_guild_ids", mode="before")
     @classmethod
     def _ids(cls, value: Any) -> Any:
         if not isinstance(value, str):
@@ -231,8 +258,8 @@ class Settings(BaseSettings):
                 continue
             if not (part.isascii() and part.isdigit()):
                 raise ValueError(
-                    f"{part!r} is not a Discord user id; expected comma-separated numbers "
-                    "(Developer Mode → right-click a user → Copy User ID)"
+                    f"{part!r} is not a Discord id; expected comma-separated numbers "
+                    "(Developer Mode → right-click → Copy ID)"
                 )
             ids.add(int(part))
         return frozenset(ids)

@@ -91,3 +91,46 @@ def test_path_traversal_is_refused(models_dir: Path, name: str) -> None:
 def test_other_bad_names(models_dir: Path, name: str, message: str) -> None:
     with pytest.raises(ModelLoadError, match=message):
         parse_reload_target(name, models_dir)
+
+
+def test_hub_reloads_only_from_allowed_repositories() -> None:
+    from bot.model_source import check_hub_source
+
+    with pytest.raises(ModelLoadError, match="not in HUB_ALLOWED_REPOS"):
+        check_hub_source(HubFile("stranger/evil", "x.gguf"), frozenset({"TheBloke/good"}), 10**12)
+    check_hub_source(HubFile("TheBloke/good", "x.gguf"), frozenset({"TheBloke/good"}), 10**12)  # offline: cache decides
+
+
+def test_hub_file_larger_than_the_cap_is_refused_before_download(monkeypatch: pytest.MonkeyPatch) -> None:
+    """The real huggingface_hub asks a local stand-in of the hub for the file's size."""
+    import threading
+    from http.server import BaseHTTPRequestHandler, HTTPServer
+
+    import huggingface_hub.constants
+
+    from bot.model_source import check_hub_source
+
+    class Hub(BaseHTTPRequestHandler):
+        def do_HEAD(self) -> None:  # noqa: N802 (http.server's naming)
+            self.send_response(200)
+            self.send_header("X-Repo-Commit", COMMIT)
+            self.send_header("ETag", '"abc"')
+            self.send_header("Content-Length", str(50 * 10**9))
+            self.end_headers()
+
+        def log_message(self, *args: object) -> None:
+            pass
+
+    server = HTTPServer(("127.0.0.1", 0), Hub)
+    threading.Thread(target=server.serve_forever, daemon=True).start()
+    monkeypatch.setattr(huggingface_hub.constants, "HF_HUB_OFFLINE", False)
+    endpoint = f"http://127.0.0.1:{server.server_port}"  # as HF_ENDPOINT would set them
+    monkeypatch.setattr(huggingface_hub.constants, "ENDPOINT", endpoint)
+    monkeypatch.setattr(huggingface_hub.constants, "HUGGINGFACE_CO_URL_TEMPLATE",
+                        endpoint + "/{repo_id}/resolve/{revision}/{filename}")
+    try:
+        with pytest.raises(ModelLoadError, match="50.0 GB, more than MAX_DOWNLOAD_GB=10"):
+            check_hub_source(HubFile("TheBloke/good", "big.gguf"), frozenset({"TheBloke/good"}), 10 * 10**9)
+        check_hub_source(HubFile("TheBloke/good", "big.gguf"), frozenset({"TheBloke/good"}), 100 * 10**9)
+    finally:
+        server.shutdown()

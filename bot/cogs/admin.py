@@ -12,9 +12,16 @@ import discord
 from discord import app_commands
 from discord.ext import commands
 
-from bot.cogs.edge import interaction_is_admin, interaction_may_manage
+from bot.cogs.edge import interaction_may_manage
 from bot.engine.base import ModelLoadError
-from bot.model_source import HubFile, available_models, configured_model, download, parse_reload_target
+from bot.model_source import (
+    HubFile,
+    available_models,
+    check_hub_source,
+    configured_model,
+    download,
+    parse_reload_target,
+)
 from bot.policy import conversation_key
 
 if TYPE_CHECKING:
@@ -31,7 +38,11 @@ def _uptime(seconds: float) -> str:
 
 
 class Admin(commands.Cog):
-    channel = app_commands.Group(name="channel", description="Where the bot answers every message")
+    # Members without Manage Channels do not even see /channel; it means nothing in a DM.
+    channel = app_commands.Group(
+        name="channel", description="Where the bot answers every message",
+        default_permissions=discord.Permissions(manage_channels=True), guild_only=True,
+    )
 
     def __init__(self, bot: HermesBot) -> None:
         self.bot = bot
@@ -76,12 +87,20 @@ class Admin(commands.Cog):
             "I will answer every message here." if enabled else "I will only answer mentions and replies here."
         )
 
-    @app_commands.command(name="reload-model", description="Admins: load another model (or reload this one)")
+    @app_commands.command(name="reload-model", description="Bot owners: load another model (or reload this one)")
     @app_commands.describe(model="a .gguf under MODELS_DIR, or owner/repo/file.gguf from the hub")
+    @app_commands.default_permissions(administrator=True)  # hidden from ordinary members
     async def reload_model(self, interaction: discord.Interaction, model: str | None = None) -> None:
         settings = self.bot.settings
-        if not interaction_is_admin(interaction, settings.admin_user_ids):
-            await interaction.response.send_message("Only bot admins can reload the model.", ephemeral=True)
+        # The model serves every server: a server's Administrator is not enough.
+        if not await self.bot.is_bot_owner(interaction.user):
+            await interaction.response.send_message(
+                "Only the bot's owners (its application owner or team, and ADMIN_USER_IDS) can reload the model.",
+                ephemeral=True,
+            )
+            return
+        if wait := self.bot.reload_cooldown.take(interaction.user.id, time.monotonic()):
+            await interaction.response.send_message(f"Slow down: you can reload again in {wait:.0f} s.", ephemeral=True)
             return
         try:
             target = parse_reload_target(model, settings.models_dir) if model else None
@@ -97,8 +116,12 @@ class Admin(commands.Cog):
             old = engine.info.name
             try:
                 if isinstance(target, HubFile):
+                    max_bytes = int(settings.max_download_gb * 1e9)
+                    await asyncio.to_thread(check_hub_source, target, settings.hub_allowed_repos, max_bytes)
                     await interaction.edit_original_response(content=f"Downloading `{target}` from the hub…")
                     path = await asyncio.to_thread(download, target)
+                    if path.stat().st_size > max_bytes:
+                        raise ModelLoadError(f"{path.name} is larger than MAX_DOWNLOAD_GB={settings.max_download_gb:g}")
                 elif target is None:
                     path = await asyncio.to_thread(configured_model, settings)
                 else:

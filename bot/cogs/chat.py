@@ -13,6 +13,7 @@ from __future__ import annotations
 
 import asyncio
 import logging
+import time
 import weakref
 from typing import TYPE_CHECKING
 
@@ -21,9 +22,12 @@ from discord.ext import commands
 
 from bot.answering import Answerer, Question
 from bot.channel_queue import ChannelQueue
-from bot.cogs.edge import interaction_is_admin, to_incoming, to_message
+from bot.cogs.edge import guild_id_of, interaction_is_admin, to_incoming, to_message
+from bot.delivery import retried
+from bot.fair_use import ChatGate
 from bot.policy import conversation_key, should_reply, should_store
 from bot.recovery import Recovery
+from bot.reply_stream import NO_PINGS
 
 if TYPE_CHECKING:
     from bot.app import HermesBot
@@ -39,6 +43,9 @@ class Chat(commands.Cog):
         self.answerer: Answerer | None = None  # once the bot knows its own id
         self.recovery = Recovery(bot, self.store, self)
         self.accepting = True
+        settings = bot.settings
+        self.gate = ChatGate(settings.user_messages_per_minute,
+                             settings.user_queue_share or max(1, settings.max_queue // 4), settings.bot_reply_limit)
         # Messages of a channel are handled in the order Discord sent them (discord.py runs
         # each listener as its own task; without this, storing could reorder them).
         self._arrivals: weakref.WeakValueDictionary[int, asyncio.Lock] = weakref.WeakValueDictionary()
@@ -63,7 +70,7 @@ class Chat(commands.Cog):
     @commands.Cog.listener()
     async def on_message(self, message: discord.Message) -> None:
         me = self.bot.user
-        if me is None or message.author.id == me.id:
+        if me is None or message.author.id == me.id or not self.bot.allowed_guild(guild_id_of(message)):
             return
         key = conversation_key(message.channel.id)
         arrival = self._arrivals.setdefault(message.channel.id, asyncio.Lock())
@@ -73,9 +80,25 @@ class Chat(commands.Cog):
             reply_to_bots = self.bot.settings.reply_to_bots
             if should_store(incoming, reply_to_bots):
                 await self.store.add_message(key, to_message(message), is_dm=incoming.is_dm)
-        if should_reply(incoming, reply_to_bots):
+        if not should_reply(incoming, reply_to_bots):
+            return
+        under_way = self.answerer.under_way_for(message.author.id) if self.answerer else 0
+        verdict = self.gate.check(key, message.author.id, message.author.bot, under_way, time.monotonic())
+        if verdict is None:
             self.queue_answer(Question(key, message.channel.id, message.id, message.author.id,
                                        message.author.display_name), message.channel)
+        elif verdict:
+            await self._notify(message, verdict)
+
+    async def _notify(self, message: discord.Message, notice: str) -> None:
+        """A short notice for a person (not stored: notices are never the bot's words)."""
+        reference = message.to_reference(fail_if_not_exists=False)
+        try:
+            await retried(lambda: message.channel.send(notice, reference=reference, mention_author=False,
+                                                       allowed_mentions=NO_PINGS), "send a notice",
+                          self.bot.settings.delivery_retry_seconds)
+        except (discord.HTTPException, OSError) as error:
+            log.warning("could not tell %s: %s", message.author, error)
 
     def queue_answer(self, question: Question, channel: discord.abc.Messageable | None = None) -> None:
         """Answer in the question's lane (coalesced with newer questions there)."""

@@ -33,11 +33,19 @@ def replies_to(message: discord.Message, user_id: int) -> bool:
     return isinstance(resolved, discord.Message) and resolved.author.id == user_id
 
 
+def guild_id_of(message: discord.Message) -> int | None:
+    """The message's server, None in a DM. A server the bot is not (or no longer) in is not
+    cached, so `message.guild` is None there too: its id comes with the channel."""
+    if message.guild is not None:
+        return message.guild.id
+    return getattr(message.channel, "guild_id", None)
+
+
 def to_incoming(message: discord.Message, me: discord.abc.User, channel_enabled: bool, known: bool) -> Incoming:
     return Incoming(
         from_self=message.author.id == me.id,
         from_bot=message.author.bot,
-        is_dm=message.guild is None,
+        is_dm=guild_id_of(message) is None,
         mentions_bot=me in message.mentions,
         replies_to_bot=replies_to(message, me.id),
         channel_enabled=channel_enabled,

@@ -198,6 +198,7 @@ class FakeDiscord:
         self.followups: list[dict[str, Any]] = []
         self.typing: list[int] = []
         self.attachments: dict[int, bytes] = {}
+        self.left_guilds: list[int] = []  # servers the bot left (DELETE /users/@me/guilds/{id})
         self._webhook_ids: dict[str, int] = {}
         self._buckets: dict[tuple[str, str, str], Bucket] = {}
         self.faults: list[tuple[str, str, int]] = []  # every injected failure: (method, route, status)
@@ -237,6 +238,7 @@ class FakeDiscord:
         api = "/api/v10"
         app.router.add_get("/gateway", self._gateway)
         app.router.add_get(f"{api}/users/@me", self._me)
+        app.router.add_delete(f"{api}/users/@me/guilds/{{guild}}", self._leave_guild)
         app.router.add_get(f"{api}/oauth2/applications/@me", self._application)
         app.router.add_put(f"{api}/applications/{{app}}/commands", self._sync_commands)
         app.router.add_get(f"{api}/channels/{{channel}}", self._get_channel)
@@ -688,6 +690,12 @@ class FakeDiscord:
         if content is None:
             return web.Response(status=404)
         return web.Response(body=content, content_type="application/octet-stream")
+
+    async def _leave_guild(self, request: web.Request) -> web.Response:
+        guild_id = int(request.match_info["guild"])
+        self.left_guilds.append(guild_id)
+        await self._dispatch("GUILD_DELETE", {"id": str(guild_id)})
+        return web.Response(status=204)
 
     async def _me(self, request: web.Request) -> web.Response:
         return self._json(self.bot_user.payload)
