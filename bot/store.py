@@ -34,6 +34,7 @@ from sqlalchemy import (
     Integer,
     String,
     Text,
+    TypeDecorator,
     UniqueConstraint,
     and_,
     event,
@@ -61,6 +62,27 @@ Id = BigInteger().with_variant(Integer, "sqlite")
 
 class Base(DeclarativeBase):
     pass
+
+
+class CleanString(TypeDecorator[str]):
+    """Text as PostgreSQL takes it (SQLite takes anything): without NUL characters, which
+    its text types refuse (a model's byte token can produce one), and cut to the column's
+    length, which it enforces (a character card's name can be longer)."""
+
+    impl = String
+    cache_ok = True
+
+    def process_bind_param(self, value: Any, dialect: Any) -> Any:
+        if isinstance(value, str):
+            value = value.replace("\x00", "")
+            if getattr(self.impl, "length", None):
+                value = value[: self.impl.length]
+        return value
+
+
+class CleanText(CleanString):
+    impl = Text
+    cache_ok = True
 
 
 class ConversationRow(Base):
@@ -91,9 +113,9 @@ class MessageRow(Base):
     )
     platform_id: Mapped[str | None] = mapped_column(String(64))
     author_id: Mapped[str] = mapped_column(String(64))
-    author_name: Mapped[str] = mapped_column(String(200))
+    author_name: Mapped[str] = mapped_column(CleanString(200))
     is_bot: Mapped[bool] = mapped_column(Boolean)
-    content: Mapped[str] = mapped_column(Text)
+    content: Mapped[str] = mapped_column(CleanText)
     created_at: Mapped[datetime] = mapped_column(DateTime(timezone=True))
     edited_at: Mapped[datetime | None] = mapped_column(DateTime(timezone=True))
     deleted_at: Mapped[datetime | None] = mapped_column(DateTime(timezone=True))
@@ -102,7 +124,7 @@ class MessageRow(Base):
     reply_to: Mapped[str | None] = mapped_column(String(64))
     requester_id: Mapped[str | None] = mapped_column(String(64))
     part_ids: Mapped[str | None] = mapped_column(Text)  # JSON list of Discord message ids
-    notice: Mapped[str | None] = mapped_column(Text)
+    notice: Mapped[str | None] = mapped_column(CleanText)
     undelivered: Mapped[bool] = mapped_column(Boolean, default=False, server_default=false())
 
 

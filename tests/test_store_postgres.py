@@ -11,6 +11,7 @@ from datetime import UTC, datetime, timedelta, timezone
 import pytest
 from alembic.autogenerate import compare_metadata
 from alembic.migration import MigrationContext
+from alembic.script import ScriptDirectory
 from sqlalchemy import inspect, text
 from sqlalchemy.ext.asyncio import create_async_engine
 
@@ -53,11 +54,16 @@ async def _schema(url: str) -> dict[str, object]:
     return schema
 
 
+def _head(url: str) -> str | None:
+    return ScriptDirectory.from_config(migrate.alembic_config(url)).get_current_head()
+
+
 async def test_migrations_up_down_up(postgres_url: str) -> None:
+    """Up to head, down step by step through 0003, 0002, 0001 to nothing, and up again."""
     await asyncio.to_thread(migrate.upgrade, postgres_url)
     schema = await _schema(postgres_url)
-    assert schema["revision"] == "0003"
-    assert {"conversations", "messages", "imported_personas", "alembic_version"} == schema["tables"]
+    assert schema["revision"] == _head(postgres_url)
+    assert {"conversations", "messages", "imported_personas", "alembic_version"} <= schema["tables"]
     assert {"ix_messages_conversation_id_id", "ix_messages_reply_status", "ix_messages_undelivered"} <= schema["indexes"]
     assert "uq_messages_conversation_platform" in schema["unique"]
     messages = schema["columns"]["messages"]
@@ -83,7 +89,7 @@ async def test_migrations_up_down_up(postgres_url: str) -> None:
     # Up again, and the store works on the result.
     store = await Store.open(postgres_url)
     try:
-        assert (await _schema(postgres_url))["revision"] == "0003"
+        assert (await _schema(postgres_url))["revision"] == _head(postgres_url)
         assert await store.add_message("c", msg(1))
         assert [m.content for m in await store.recent_messages("c", 10)] == ["message 1"]
     finally:
@@ -300,3 +306,33 @@ async def test_recovery_keys_newest_platform_id_and_unanswered(pg_store: Store) 
     await pg_store.delete_message("channel", "1008")
     question = await pg_store.unanswered("channel", since=start)
     assert question is not None and question.platform_id == "1007"
+
+
+@pytest.fixture(params=["postgresql", "sqlite"])
+async def any_store(request: pytest.FixtureRequest) -> AsyncIterator[Store]:
+    url = request.getfixturevalue("postgres_url" if request.param == "postgresql" else "database_url")
+    store = await Store.open(url)
+    yield store
+    await store.close()
+
+
+async def test_text_postgresql_refuses_is_cleaned_the_same_everywhere(any_store: Store) -> None:
+    """PostgreSQL's text types refuse NUL characters (a model's <0x00> byte token or a
+    message can carry one) and it enforces VARCHAR lengths (a character card's name may be
+    longer than author_name's 200). SQLite took both as they were; on PostgreSQL the reply,
+    or the message, failed to store. Now both drop the NULs and cut the name, alike."""
+    store = any_store
+    assert await store.add_message("c", Message("u", "U\x00ser", "a\x00b", platform_id="1"))
+    reply_id = await store.begin_reply("c", author_id="b", author_name="N" * 250, reply_to="1", requester_id="u")
+    await store.update_reply(reply_id, "so\x00far", ["2"])
+    await store.finish_reply(reply_id, DONE, "fin\x00al", "no\x00te")
+    await store.mark_delivered(reply_id, "fin\x00al", ["2"])
+    assert await store.edit_message("c", "1", "ed\x00ited")
+    long_name = Message("u", "L" * 300, "long name", platform_id="3")
+    assert await store.add_message("c", long_name)
+    recent = await store.recent_messages("c", 10)
+    assert [(m.author_name, m.content) for m in recent] == [("User", "edited"), ("N" * 200, "final"), ("L" * 200, "long name")]
+    reply = await store.reply(reply_id)
+    assert reply is not None and reply.notice == "note" and reply.author_name == "N" * 200
+    await store.restart_reply(reply_id, "M" * 201)
+    assert (restarted := await store.reply(reply_id)) is not None and restarted.author_name == "M" * 200
