@@ -5,10 +5,13 @@ chunks carry the card as base64 JSON under `chara` / `ccv3`, with real CRCs."""
 from __future__ import annotations
 
 import base64
+import functools
 import json
 import struct
 import zlib
 from typing import Any
+
+from bot.cards import MAX_CARD_JSON_BYTES, MAX_JSON_LISTS, MAX_JSON_OBJECTS
 
 SIGNATURE = b"\x89PNG\r\n\x1a\n"
 
@@ -86,3 +89,106 @@ V1_CARD = {"name": "Old Vex", "description": "An old card.", "personality": "gru
            "scenario": "A bar.", "first_mes": "What do you want, {{user}}?", "mes_example": ""}
 PYGMALION_CARD = {"char_name": "Pyg", "char_persona": "A pygmalion-era bot.", "world_scenario": "A lab.",
                   "char_greeting": "Hello <USER>.", "example_dialogue": "You: hi\nPyg: hello"}
+
+
+# --- Hostile PNGs: compression bombs within the 8 MB file limit ------------------------------
+
+MiB = 1024 * 1024
+_BOMB_SEGMENT_CACHE: dict[int, tuple[bytes, bytes]] = {}
+_COMPLETE_CACHE: dict[int, bytes] = {}
+
+
+def _deflate_segments(unit: int) -> tuple[bytes, bytes]:
+    """(zlib header + first segment, a repeatable segment): deflate blocks for `unit` zero
+    bytes each, cut by a full flush so every later segment is byte-identical and can be
+    repeated without compressing anything again (~1000:1)."""
+    if unit not in _BOMB_SEGMENT_CACHE:
+        co = zlib.compressobj(9)
+        first = co.compress(b"\0" * unit) + co.flush(zlib.Z_FULL_FLUSH)
+        again = co.compress(b"\0" * unit) + co.flush(zlib.Z_FULL_FLUSH)
+        _BOMB_SEGMENT_CACHE[unit] = (first, again)
+    return _BOMB_SEGMENT_CACHE[unit]
+
+
+def zlib_bomb(inflated: int, unit: int = MiB) -> bytes:
+    """A zlib stream that inflates to `inflated` zero bytes (rounded up to `unit`), built in
+    O(compressed size). Its Adler-32 trailer is left out: every sane inflater stops at its
+    size cap long before it would read it."""
+    first, again = _deflate_segments(unit)
+    return first + again * max(0, -(-inflated // unit) - 1)
+
+
+def _complete_bomb(size: int) -> bytes:
+    """A complete zlib stream of `size` zero bytes (what the old parser inflated and kept)."""
+    if size not in _COMPLETE_CACHE:
+        _COMPLETE_CACHE[size] = zlib.compress(bytes(size), 9)
+    return _COMPLETE_CACHE[size]
+
+
+def text_chunk(kind: bytes, keyword: bytes, payload: bytes) -> bytes:
+    """A tEXt (payload as is), zTXt or iTXt (payload already zlib-compressed) chunk."""
+    if kind == b"tEXt":
+        return chunk(kind, keyword + b"\0" + payload)
+    if kind == b"zTXt":
+        return chunk(kind, keyword + b"\0\0" + payload)
+    return chunk(kind, keyword + b"\0\1\0en\0\0" + payload)  # iTXt, compressed, language 'en'
+
+
+def bomb_png(text_chunks: list[bytes], size_limit: int = 8 * MiB) -> bytes:
+    """A 2×2 PNG with the given text chunks before its pixels; at most `size_limit` bytes."""
+    head = png()[: len(SIGNATURE) + 25]  # signature + IHDR
+    tail = png()[len(head) :]  # IDAT + IEND
+    data = head + b"".join(text_chunks) + tail
+    assert len(data) <= size_limit, len(data)
+    return data
+
+
+def many_chunk_bomb(kind: bytes, keyword: bytes = b"Comment", budget: int = 8 * MiB - 4096,
+                    per_chunk: int = 4 * MiB) -> tuple[bytes, int]:
+    """As many `kind` chunks as fit in `budget` bytes, each a complete zlib stream of just
+    under `per_chunk` zero bytes (the old per-chunk cap), keyed `keyword` + a number so the
+    old parser inflated and kept every one (or all `chara` when `keyword` is b"chara"):
+    (png, chunk count)."""
+    payload = _complete_bomb(per_chunk - 64)
+    count = budget // len(text_chunk(kind, keyword + b"0000", payload))
+    numbered = keyword != b"chara"
+    chunks = [text_chunk(kind, keyword + (b"%04d" % i if numbered else b""), payload) for i in range(count)]
+    return bomb_png(chunks), count
+
+
+def dense_card_json(json_limit: int = MAX_CARD_JSON_BYTES, objects: int = MAX_JSON_OBJECTS,
+                    lists: int = MAX_JSON_LISTS) -> bytes:
+    """The costliest card JSON the parser accepts: just under the size, object and list
+    limits, the rest one-character non-Latin-1 strings (CPython caches none of them, and
+    each costs ~80 bytes for 5 bytes of JSON)."""
+    card = v2_card(name="Dense")
+    extensions: dict[str, Any] = {"lists": [[]] * (lists - 100), "objects": [{}] * (objects - 100)}
+    card["data"]["extensions"] = extensions
+    compact = {"ensure_ascii": False, "separators": (",", ":")}
+    room = json_limit - len(json.dumps(card, **compact).encode()) - 64  # type: ignore[arg-type]
+    extensions["strings"] = ["\u0100"] * (room // 5)
+    data = json.dumps(card, **compact).encode()  # type: ignore[arg-type]
+    assert len(data) <= json_limit, len(data)
+    return data
+
+
+@functools.cache
+def worst_cards() -> dict[str, bytes]:
+    """The worst PNG cards we could build within the 8 MB limit, by name: thousands of
+    compressed chunks (the old parser inflated and kept every one, 4 MiB each: ~8 GiB),
+    one card chunk that inflates to ~8 GiB, a card of 700k empty chunks, and the costliest
+    card that is accepted."""
+    real = text_chunk(b"tEXt", b"chara", b64(v2_card(name="Bombed")))
+    comments = [text_chunk(b"zTXt", b"Comment%04d" % i, _complete_bomb(4 * MiB - 64)) for i in range(1500)]
+    huge = 8 * 1024 * MiB  # what one 8 MB chunk of deflate inflates to, about
+    return {
+        "zTXt x many, non-card keyword": many_chunk_bomb(b"zTXt")[0],
+        "iTXt x many, non-card keyword": many_chunk_bomb(b"iTXt")[0],
+        "zTXt x1500, then a real card": bomb_png(comments + [real]),
+        "zTXt x many, all keyed chara": many_chunk_bomb(b"zTXt", b"chara")[0],
+        "one chara zTXt inflating to ~8 GiB": bomb_png([text_chunk(b"zTXt", b"chara", zlib_bomb(huge, 16 * MiB))]),
+        "one ccv3 iTXt inflating to ~8 GiB": bomb_png([text_chunk(b"iTXt", b"ccv3", zlib_bomb(huge, 16 * MiB))]),
+        "largest accepted card: dense JSON in a chara zTXt": png(compressed={"chara": base64.b64encode(dense_card_json())}),
+        "empty tEXt chunks x 700k": bomb_png([chunk(b"tEXt", b"")] * ((8 * MiB - 4096) // 12)),
+        "empty tEXt chunks x 19,990, then a real card": bomb_png([chunk(b"tEXt", b"")] * 19_990 + [real]),
+    }
