@@ -2,8 +2,15 @@
 
 from __future__ import annotations
 
+import copy
+import json
+import logging
+from typing import Any
+
+import pytest
+
 from bot.conversation import Message
-from bot.lorebook import LoreEntry, Lorebook, lorebook_from_dict
+from bot.lorebook import DEFAULT_SCAN_DEPTH, DEFAULT_TOKEN_BUDGET, LoreEntry, Lorebook, lorebook_from_dict
 from bot.personas import persona_from_dict
 from bot.responder import Responder
 from bot.settings import load_settings
@@ -109,3 +116,83 @@ async def test_budget_drops_history_before_the_persona(store: Store) -> None:
     assert len(reply.prompt.messages) < 60
     assert "Vex captains the Gilded Comet." in reply.prompt.text
     assert "message 59 about the reactor" in reply.prompt.text
+
+
+# --- Every field typed: a bad entry is skipped and named, never a crash -----------------------
+
+
+def book_with(index: int, **fields: Any) -> dict[str, Any]:
+    book = copy.deepcopy(LOREBOOK)
+    book["entries"][index].update(fields)
+    return book
+
+
+def test_a_non_integer_insertion_order_skips_that_entry_only(caplog: pytest.LogCaptureFixture) -> None:
+    with caplog.at_level(logging.WARNING, logger="bot.lorebook"):
+        book = lorebook_from_dict(book_with(1, insertion_order="abc", comment="Hale"), "vex.json")
+    contents = [e.content for e in book.entries]
+    assert "Governor Hale hunts smugglers personally." not in contents
+    assert len(book.entries) == len(LOREBOOK["entries"]) - 1
+    assert "The Comet's reactor is unstable above 90% power." in contents
+    assert len(book.skipped) == 1 and "insertion_order must be a number" in book.skipped[0]
+    # The log line names the file and the entry.
+    assert "vex.json" in caplog.text and "entry 1" in caplog.text and "'Hale'" in caplog.text
+    assert "insertion_order must be a number, not str 'abc'" in caplog.text
+
+
+BAD_FIELDS = [
+    {"insertion_order": "10"},  # the spec says number: a numeric string is not one
+    {"insertion_order": 1.5},
+    {"insertion_order": float("nan")},
+    {"insertion_order": True},
+    {"priority": "high"},
+    {"priority": [1]},
+    {"priority": 10**20},
+    {"enabled": "yes"},
+    {"constant": 1},
+    {"selective": "false"},
+    {"case_sensitive": None, "keys": 5},
+    {"keys": [{"nested": True}]},
+    {"secondary_keys": {"a": 1}},
+    {"content": ["a", "list"]},
+    {"position": "middle"},
+    {"position": 1},
+]
+
+
+@pytest.mark.parametrize("fields", BAD_FIELDS, ids=[json.dumps(f, default=str) for f in BAD_FIELDS])
+def test_each_wrongly_typed_field_skips_its_entry(fields: dict[str, Any]) -> None:
+    book = lorebook_from_dict(book_with(0, **fields), "card.png")
+    assert len(book.entries) == len(LOREBOOK["entries"]) - 1
+    assert book.skipped and book.skipped[0].startswith("entry 0 (id 1)")
+
+
+def test_lenient_where_the_spec_allows() -> None:
+    """null means the default, a single string is one key, numbers in key lists are text,
+    whole floats are whole numbers, an empty position is before_char."""
+    book = lorebook_from_dict(book_with(0, enabled=None, keys="reactor", secondary_keys=[7, "x"],
+                                        insertion_order=20.0, position="", priority=None))
+    entry = next(e for e in book.entries if e.content.startswith("The Comet's reactor"))
+    assert entry.enabled and entry.keys == ("reactor",) and entry.secondary_keys == ("7", "x")
+    assert entry.insertion_order == 20 and entry.priority == 0 and entry.position == "before_char"
+    assert book.skipped == ()
+
+
+def test_entries_that_are_not_objects_are_skipped() -> None:
+    raw = copy.deepcopy(LOREBOOK)
+    raw["entries"] += ["oops", None, 3]
+    book = lorebook_from_dict(raw, "card.json")
+    assert len(book.entries) == len(LOREBOOK["entries"]) and len(book.skipped) == 3
+    assert "entry 5: an entry must be an object, not str" in book.skipped[0]
+
+
+@pytest.mark.parametrize(("settings", "expected"), [
+    ({"scan_depth": "deep", "token_budget": -5}, (DEFAULT_SCAN_DEPTH, DEFAULT_TOKEN_BUDGET)),
+    ({"scan_depth": 10**9, "token_budget": "lots"}, (DEFAULT_SCAN_DEPTH, DEFAULT_TOKEN_BUDGET)),
+    ({"scan_depth": 0, "token_budget": 0}, (DEFAULT_SCAN_DEPTH, DEFAULT_TOKEN_BUDGET)),  # 0: default, as before
+    ({"scan_depth": 4, "token_budget": 100.0}, (4, 100)),
+])
+def test_bad_book_settings_fall_back_to_their_defaults(settings: dict[str, Any], expected: tuple[int, int]) -> None:
+    book = lorebook_from_dict(LOREBOOK | settings, "card.json")
+    assert (book.scan_depth, book.token_budget) == expected
+    assert len(book.entries) == len(LOREBOOK["entries"])
