@@ -5,27 +5,39 @@ A persona becomes the prompt's preamble (system prompt, lorebook entries, descri
 personality, scenario, example dialogue), optional post-history instructions, and for
 roleplay characters a response prefix (`Name: `), with `{{char}}` / `{{user}}` rendered.
 `creator_notes` are kept for people and never reach the prompt.
+
+Every field is checked for its type (text is text, flags are true/false, lorebook numbers
+are numbers); a persona's name is made safe to print as a speaker (`safe_name`). Loading
+`PERSONAS_DIR` never stops on one bad file or entry: it is skipped with a log line naming it.
+Cards imported through Discord are parsed off the event loop, within a time limit
+(`parse_card_off_loop`).
 """
 
 from __future__ import annotations
 
+import asyncio
 import logging
 import random
 import re
+import unicodedata
 from collections.abc import Mapping, Sequence
+from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field, replace
 from pathlib import Path
 from typing import Any
 
 import yaml
 
-from bot.cards import CardError, card_from_bytes, check_card
+from bot.cards import MAX_CARD_BYTES, CardError, card_from_bytes, check_card
 from bot.lorebook import Lorebook, lorebook_from_dict
 
 log = logging.getLogger(__name__)
 
 DEFAULT_PERSONA = "hermes"
 MAX_PERSONA_BYTES = 1_000_000
+MAX_NAME_CHARS = 64
+CARD_PARSE_TIMEOUT_S = 5.0
+CARD_PARSE_WORKERS = 2  # imports parsed at once; more wait their turn (within the timeout)
 PERSONA_SUFFIXES = {".yaml", ".yml", ".json", ".png"}
 # What a card's system_prompt "{{original}}" stands for: the default roleplay instruction.
 ROLEPLAY_SYSTEM_PROMPT = (
@@ -38,6 +50,41 @@ _MACROS = re.compile(r"\{\{(char|user)\}\}|<(BOT|USER)>", re.I)
 
 class PersonaError(ValueError):
     """A persona file or card is malformed; the message says which and why."""
+
+
+# Removed from names: invisible format characters (zero-width spaces, bidi overrides) and
+# lone surrogates. Turned into spaces: control characters (newlines, tabs), every kind of
+# space and line/paragraph separator, and the '#' and ':' of a template header or speaker.
+_DROP = {"Cf", "Cs"}
+_SPACE = {"Cc", "Zs", "Zl", "Zp"}
+
+
+def safe_name(name: str) -> str:
+    """A persona name safe to print as `Name: ` at the start of a prompt line.
+
+    The rule, applied in this order (and idempotent):
+
+    1. NFKC normalization, so look-alikes such as the fullwidth '＃' and '：' become '#' and ':';
+    2. invisible format characters (category Cf: zero-width spaces, bidi overrides) and lone
+       surrogates are removed;
+    3. control characters (newlines, tabs, ...), every space or separator character, and
+       every '#' and ':' become a space;
+    4. runs of spaces collapse to one, and the ends are stripped;
+    5. the name is cut to `MAX_NAME_CHARS` (64) characters.
+
+    So a name is one line, cannot contain a `### Instruction:` header, and cannot end a
+    speaker label early (`Vex: SYSTEM:` becomes `Vex SYSTEM`): the same rule the prompt
+    applies to people's display names (`bot.prompt.clean_name`). The result may be empty;
+    `persona_from_dict` refuses a persona whose name is.
+    """
+    text = unicodedata.normalize("NFKC", name)
+    chars = []
+    for char in text:
+        category = unicodedata.category(char)
+        if category in _DROP:
+            continue
+        chars.append(" " if category in _SPACE or char in "#:" or char.isspace() else char)
+    return " ".join("".join(chars).split())[:MAX_NAME_CHARS].strip()
 
 
 @dataclass(frozen=True)
@@ -56,6 +103,10 @@ class Persona:
     lorebook: Lorebook | None = None
     source: str = "file"  # "file" (PERSONAS_DIR), "imported" (/persona import) or "builtin"
     extra: Mapping[str, Any] = field(default_factory=dict)  # unknown fields, kept as they were
+
+    def __post_init__(self) -> None:
+        # Whoever builds a Persona, its name is one safe line (see `safe_name`).
+        object.__setattr__(self, "name", safe_name(self.name))
 
     def preamble(self, user: str, lore_before: Sequence[str] = (), lore_after: Sequence[str] = ()) -> str:
         """The text that goes before the conversation, macros rendered."""
@@ -113,6 +164,14 @@ def _text(value: Any, key: str) -> str:
     return value
 
 
+def _flag(value: Any, key: str, default: bool) -> bool:
+    if value is None:
+        return default
+    if not isinstance(value, bool):
+        raise PersonaError(f"field {key!r} must be true or false, not {type(value).__name__}")
+    return value
+
+
 _KNOWN = {
     "name", "description", "personality", "scenario", "system_prompt",
     "post_history_instructions", "first_mes", "mes_example", "alternate_greetings",
@@ -120,8 +179,13 @@ _KNOWN = {
 }
 
 
-def persona_from_dict(raw: Mapping[str, Any]) -> Persona:
-    """A persona from our own format, a V2/V3 card (`data`), a V1 card or Pygmalion keys."""
+def persona_from_dict(raw: Mapping[str, Any], origin: str = "") -> Persona:
+    """A persona from our own format, a V2/V3 card (`data`), a V1 card or Pygmalion keys.
+
+    Text fields must be text, `roleplay` true/false, `alternate_greetings` a list of text,
+    `character_book` an object: otherwise `PersonaError`. The name is made safe
+    (`safe_name`); one that is empty after that is an error. Lorebook entries of the wrong
+    type are skipped (logged with `origin`, the file or card they came from)."""
     if not isinstance(raw, Mapping):
         raise PersonaError("a persona must be a mapping of fields")
     data: Mapping[str, Any] = raw
@@ -139,12 +203,15 @@ def persona_from_dict(raw: Mapping[str, Any]) -> Persona:
         check_card(dict(raw))
     except CardError as error:
         raise PersonaError(str(error)) from error
-    name = _text(data.get("name"), "name").strip()
+    name = safe_name(_text(data.get("name"), "name"))
     if not name:
-        raise PersonaError("a persona needs a non-empty 'name'")
+        raise PersonaError("a persona needs a non-empty 'name' (after removing control characters, '#' and ':')")
     greetings = data.get("alternate_greetings") or ()
     if not isinstance(greetings, (list, tuple)) or not all(isinstance(g, str) for g in greetings):
         raise PersonaError("'alternate_greetings' must be a list of text")
+    book = data.get("character_book")
+    if book is not None and not isinstance(book, Mapping):
+        raise PersonaError(f"'character_book' must be an object, not {type(book).__name__}")
     return Persona(
         name=name,
         description=_text(data.get("description"), "description"),
@@ -156,8 +223,8 @@ def persona_from_dict(raw: Mapping[str, Any]) -> Persona:
         mes_example=_text(data.get("mes_example"), "mes_example"),
         alternate_greetings=tuple(greetings),
         creator_notes=_text(data.get("creator_notes"), "creator_notes"),
-        roleplay=bool(data.get("roleplay", True)),
-        lorebook=lorebook_from_dict(book) if isinstance(book := data.get("character_book"), Mapping) else None,
+        roleplay=_flag(data.get("roleplay"), "roleplay", True),
+        lorebook=lorebook_from_dict(book, origin or f"persona {name!r}") if book is not None else None,
         extra={k: v for k, v in raw.items() if k not in _KNOWN and k != "data"}
         | ({"data": dict(data)} if data is not raw else {}),
     )
@@ -165,24 +232,53 @@ def persona_from_dict(raw: Mapping[str, Any]) -> Persona:
 
 def load_persona_file(path: Path) -> Persona:
     """A persona from a .yaml/.yml/.json file or a .png character card."""
-    if path.stat().st_size > MAX_PERSONA_BYTES and path.suffix.lower() != ".png":
-        raise PersonaError(f"{path.name} is larger than {MAX_PERSONA_BYTES} bytes")
+    limit = MAX_CARD_BYTES if path.suffix.lower() == ".png" else MAX_PERSONA_BYTES
+    if path.stat().st_size > limit:
+        raise PersonaError(f"{path.name} is larger than {limit} bytes")
     data = path.read_bytes()
     if path.suffix.lower() in {".yaml", ".yml"}:
         try:
             raw = yaml.safe_load(data.decode("utf-8"))
-        except (yaml.YAMLError, UnicodeDecodeError) as error:
+        except (yaml.YAMLError, UnicodeDecodeError, RecursionError) as error:
             raise PersonaError(f"{path.name} is not valid YAML: {error}") from error
-        return persona_from_dict(raw)
+        return persona_from_dict(raw, path.name)
     return persona_from_card(data, path.name)
+
+
+def card_and_persona(data: bytes, filename: str) -> tuple[dict[str, Any], Persona]:
+    """A character card's JSON object and its persona, from the file's bytes (JSON or PNG);
+    `PersonaError` names the file and says what is wrong."""
+    try:
+        card = card_from_bytes(data)
+        return card, persona_from_dict(card, filename)
+    except (CardError, PersonaError) as error:
+        raise PersonaError(f"{filename}: {error}") from error
 
 
 def persona_from_card(data: bytes, filename: str) -> Persona:
     """A persona from a character card's bytes (JSON or PNG)."""
+    return card_and_persona(data, filename)[1]
+
+
+_card_pool: ThreadPoolExecutor | None = None
+
+
+async def parse_card_off_loop(
+    data: bytes, filename: str, timeout: float = CARD_PARSE_TIMEOUT_S
+) -> tuple[dict[str, Any], Persona]:
+    """`card_and_persona` in a worker thread, so a big card never blocks the event loop,
+    within `timeout` seconds (`PersonaError` past it). At most `CARD_PARSE_WORKERS` cards
+    are parsed at once, so simultaneous imports cannot multiply the memory a parse takes.
+    A parse past its time keeps its worker until it ends (threads cannot be killed); every
+    limit in `bot.cards` keeps that short."""
+    global _card_pool
+    if _card_pool is None:
+        _card_pool = ThreadPoolExecutor(CARD_PARSE_WORKERS, thread_name_prefix="card-parse")
+    future = asyncio.get_running_loop().run_in_executor(_card_pool, card_and_persona, data, filename)
     try:
-        return persona_from_dict(card_from_bytes(data))
-    except (CardError, PersonaError) as error:
-        raise PersonaError(f"{filename}: {error}") from error
+        return await asyncio.wait_for(future, timeout)
+    except asyncio.TimeoutError:
+        raise PersonaError(f"{filename}: reading the card took longer than {timeout:g} s; it is too complex") from None
 
 
 def load_personas(folder: Path) -> dict[str, Persona]:
@@ -199,6 +295,9 @@ def load_personas(folder: Path) -> dict[str, Persona]:
                 persona = load_persona_file(path)
             except (PersonaError, OSError) as error:
                 log.error("skipping persona file %s: %s", path.name, error)
+                continue
+            except Exception:  # a bug must not take the bot down at start-up either
+                log.exception("skipping persona file %s: unexpected error", path.name)
                 continue
             personas[path.stem.lower()] = persona
     personas.setdefault(DEFAULT_PERSONA, Persona(name="Hermes", roleplay=False, source="builtin"))
@@ -217,7 +316,9 @@ def merge_imported(personas: dict[str, Persona], cards: Mapping[str, Mapping[str
             log.warning("imported persona %r is shadowed by a file of the same name", key)
             continue
         try:
-            personas[key] = replace(persona_from_dict(card), source="imported")
+            personas[key] = replace(persona_from_dict(card, f"imported persona {key!r}"), source="imported")
         except PersonaError as error:
             log.error("skipping imported persona %r: %s", key, error)
+        except Exception:
+            log.exception("skipping imported persona %r: unexpected error", key)
     return personas
