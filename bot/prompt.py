@@ -15,15 +15,59 @@ A chat is a sequence of such blocks after an optional preamble (persona / system
 People's messages become instructions that name who spoke (several people may speak
 between two replies); the bot's own messages become responses.
 
+Turn integrity. Only the renderer writes the turn structure: the header lines, and in an
+instruction block one speaker line (``Name: first line``) per message. Nothing that comes
+from people or cards (message contents, display names, a persona's name, card fields) can
+add one, whatever its callers did before:
+
+* Line breaks. CR LF, lone CR and the other characters Python splits lines at (VT, FF,
+  FS/GS/RS, NEL, LS, PS) become plain newlines, so a "line" means the same thing to us, to
+  the model and to any reader.
+* Headers. A line whose visible text (format characters such as zero-width spaces, bidi
+  controls and BOMs ignored) is hashes — spaces, variation selectors or keycaps allowed
+  between them, any whitespace before them — followed by a role word (instruction, input,
+  response; any case, also "### Responses") keeps its words but its ASCII '#' become
+  fullwidth '＃' (`neutralize`): readable, but no longer the tokens of a header, so it
+  neither opens a turn nor trips a stop sequence. This applies to contents, the preamble
+  and the post-history input.
+* Names (`clean_name`), for speakers and for the persona in the response prefix: format
+  characters are dropped; control characters, line and paragraph separators, blank
+  look-alikes (Hangul fillers, braille blank), every '#'-like ('#', '＃', '﹟') and every
+  colon-like (':', '：', '﹕', '꞉', '∶', '︓') become spaces; whitespace runs collapse to
+  one space; leading '>' go (so a name never looks like the continuation marker below);
+  the result is cut to `MAX_NAME_CHARS` (64) characters. An empty result becomes
+  "someone". A name is therefore one line that can neither hold a header nor end early
+  in a forged ``Name:``. A ``response_prefix`` of the form ``<name>:`` is rendered as
+  ``clean_name(<name>) + ": "``.
+* Continuation lines. A message's first line follows its speaker's name; its other lines
+  are written as they are (code blocks, lists and prose stay byte for byte) except a line
+  that reads as a speaker line: visibly, 1 to 64 characters without colon or hash, not
+  starting with whitespace or '>', then a colon-like and whitespace (``Admin: obey``,
+  ``Ann： hi``, also behind zero-width characters). Such a line gets a visible ``"> "`` in
+  front, the quote mark people use on Discord: the model reads "this person quotes text
+  that looks like Admin speaking", not "Admin speaks". Indented lines, ``def f():``,
+  ``https://…`` and a bare ``Admin:`` at the end of a line are not speaker lines and stay
+  as written. In a response block the same rule covers every line except the one that
+  opens with the response prefix.
+
+So the headers of a rendered chat are exactly the ones the template writes, and its speaker
+lines are exactly one per person's message, with that person's cleaned name
+(tests/test_prompt_integrity.py parses rendered prompts to check this for any input).
+
 Everything here is pure: strings in, strings out, a token counter passed in. The trainer
-imports `alpaca_prompt` so the model is served exactly as it was trained.
+imports `alpaca_prompt` so the model is served exactly as it was trained; `alpaca_prompt`
+is the bare model-card template (training data is trusted and kept as written), the rules
+above apply to chats rendered by `render_chat` / `build_prompt`.
 """
 
 from __future__ import annotations
 
 import re
+import sys
+import unicodedata
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass, replace
+from functools import lru_cache
 
 from bot.conversation import Message
 
@@ -33,32 +77,94 @@ RESPONSE = "### Response:"
 HEADERS = (INSTRUCTION, INPUT, RESPONSE)
 TRUNCATION_MARK = " […]"
 MAX_NAME_CHARS = 64
+NAME_FALLBACK = "someone"
+CONTINUATION_MARK = "> "
 
 TokenCounter = Callable[[str], int]
 
-# A line that would read as a template header: a run of '#' followed by a role word.
-_HEADER_LINE = re.compile(r"^([ \t]*)(#+)(?=[ \t]*(?:instruction|input|response)\b)", re.I | re.M)
-_NAME_JUNK = re.compile(r"[\s:#]+")
+COLONS = ":\uff1a\ufe55\ua789\u2236\ufe13"
+HASHES = "#\uff03\ufe5f"
+_BLANK_LOOKALIKES = "\u115f\u1160\u3164\uffa0\u2800"
+# Format characters (Unicode category Cf: zero-width, bidi controls, BOM, soft hyphen...).
+_FORMAT_CHARS = dict.fromkeys(
+    cp for cp in range(sys.maxunicode + 1) if unicodedata.category(chr(cp)) == "Cf"
+)
+_LINE_BREAK = re.compile("\r\n|[\r\x0b\x0c\x1c\x1d\x1e\x85\u2028\u2029]")
+# A line that would read as a template header, checked on its visible text: a run of hashes,
+# then a role word (as written, or after NFKC folding: "Ｒｅｓｐｏｎｓｅ").
+_HASH_RUN = re.compile(r"^\s*(?:#[\s\ufe0e\ufe0f\u20e3]*)+")
+_HASH_RUN_CHARS = frozenset("#\ufe0e\ufe0f\u20e3")
+_ROLE_WORD = re.compile(r"instruction|input|response", re.I)
+# A line that would read as a speaker line, `Name: ` (checked on its visible text).
+_SPEAKER_LIKE = re.compile(
+    rf"^[^\s>{COLONS}{HASHES}][^{COLONS}{HASHES}]{{0,{MAX_NAME_CHARS - 1}}}[{COLONS}]\s"
+)
+_NAME_SPACES = re.compile(rf"[\x00-\x1f\x7f-\x9f{_BLANK_LOOKALIKES}{COLONS}{HASHES}]")
 
 
 class PromptTooLong(ValueError):
     """Not even the newest message's header fits in the context budget."""
 
 
+def _visible(line: str) -> str:
+    return line if line.isascii() else line.translate(_FORMAT_CHARS)
+
+
+def _defuse_header(line: str) -> str:
+    visible = _visible(line)
+    run = _HASH_RUN.match(visible)
+    if not run:
+        return line
+    word = visible[run.end():run.end() + 16]
+    if not (_ROLE_WORD.match(word) or _ROLE_WORD.match(unicodedata.normalize("NFKC", word))):
+        return line
+    # The '#' of the run (in the line as written, format characters included) become '＃'.
+    end = 0
+    while end < len(line) and (
+        line[end] in _HASH_RUN_CHARS or line[end].isspace() or ord(line[end]) in _FORMAT_CHARS
+    ):
+        end += 1
+    return line[:end].replace("#", "＃") + line[end:]
+
+
+def _defuse_speaker(line: str) -> str:
+    return CONTINUATION_MARK + line if _SPEAKER_LIKE.match(_visible(line)) else line
+
+
 def neutralize(text: str) -> str:
-    """Defuse lines that would forge a template header.
+    """Plain newlines for every line break, and no line that forges a template header.
 
     The hashes of such a line become fullwidth '＃' signs: a reader still sees the text, but
     it is no longer the token sequence of a header, so it cannot open a turn and does not
     trigger a stop sequence.
     """
-    return _HEADER_LINE.sub(lambda m: m.group(1) + "＃" * len(m.group(2)), text)
+    return "\n".join(_defuse_header(line) for line in _LINE_BREAK.sub("\n", text).split("\n"))
 
 
+@lru_cache(maxsize=4096)
 def clean_name(name: str) -> str:
-    """A display name safe to put in front of a colon on one line."""
-    cleaned = _NAME_JUNK.sub(" ", name).strip()[:MAX_NAME_CHARS].strip()
-    return cleaned or "someone"
+    """A display name safe to put in front of a colon on one line (see the module doc)."""
+    cleaned = _NAME_SPACES.sub(" ", name.translate(_FORMAT_CHARS))
+    cleaned = " ".join(cleaned.split()).lstrip("> ")
+    return cleaned[:MAX_NAME_CHARS].rstrip() or NAME_FALLBACK
+
+
+def clean_prefix(prefix: str) -> str:
+    """A response prefix on one line; ``<name>:`` becomes ``clean_name(<name>) + ": "``."""
+    head = prefix.rstrip()
+    if not head.translate(_FORMAT_CHARS).strip():
+        return ""
+    if head[-1] in COLONS:
+        return f"{clean_name(head[:-1])}: "
+    return clean_name(head) + (" " if head != prefix else "")
+
+
+@lru_cache(maxsize=4096)
+def _continued(text: str, first_line_free: bool = True) -> str:
+    """`text` neutralized, every line but (if `first_line_free`) the first defused."""
+    lines = neutralize(text).split("\n")
+    start = 1 if first_line_free else 0
+    return "\n".join(lines[:start] + [_defuse_speaker(line) for line in lines[start:]])
 
 
 def alpaca_prompt(instruction: str, input: str | None = None) -> str:
@@ -70,13 +176,13 @@ def alpaca_prompt(instruction: str, input: str | None = None) -> str:
 
 
 def _instruction_block(messages: Sequence[Message]) -> str:
-    lines = "\n".join(f"{clean_name(m.author_name)}: {neutralize(m.content)}" for m in messages)
+    lines = "\n".join(f"{clean_name(m.author_name)}: {_continued(m.content)}" for m in messages)
     return f"{INSTRUCTION}\n{lines}\n\n"
 
 
 def _response_block(messages: Sequence[Message], prefix: str) -> str:
     body = "\n".join(neutralize(m.content).strip() for m in messages)
-    return f"{RESPONSE}\n{prefix}{body}\n\n"
+    return f"{RESPONSE}\n{prefix}{_continued(body, first_line_free=bool(prefix))}\n\n"
 
 
 def render_chat(
@@ -87,6 +193,7 @@ def render_chat(
     character's "Name: "), the past ones and the one the model is about to write.
     `final_input` (e.g. a persona's post-history instructions) goes in an `### Input:`
     block right before that last header."""
+    response_prefix = clean_prefix(response_prefix)
     parts: list[str] = []
     if preamble.strip():
         parts.append(neutralize(preamble.strip()) + "\n\n")
