@@ -10,7 +10,7 @@ from __future__ import annotations
 import abc
 import asyncio
 import threading
-from collections.abc import AsyncIterator
+from collections.abc import AsyncIterator, Callable
 from dataclasses import dataclass, field
 
 
@@ -64,19 +64,34 @@ class Generation:
     The worker thread pushes pieces with `push` (thread-safe, through the loop); the
     consumer iterates. `position` is how many requests will be served before this one
     starts (0: it starts now).
+
+    `cancel()` may be called from any thread. It sets `cancelled`, which the worker
+    checks between tokens, and calls the engine's `dequeue` hook (given at submit): a
+    request still waiting in the queue is taken out and finished at once (under the
+    engine's lock, delivering through `finish`), and the others' positions move up.
     """
 
-    def __init__(self, request: GenerationRequest, loop: asyncio.AbstractEventLoop) -> None:
+    def __init__(
+        self,
+        request: GenerationRequest,
+        loop: asyncio.AbstractEventLoop,
+        dequeue: Callable[[Generation], object] | None = None,
+    ) -> None:
         self.request = request
         self.stats = GenerationStats()
         self.cancelled = threading.Event()
         self._loop = loop
         self._queue: asyncio.Queue[str | BaseException | None] = asyncio.Queue()
+        self._dequeue = dequeue
         self.position = 0
 
     def cancel(self) -> None:
-        """Stop generating; what was already produced stays produced."""
+        """Stop generating; what was already produced stays produced. A request still
+        queued ends now, with `stats.stopped_by == "cancelled"` and no text."""
         self.cancelled.set()
+        dequeue, self._dequeue = self._dequeue, None  # once is enough
+        if dequeue is not None:
+            dequeue(self)
 
     # Called from the worker thread.
     def push(self, piece: str) -> None:
@@ -89,7 +104,7 @@ class Generation:
     def put(self, item: str | BaseException | None) -> None:
         self._queue.put_nowait(item)
 
-    # Called on the event loop.
+    # Called on the event loop (or under the engine's lock by a `dequeue` hook: one attribute).
     def set_position(self, position: int) -> None:
         self.position = position
 
@@ -119,6 +134,32 @@ def deliver_all(items: list[tuple[Generation, str | BaseException | None]]) -> N
     A piece is text; None ends a generation; an exception ends it with that error."""
     for generation, item in items:
         generation.put(item)
+
+
+@dataclass(frozen=True)
+class EngineHealth:
+    """How an engine's worker is doing, for /status (see `Engine.health`)."""
+
+    alive: bool = True  # the worker thread is running
+    heartbeat_age: float = 0.0  # seconds since the worker last went round its loop
+    stuck_seconds: float = 0.0  # > 0: it has had work but no progress for this long
+    restarts: int = 0  # dead workers the watchdog replaced
+    last_error: str = ""  # the last unexpected error the worker met (or died of)
+
+    @property
+    def healthy(self) -> bool:
+        return self.alive and not self.stuck_seconds
+
+    def describe(self) -> str:
+        if not self.alive:
+            return f"down ({self.last_error or 'the worker stopped'}); restarting it"
+        if self.stuck_seconds:
+            return f"stuck for {self.stuck_seconds:.0f} s (inside llama.cpp; restart the bot if it stays stuck)"
+        if self.restarts:
+            return f"healthy, restarted {self.restarts} time{'s' if self.restarts != 1 else ''}, last: {self.last_error}"
+        if self.last_error:
+            return f"healthy (last error: {self.last_error})"
+        return "healthy"
 
 
 @dataclass(frozen=True)
@@ -157,6 +198,11 @@ class Engine(abc.ABC):
     @property
     def last_stats(self) -> GenerationStats | None:
         return None
+
+    @property
+    def health(self) -> EngineHealth:
+        """The worker's health; engines without a worker thread are always healthy."""
+        return EngineHealth()
 
     @abc.abstractmethod
     async def close(self) -> None:

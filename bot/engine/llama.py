@@ -7,6 +7,9 @@ cache and only evaluates what differs, which we measure and report in `Generatio
 
 Hot swap loads the new model in another thread beside the old one; the worker switches
 between two generations, so nothing under way is lost, and a failed load changes nothing.
+
+An error fails only the generation it happened in; a `common.Watchdog` restarts the worker
+should anything still end it, and reports it as stuck when it stops making progress.
 """
 
 from __future__ import annotations
@@ -14,7 +17,6 @@ from __future__ import annotations
 import asyncio
 import collections
 import logging
-import os
 import threading
 import time
 from dataclasses import dataclass, replace
@@ -25,16 +27,16 @@ from bot.engine.base import (
     Engine,
     EngineBusy,
     EngineError,
+    EngineHealth,
     Generation,
     GenerationRequest,
     GenerationStats,
     ModelInfo,
     ModelLoadError,
 )
+from bot.engine.common import Watchdog, as_engine_error, check_model_file, finish_swap
 
 log = logging.getLogger(__name__)
-
-GGUF_MAGIC = b"GGUF"
 
 
 @dataclass(frozen=True)
@@ -46,34 +48,10 @@ class LlamaConfig:
     n_batch: int = 256
     seed: int = -1
     max_queue: int = 32
-
-
-def check_model_file(path: Path, n_gpu_layers: int = 0) -> None:
-    """Fail early, with a helpful message, on a file llama.cpp could not load."""
-    if not path.is_file():
-        raise ModelLoadError(f"model file not found: {path} (check MODEL_PATH or MODELS_DIR)")
-    with path.open("rb") as handle:
-        magic = handle.read(4)
-    if magic != GGUF_MAGIC:
-        raise ModelLoadError(
-            f"{path.name} is not a GGUF file (it starts with {magic!r}, not b'GGUF'); "
-            "convert it with `hermes-train export` or download a .gguf build"
-        )
-    size = path.stat().st_size
-    ram = os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_PHYS_PAGES")
-    offloading = n_gpu_layers != 0 and _supports_gpu_offload()
-    if not offloading and size > ram:
-        raise ModelLoadError(
-            f"{path.name} is {size / 2**30:.1f} GiB but this machine has {ram / 2**30:.1f} GiB "
-            "of RAM and llama.cpp has no GPU offload here: pick a smaller quantization "
-            "or install llama-cpp-python with CUDA (see README)"
-        )
-
-
-def _supports_gpu_offload() -> bool:
-    import llama_cpp
-
-    return bool(llama_cpp.llama_supports_gpu_offload())
+    # Work but no progress for this long: /status says "stuck". The worker beats once per
+    # token, not while llama.cpp evaluates a prompt: keep it above the longest prompt time.
+    stuck_seconds: float = 60.0
+    watchdog_seconds: float = 1.0  # how often the watchdog looks at the worker thread
 
 
 def load_llama(config: LlamaConfig) -> Any:
@@ -103,12 +81,16 @@ class LlamaEngine(Engine):
         self._config = config
         self._llm = llm
         self._loop = loop
-        self._pending: collections.deque[Generation | _Swap | None] = collections.deque()
-        self._wakeup = threading.Condition()
+        self._pending: collections.deque[Generation | _Swap] = collections.deque()
+        self._wakeup = threading.Condition()  # reentrant: submit reads queue_depth under it
         self._last_stats: GenerationStats | None = None
-        self._busy = False  # a generation is under way
-        self._worker = threading.Thread(target=self._run, name="llama-worker", daemon=True)
-        self._worker.start()
+        self._current: Generation | None = None  # taken by the worker, not yet finished
+        self._closing = False
+        self._watchdog = Watchdog(
+            "llama-worker", self._run, self._has_work, config.stuck_seconds, config.watchdog_seconds
+        )
+        self._watchdog.start_thread()
+        self._watchdog.watch(loop)
 
     @classmethod
     async def start(cls, config: LlamaConfig) -> LlamaEngine:
@@ -122,27 +104,45 @@ class LlamaEngine(Engine):
 
     @property
     def queue_depth(self) -> int:
-        return sum(isinstance(job, Generation) for job in self._pending)
+        with self._wakeup:  # the worker pops from the deque meanwhile
+            return sum(isinstance(job, Generation) for job in self._pending)
 
     @property
     def last_stats(self) -> GenerationStats | None:
         return self._last_stats
+
+    @property
+    def health(self) -> EngineHealth:
+        return self._watchdog.health
 
     def count_tokens(self, text: str) -> int:
         # Tokenizing reads only the vocabulary, never the context the worker is using.
         return len(self._llm.tokenize(text.encode("utf-8"), add_bos=True, special=False))
 
     def submit(self, request: GenerationRequest) -> Generation:
-        generation = Generation(request, asyncio.get_running_loop())
+        generation = Generation(request, asyncio.get_running_loop(), dequeue=self._dequeue)
         with self._wakeup:
             if self.queue_depth >= self._config.max_queue:
                 raise EngineBusy(
                     f"{self.queue_depth} requests are already waiting; try again in a minute"
                 )
             self._pending.append(generation)
-            generation.set_position(self.queue_depth - 1 + self._busy)
+            generation.set_position(self.queue_depth - 1 + (self._current is not None))
             self._wakeup.notify()
         return generation
+
+    def _dequeue(self, generation: Generation) -> None:
+        """`Generation.cancel()` (any thread): a request still waiting ends now."""
+        with self._wakeup:
+            try:
+                self._pending.remove(generation)
+            except ValueError:
+                return  # already taken by the worker (which sees `cancelled`) or finished
+            waiting = [job for job in self._pending if isinstance(job, Generation)]
+            for position, other in enumerate(waiting, start=int(self._current is not None)):
+                other.set_position(position)
+        generation.stats.stopped_by = "cancelled"
+        generation.finish()
 
     async def reload(self, path: str | None = None) -> ModelInfo:
         config = self._config if path is None else replace(self._config, model_path=Path(path))
@@ -156,50 +156,90 @@ class LlamaEngine(Engine):
         return self.info
 
     async def close(self) -> None:
+        await self._watchdog.stop()
+        self._watchdog.check()  # a dead worker is replaced, so that what it held is failed
         with self._wakeup:
             for job in self._pending:
                 if isinstance(job, Generation):
                     job.finish(EngineError("the bot is shutting down"))
             self._pending.clear()
-            self._pending.append(None)
+            self._closing = True
             self._wakeup.notify()
-        await asyncio.to_thread(self._worker.join)
+        await asyncio.to_thread(self._watchdog.join)
         self._llm.close()
 
     # ---- the worker thread -------------------------------------------------------------
 
+    def _has_work(self) -> bool:
+        return self._current is not None or bool(self._pending)
+
     def _take(self) -> Generation | _Swap | None:
         with self._wakeup:
-            while not self._pending:
-                self._wakeup.wait()
+            while not self._pending and not self._closing:
+                self._wakeup.wait(self._config.watchdog_seconds)
+                self._watchdog.beat()
+            if not self._pending:
+                return None
             job = self._pending.popleft()
+            if isinstance(job, Generation):
+                self._current = job
             waiting = [j for j in self._pending if isinstance(j, Generation)]
         for position, generation in enumerate(waiting, start=1):  # behind the one starting now
             self._loop.call_soon_threadsafe(generation.set_position, position)
         return job
 
-    def _run(self) -> None:
-        while (job := self._take()) is not None:
-            if isinstance(job, _Swap):
-                old, self._llm, self._config = self._llm, job.llm, job.config
-                # Freed on the loop thread, where count_tokens may be reading its vocabulary.
-                self._loop.call_soon_threadsafe(finish_swap, old, job.done)
-                continue
-            if job.cancelled.is_set():
-                job.stats.stopped_by = "cancelled"
-                job.finish()
-                continue
-            error: EngineError | None = None
-            self._busy = True
+    def _run(self, crash: EngineError | None = None) -> None:
+        """The worker thread: `crash` is set when it replaces one that died (see Watchdog)."""
+        if crash is not None:
+            self._recover(crash)
+        while True:
+            self._watchdog.beat()
+            try:
+                job = self._take()
+                if job is None:
+                    return
+                if isinstance(job, _Swap):
+                    old, self._llm, self._config = self._llm, job.llm, job.config
+                    # Freed on the loop thread, where count_tokens may be reading its vocabulary.
+                    self._loop.call_soon_threadsafe(finish_swap, old, job.done)
+                else:
+                    self._serve(job)
+            except Exception as error:  # a bug outside a generation: fail its job, serve on
+                log.exception("llama worker: unexpected error")
+                self._watchdog.note(error)
+                if self._current is not None:
+                    self._current.stats.stopped_by = "error"
+                    self._current.finish(as_engine_error(error))
+                self._current = None
+
+    def _recover(self, crash: EngineError) -> None:
+        """First thing in a worker that replaces a dead one: fail what it was generating and
+        forget the context's tokens (the dead one may have left them half evaluated)."""
+        job, self._current = self._current, None
+        if job is not None:
+            job.stats.stopped_by = "error"
+            job.finish(crash)
+        self._llm.reset()
+
+    def _serve(self, job: Generation) -> None:
+        error: EngineError | None = None
+        if job.cancelled.is_set():
+            job.stats.stopped_by = "cancelled"
+        else:
             try:
                 self._generate(job)
+            except EngineError as exc:  # this request cannot be served (too long)
+                job.stats.stopped_by = "error"
+                error = exc
             except Exception as exc:  # report to the caller, keep the worker alive
                 log.exception("generation failed")
+                self._watchdog.note(exc)
                 job.stats.stopped_by = "error"
-                error = exc if isinstance(exc, EngineError) else EngineError(f"generation failed: {exc}")
-            self._busy = False
+                error = as_engine_error(exc)
+                self._llm.reset()  # what failed may have left the cache half written
             self._last_stats = job.stats
-            job.finish(error)
+        self._current = None
+        job.finish(error)
 
     def _generate(self, job: Generation) -> None:
         llm, request, stats = self._llm, job.request, job.stats
@@ -228,6 +268,7 @@ class LlamaEngine(Engine):
         reason = "stop"
         try:
             for chunk in stream:
+                self._watchdog.beat()  # per token (not during the prompt: see stuck_seconds)
                 if first is None:
                     first = time.perf_counter()
                 choice = chunk["choices"][0]
@@ -244,13 +285,6 @@ class LlamaEngine(Engine):
         stats.prompt_seconds = (first or ended) - started
         stats.generation_seconds = ended - (first or ended)
         stats.stopped_by = reason
-
-
-def finish_swap(old_model: Any, done: asyncio.Future[None]) -> None:
-    """On the loop thread, after a hot swap: free the old model (count_tokens, which runs
-    on the loop, may have been reading its vocabulary) and wake the reload."""
-    old_model.close()
-    done.set_result(None)
 
 
 @dataclass

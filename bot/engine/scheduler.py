@@ -11,11 +11,14 @@ evaluates only its new tokens even when other channels spoke in between. When ev
 is taken, the least recently used idle slot's sequence state is copied to a bounded
 host-RAM cache (`llama_state_seq_get_data`) and restored when its conversation returns.
 Requests wait in a bounded FIFO queue; every active sequence advances one token per step.
+An error ends only the generations it belongs to; a `common.Watchdog` restarts the thread
+should anything still end it.
 """
 
 from __future__ import annotations
 
 import asyncio
+import codecs
 import collections
 import ctypes
 import logging
@@ -30,6 +33,7 @@ from bot.engine.base import (
     Engine,
     EngineBusy,
     EngineError,
+    EngineHealth,
     Generation,
     GenerationRequest,
     GenerationStats,
@@ -37,7 +41,7 @@ from bot.engine.base import (
     ModelLoadError,
     deliver_all,
 )
-from bot.engine.llama import check_model_file, finish_swap
+from bot.engine.common import Watchdog, as_engine_error, check_model_file, finish_swap
 
 log = logging.getLogger(__name__)
 MIN_RESTORE_TOKENS = 32  # below this, re-evaluating is as cheap as restoring a saved state
@@ -56,6 +60,8 @@ class BatchConfig:
     max_queue: int = 32
     kv_budget_mb: int = 2048  # what `n_parallel: 0` may spend on KV cache
     reuse_prefix: bool = True  # False: evaluate every prompt from scratch (benchmarks)
+    stuck_seconds: float = 60.0  # work but no step for this long: /status says "stuck"
+    watchdog_seconds: float = 1.0  # how often the watchdog looks at the scheduler thread
 
 
 class _Llama:
@@ -186,6 +192,46 @@ class _Llama:
         self.lib.llama_model_free(self.model)
 
 
+class TextStream:
+    """The bytes of sampled tokens in, the text safe to show out.
+
+    UTF-8 is decoded incrementally: a character split over tokens waits for its last
+    bytes, and an invalid byte becomes U+FFFD instead of spoiling the rest of the reply.
+    The text is cut at the first stop string; what could still be the start of one is
+    held back until it is clear.
+    """
+
+    def __init__(self, stop: tuple[str, ...]) -> None:
+        self.stop = tuple(s for s in stop if s)
+        self.text = ""  # decoded so far (up to a stop string, once one is found)
+        self.sent = 0  # characters of `text` already handed out
+        self.stopped = False  # a stop string was found
+        self._decoder = codecs.getincrementaldecoder("utf-8")(errors="replace")
+        self._hold = max((len(s) - 1 for s in self.stop), default=0)
+
+    def feed(self, data: bytes, final: bool = False) -> str:
+        """Add a token's bytes (`final`: no more will come); return the new text that is
+        safe to show ("" while a character or a possible stop string is incomplete)."""
+        if self.stopped:
+            return ""
+        self.text += self._decoder.decode(data, final)
+        hits = [h for stop in self.stop if (h := self.text.find(stop, max(0, self.sent - len(stop)))) >= 0]
+        if hits:
+            self.text = self.text[: min(hits)]
+            self.stopped = True
+            return self.rest()
+        safe = max(self.sent, len(self.text) - self._hold)
+        piece, self.sent = self.text[self.sent : safe], safe
+        return piece
+
+    def rest(self) -> str:
+        """At the end: what was held back (a partial character becomes U+FFFD)."""
+        if not self.stopped:
+            self.text += self._decoder.decode(b"", True)
+        piece, self.sent = self.text[self.sent :], len(self.text)
+        return piece
+
+
 @dataclass
 class _Slot:
     seq: int
@@ -201,12 +247,10 @@ class _Job:
     tokens: list[int]  # the prompt
     sampler: Any
     slot: _Slot
+    text: TextStream  # the reply so far
     fed: int = 0  # prompt tokens evaluated so far
     next_token: int | None = None  # sampled, not yet evaluated
     produced: int = 0
-    raw: bytearray = field(default_factory=bytearray)
-    text: str = ""  # decoded so far
-    sent: int = 0  # characters of `text` already pushed to the caller
     started: float = field(default_factory=time.perf_counter)
     first: float | None = None
 
@@ -221,7 +265,13 @@ def _common_prefix(a: list[int], b: list[int]) -> int:
 
 
 class BatchedEngine(Engine):
-    """Continuous batching with conversation affinity. Build with `await BatchedEngine.start(config)`."""
+    """Continuous batching with conversation affinity. Build with `await BatchedEngine.start(config)`.
+
+    An error ends only the generations it belongs to (a failed token batch: the jobs in
+    it; a failed prompt chunk, sampler or slot preparation: that job), whose slots are
+    cleared; the scheduler thread goes on. What still kills the thread is caught by the
+    `Watchdog`, which starts a fresh one.
+    """
 
     def __init__(self, config: BatchConfig, llama: _Llama, loop: asyncio.AbstractEventLoop) -> None:
         self._config = config
@@ -230,14 +280,18 @@ class BatchedEngine(Engine):
         self._slots = [_Slot(seq) for seq in range(llama.n_parallel)]
         self._ram: collections.OrderedDict[str, tuple[list[int], bytes]] = collections.OrderedDict()
         self._pending: collections.deque[Generation] = collections.deque()
+        self._admitting: list[Generation] = []  # taken from the queue, not yet in a slot
         self._wakeup = threading.Condition()
         self._swap: tuple[BatchConfig, _Llama, asyncio.Future[None]] | None = None
         self._closing = False
         self._last_stats: GenerationStats | None = None
         self._outbox: list[tuple[Generation, str | BaseException | None]] = []  # not yet delivered
         self._flushed = 0.0
-        self._thread = threading.Thread(target=self._run, name="llama-scheduler", daemon=True)
-        self._thread.start()
+        self._watchdog = Watchdog(
+            "llama-scheduler", self._run, self._has_work, config.stuck_seconds, config.watchdog_seconds
+        )
+        self._watchdog.start_thread()
+        self._watchdog.watch(loop)
         log.info("batching engine: %d slots of %d tokens", llama.n_parallel, config.n_ctx)
 
     @classmethod
@@ -263,11 +317,15 @@ class BatchedEngine(Engine):
     def last_stats(self) -> GenerationStats | None:
         return self._last_stats
 
+    @property
+    def health(self) -> EngineHealth:
+        return self._watchdog.health
+
     def count_tokens(self, text: str) -> int:
         return len(self._llama.tokenize(text))  # reads only the vocabulary
 
     def submit(self, request: GenerationRequest) -> Generation:
-        generation = Generation(request, asyncio.get_running_loop())
+        generation = Generation(request, asyncio.get_running_loop(), dequeue=self._dequeue)
         with self._wakeup:
             if len(self._pending) >= self._config.max_queue:
                 raise EngineBusy(f"{len(self._pending)} requests are already waiting; try again in a minute")
@@ -276,6 +334,18 @@ class BatchedEngine(Engine):
             generation.set_position(len(self._pending) if busy else 0)
             self._wakeup.notify()
         return generation
+
+    def _dequeue(self, generation: Generation) -> None:
+        """`Generation.cancel()` (any thread): a request still waiting ends now."""
+        with self._wakeup:
+            try:
+                self._pending.remove(generation)
+            except ValueError:
+                return  # already taken by the scheduler (which sees `cancelled`) or finished
+            for position, other in enumerate(self._pending, start=1):
+                other.set_position(position)
+        generation.stats.stopped_by = "cancelled"
+        generation.finish()
 
     async def reload(self, path: str | None = None) -> ModelInfo:
         config = self._config if path is None else replace(self._config, model_path=Path(path))
@@ -289,13 +359,15 @@ class BatchedEngine(Engine):
         return self.info
 
     async def close(self) -> None:
+        await self._watchdog.stop()
+        self._watchdog.check()  # a dead scheduler is replaced, so that what it held is failed
         with self._wakeup:
             self._closing = True
             for generation in self._pending:
                 generation.put(EngineError("the bot is shutting down"))
             self._pending.clear()
             self._wakeup.notify()
-        await asyncio.to_thread(self._thread.join)
+        await asyncio.to_thread(self._watchdog.join)
         self._llama.close()
 
     # ---- the scheduler thread ---------------------------------------------------------
@@ -303,11 +375,19 @@ class BatchedEngine(Engine):
     def _active(self) -> list[_Job]:
         return [slot.job for slot in self._slots if slot.job is not None]
 
-    def _run(self) -> None:
+    def _has_work(self) -> bool:
+        return bool(self._pending or self._admitting or self._swap) or any(slot.job for slot in self._slots)
+
+    def _run(self, crash: EngineError | None = None) -> None:
+        """The scheduler thread: `crash` is set when it replaces one that died (see Watchdog)."""
+        if crash is not None:
+            self._recover(crash)
         while True:
+            self._watchdog.beat()
             with self._wakeup:
                 while not self._closing and not self._pending and not self._active() and self._swap is None:
-                    self._wakeup.wait()
+                    self._wakeup.wait(self._config.watchdog_seconds)
+                    self._watchdog.beat()
                 if self._closing:
                     for job in self._active():
                         self._finish(job, EngineError("the bot is shutting down"))
@@ -316,16 +396,46 @@ class BatchedEngine(Engine):
                 if self._swap is not None and not self._active():
                     self._do_swap()
                     continue
-                admitted = self._take_admissible() if self._swap is None else []
-            self._admit(admitted)
+                if self._swap is None:
+                    self._admitting = self._take_admissible()
             try:
+                self._admit()
                 self._step()
-            except Exception as error:  # a failed decode ends the jobs in it, not the engine
-                log.exception("decode step failed")
-                for job in self._active():
-                    self._finish(job, error if isinstance(error, EngineError) else EngineError(str(error)))
-                    self._reset_slot(job.slot)
-            self._flush()
+                self._flush()
+            except Exception as error:  # whose it is cannot be told: end every job under way
+                self._fail(self._active(), error, "scheduler step failed")
+                for generation in self._admitting:
+                    self._reject(generation, as_engine_error(error))
+                self._admitting = []
+
+    def _recover(self, crash: EngineError) -> None:
+        """First thing in a scheduler that replaces a dead one: fail what it held, clear
+        every slot (it may have died half way through writing one), deliver."""
+        for generation in self._admitting:
+            self._reject(generation, crash)
+        self._admitting = []
+        for job in self._active():
+            self._finish(job, crash)
+        for slot in self._slots:
+            self._reset_slot(slot)
+        self._flush()
+
+    def _reject(self, generation: Generation, error: EngineError) -> None:
+        """End a generation that never got a slot."""
+        generation.stats.stopped_by = "error"
+        self._outbox.append((generation, error))
+
+    def _fail(self, jobs: list[_Job], error: Exception, what: str) -> None:
+        """End `jobs` with `error` (logged with its traceback) and clear their slots."""
+        log.error("%s: %d generation(s) failed", what, len(jobs), exc_info=error)
+        self._watchdog.note(error)
+        failure = as_engine_error(error)
+        for job in jobs:
+            try:
+                if job.slot.job is job:
+                    self._finish(job, failure)
+            finally:
+                self._reset_slot(job.slot)
 
     def _flush(self) -> None:
         """Deliver pending text to the event loop in one call, at most every FLUSH_SECONDS
@@ -351,34 +461,53 @@ class BatchedEngine(Engine):
         free = sum(slot.job is None for slot in self._slots)
         return [self._pending.popleft() for _ in range(min(free, len(self._pending)))]
 
-    def _admit(self, generations: list[Generation]) -> None:
+    def _admit(self) -> None:
         """Give each admitted request a slot, preferring the slot of its conversation."""
-        for generation in generations:
+        if not self._admitting:
+            return
+        while self._admitting:  # each leaves the list once handled: see _recover
+            generation = self._admitting[0]
             if generation.cancelled.is_set():
                 generation.stats.stopped_by = "cancelled"
                 self._outbox.append((generation, None))
-                continue
-            self._start(generation, [slot for slot in self._slots if slot.job is None])
-        if generations:
-            with self._wakeup:
-                waiting = list(self._pending)
-            for position, generation in enumerate(waiting, start=1):
-                self._loop.call_soon_threadsafe(generation.set_position, position)
+            else:
+                try:
+                    self._start(generation)
+                except Exception as error:  # this request only: its slot was cleared by _start
+                    log.exception("starting a generation failed")
+                    self._watchdog.note(error)
+                    self._reject(generation, as_engine_error(error))
+            self._admitting.pop(0)
+        with self._wakeup:
+            waiting = list(self._pending)
+        for position, generation in enumerate(waiting, start=1):
+            self._loop.call_soon_threadsafe(generation.set_position, position)
 
-    def _start(self, generation: Generation, free: list[_Slot]) -> None:
+    def _start(self, generation: Generation) -> None:
         llama, request = self._llama, generation.request
         tokens = llama.tokenize(request.prompt)
         if len(tokens) + request.max_new_tokens > self._config.n_ctx:
-            self._outbox.append((generation, EngineError(
+            self._reject(generation, EngineError(
                 f"prompt of {len(tokens)} tokens + {request.max_new_tokens} new tokens exceeds the context of {self._config.n_ctx}"
-            )))
+            ))
             return
+        free = [slot for slot in self._slots if slot.job is None]
         conversation = request.conversation
         slot = next((s for s in free if conversation and s.conversation == conversation), None)
         if slot is None:
             slot = max(free, key=lambda s: (_common_prefix(s.tokens, tokens), -s.last_used))
             if _common_prefix(slot.tokens, tokens) < MIN_RESTORE_TOKENS:
                 slot = min(free, key=lambda s: s.last_used)  # least recently used
+        try:
+            self._prepare(slot, generation, tokens)
+        except Exception:
+            self._reset_slot(slot)  # half prepared: start it afresh next time
+            raise
+
+    def _prepare(self, slot: _Slot, generation: Generation, tokens: list[int]) -> None:
+        """Bring the slot's sequence to the longest usable prefix of `tokens`, then start."""
+        llama, request = self._llama, generation.request
+        conversation = request.conversation
         if not self._config.reuse_prefix:
             self._reset_slot(slot)
         elif slot.conversation != conversation:
@@ -394,7 +523,7 @@ class BatchedEngine(Engine):
         slot.tokens = tokens[:keep]
         slot.conversation = conversation
         slot.last_used = time.monotonic()
-        job = _Job(generation, tokens, llama.sampler(request), slot, fed=keep)
+        job = _Job(generation, tokens, llama.sampler(request), slot, TextStream(request.stop), fed=keep)
         generation.stats.prompt_tokens = len(tokens)
         generation.stats.reused_tokens = keep
         slot.job = job
@@ -402,17 +531,22 @@ class BatchedEngine(Engine):
     def _evict(self, slot: _Slot) -> None:
         """Move an idle slot's sequence to the RAM cache (if it is worth keeping), then clear it."""
         if slot.conversation and len(slot.tokens) >= MIN_RESTORE_TOKENS and self._config.ram_cache_mb > 0:
-            state = self._llama.save(slot.seq)
-            self._ram[slot.conversation] = (list(slot.tokens), state)
-            self._ram.move_to_end(slot.conversation)
-            budget = self._config.ram_cache_mb * 2**20
-            while sum(len(s) for _, s in self._ram.values()) > budget:
-                self._ram.popitem(last=False)
+            try:
+                state = self._llama.save(slot.seq)
+            except Exception as error:  # MemoryError, mostly: that conversation re-evaluates later
+                log.warning("could not keep conversation %s in RAM (%s)", slot.conversation, error, exc_info=True)
+                self._watchdog.note(error)
+            else:
+                self._ram[slot.conversation] = (list(slot.tokens), state)
+                self._ram.move_to_end(slot.conversation)
+                budget = self._config.ram_cache_mb * 2**20
+                while sum(len(s) for _, s in self._ram.values()) > budget:
+                    self._ram.popitem(last=False)
         self._reset_slot(slot)
 
     def _reset_slot(self, slot: _Slot) -> None:
-        self._llama.forget(slot.seq)
         slot.tokens, slot.conversation = [], None
+        self._llama.forget(slot.seq)
 
     def _step(self) -> None:
         """One scheduling step: a token for every generating sequence in one llama_decode,
@@ -422,6 +556,8 @@ class BatchedEngine(Engine):
         would be alone: llama.cpp switches to other matmul kernels for batches beyond a
         few dozen tokens (measured: up to 0.95 difference in a logit), so a prompt mixed
         with others would not produce the tokens it produces alone.
+
+        A failed decode ends the jobs it was for; a failed sample, the job it was for.
         """
         generating: list[_Job] = []
         entries: list[tuple[int, int, int, bool]] = []
@@ -435,21 +571,35 @@ class BatchedEngine(Engine):
                 job.next_token = None
                 generating.append(job)
         if entries:
-            self._llama.decode(entries)
+            try:
+                self._llama.decode(entries)
+            except Exception as error:
+                self._fail(generating, error, "decoding a token batch failed")
+                generating = []
             for index, job in enumerate(generating):
-                self._accept(job, self._sample(job, index))
+                try:
+                    self._accept(job, self._sample(job, index))
+                except Exception as error:
+                    self._fail([job], error, "sampling failed")
         prefilling = [job for job in self._active() if job.fed < len(job.tokens)]
         if prefilling:
             job = min(prefilling, key=lambda j: j.started)  # oldest first: FIFO fairness
-            chunk = job.tokens[job.fed : job.fed + self._llama.n_batch]
-            done = job.fed + len(chunk) == len(job.tokens)
-            self._llama.decode(
-                [(token, job.fed + i, job.slot.seq, done and i == len(chunk) - 1) for i, token in enumerate(chunk)]
-            )
-            job.slot.tokens.extend(chunk)
-            job.fed += len(chunk)
-            if done:
-                self._accept(job, self._sample(job, len(chunk) - 1))
+            try:
+                self._prefill(job)
+            except Exception as error:
+                self._fail([job], error, "evaluating a prompt failed")
+
+    def _prefill(self, job: _Job) -> None:
+        """Evaluate the next chunk of a job's prompt; sample its first token after the last."""
+        chunk = job.tokens[job.fed : job.fed + self._llama.n_batch]
+        done = job.fed + len(chunk) == len(job.tokens)
+        self._llama.decode(
+            [(token, job.fed + i, job.slot.seq, done and i == len(chunk) - 1) for i, token in enumerate(chunk)]
+        )
+        job.slot.tokens.extend(chunk)
+        job.fed += len(chunk)
+        if done:
+            self._accept(job, self._sample(job, len(chunk) - 1))
 
     def _sample(self, job: _Job, index: int) -> int:
         return int(self._llama.lib.llama_sampler_sample(job.sampler, self._llama.ctx, index))
@@ -464,38 +614,25 @@ class BatchedEngine(Engine):
         if self._llama.is_end(token):
             return self._finish(job, reason="stop")
         job.produced += 1
-        job.raw += self._llama.piece(token)
-        try:
-            job.text = job.raw.decode("utf-8")
-        except UnicodeDecodeError:  # a multi-byte character still incomplete
-            if job.produced < request.max_new_tokens:
-                job.next_token = token
-                return None
-        hits = [job.text.find(stop, max(0, job.sent - len(stop))) for stop in request.stop]
-        hits = [h for h in hits if h >= 0]
-        if hits:
-            job.text = job.text[: min(hits)]
+        piece = job.text.feed(self._llama.piece(token))
+        if piece:
+            self._outbox.append((job.generation, piece))
+        if job.text.stopped:
             return self._finish(job, reason="stop")
         if job.produced >= request.max_new_tokens:
             return self._finish(job, reason="length")
-        hold = max((len(stop) - 1 for stop in request.stop), default=0)  # could be a stop's start
-        safe = max(job.sent, len(job.text) - hold)
-        if safe > job.sent:
-            self._outbox.append((job.generation, job.text[job.sent : safe]))
-            job.sent = safe
         job.next_token = token
         return None
 
     def _finish(self, job: _Job, error: BaseException | None = None, reason: str | None = None) -> None:
+        job.slot.job = None  # first: whatever fails below, the slot is free
+        job.slot.last_used = time.monotonic()
         stats = job.generation.stats
-        if job.sent < len(job.text) and error is None:
-            self._outbox.append((job.generation, job.text[job.sent :]))
+        if error is None and (rest := job.text.rest()):
+            self._outbox.append((job.generation, rest))
         stats.completion_tokens = job.produced
         stats.generation_seconds = time.perf_counter() - (job.first or job.started)
-        stats.stopped_by = reason or stats.stopped_by or ("error" if error else "stop")
-        self._llama.lib.llama_sampler_free(job.sampler)
-        job.slot.job = None
-        job.slot.last_used = time.monotonic()
+        stats.stopped_by = "error" if error is not None else reason or stats.stopped_by or "stop"
         self._last_stats = stats
         self._outbox.append((job.generation, error))
-
+        self._llama.lib.llama_sampler_free(job.sampler)
