@@ -63,6 +63,7 @@ class Admin(commands.Cog):
             f"**Model:** {engine.info.name}",
             f"**Context:** {engine.info.n_ctx} tokens",
             f"**Queue:** {engine.queue_depth} waiting",
+            f"**Engine:** {engine.health.describe()}",
             f"**Last generation:** {speed}",
             f"**Uptime:** {_uptime(time.monotonic() - self.started)}",
         ]
