@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import logging
 import random
+import time
 from dataclasses import replace
 from typing import TYPE_CHECKING
 
@@ -12,9 +13,9 @@ import discord
 from discord import app_commands
 from discord.ext import commands
 
-from bot.cards import MAX_CARD_BYTES, card_from_bytes
+from bot.cards import MAX_CARD_BYTES
 from bot.cogs.edge import interaction_may_manage
-from bot.personas import persona_from_dict, persona_key
+from bot.personas import parse_card_off_loop, persona_key
 from bot.policy import conversation_key
 from bot.replies import split_message
 
@@ -105,6 +106,9 @@ class Personas(commands.Cog):
         if not self._may_manage(interaction):
             await interaction.response.send_message(NEEDS_MANAGE, ephemeral=True)
             return
+        if wait := self.bot.import_cooldown.take(interaction.user.id, time.monotonic()):
+            await interaction.response.send_message(f"Slow down: you can import again in {wait:.0f} s.", ephemeral=True)
+            return
         if card.size > MAX_CARD_BYTES:
             await interaction.response.send_message(
                 f"That file is {card.size} bytes; cards may be at most {MAX_CARD_BYTES}.", ephemeral=True
@@ -113,11 +117,13 @@ class Personas(commands.Cog):
         await interaction.response.defer(ephemeral=True, thinking=True)
         try:
             data = await card.read()
-            raw = card_from_bytes(data)
-            persona = persona_from_dict(raw)
+            # Parsed in a worker thread within a time limit: a hostile card never blocks the
+            # event loop, and one that takes too long is refused (PersonaError).
+            raw, persona = await parse_card_off_loop(data, card.filename)
         except (ValueError, discord.HTTPException) as error:  # CardError and PersonaError are ValueErrors
             log.info("rejected card %s from %s: %s", card.filename, interaction.user, error)
-            await interaction.followup.send(f"I can't import {card.filename}: {error}", ephemeral=True)
+            reason = str(error).removeprefix(f"{card.filename}: ")
+            await interaction.followup.send(f"I can't import {card.filename}: {reason}"[:2000], ephemeral=True)
             return
         key = persona_key(persona.name)
         existing = self.responder.personas.get(key)
@@ -130,8 +136,10 @@ class Personas(commands.Cog):
         self.responder.personas[key] = replace(persona, source="imported")
         greetings = len(persona.greetings)
         lore = len(persona.lorebook.entries) if persona.lorebook else 0
+        skipped = persona.lorebook.skipped if persona.lorebook else ()
+        note = f"\nSkipped {len(skipped)} lorebook problem(s): " + "; ".join(skipped) if skipped else ""
         await interaction.followup.send(
-            f"Imported **{persona.name}** as `{key}` ({greetings} greeting(s), {lore} lorebook entries). "
-            f"Use `/persona set {key}`.",
+            (f"Imported **{persona.name}** as `{key}` ({greetings} greeting(s), {lore} lorebook entries). "
+             f"Use `/persona set {key}`." + note)[:2000],
             ephemeral=True,
         )
