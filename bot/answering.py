@@ -16,7 +16,8 @@ from dataclasses import dataclass
 
 import discord
 
-from bot.conversation import StoredReply
+from bot.cogs.edge import to_message
+from bot.conversation import Message, StoredReply
 from bot.engine.base import EngineError, Generation
 from bot.prompt import PromptTooLong
 from bot.replies import EditThrottle, queue_notice
@@ -27,6 +28,7 @@ log = logging.getLogger(__name__)
 QUEUE_REFRESH_SECONDS = 2.0  # how often a queued reply's place in the queue is refreshed
 QUEUE_FIRST_LOOK_SECONDS = 0.5  # how soon a reply that got no text yet looks at its place
 TYPING_SECONDS = 8.0  # Discord shows "typing" for 10 s after each trigger
+CONTEXT_MESSAGES = 20  # messages read around a question in a channel that is not enabled
 
 
 @dataclass(frozen=True)
@@ -38,6 +40,7 @@ class Question:
     message_id: int | None
     author_id: int
     author_name: str
+    read_context: bool = False  # read the chat before the question from Discord (not stored)
 
 
 @dataclass
@@ -81,8 +84,10 @@ class Answerer:
         under_way = self._under_way[stream.reply_id] = _UnderWay(stream)
         try:
             async with _typing(channel):
+                context = await self._context(question, channel) if question.read_context else []
                 try:
-                    reply = await self.responder.start_reply(question.key, speaker=question.author_name)
+                    reply = await self.responder.start_reply(question.key, speaker=question.author_name,
+                                                             context=context)
                 except (EngineError, PromptTooLong) as error:
                     log.warning("cannot answer in %s: %s", question.key, error)
                     await stream.fail(f"I can't answer right now: {error}")
@@ -98,6 +103,18 @@ class Answerer:
             raise
         finally:
             self._under_way.pop(stream.reply_id, None)
+
+    async def _context(self, question: Question, channel: discord.abc.Messageable) -> list[Message]:
+        """The chat just before the question, read from Discord (best effort)."""
+        if question.message_id is None:
+            return []
+        try:
+            return [to_message(m) async for m in channel.history(
+                limit=CONTEXT_MESSAGES, before=discord.Object(question.message_id), oldest_first=False)
+                if m.author.id != self.bot_user_id]
+        except (discord.HTTPException, OSError) as error:
+            log.info("cannot read the chat around the question in %s (%s); answering without it", question.key, error)
+            return []
 
     async def _stream(self, stream: ReplyStream, generation: Generation, channel_id: int) -> None:
         throttle = self._throttles[channel_id]

@@ -16,7 +16,6 @@ class Incoming:
     mentions_bot: bool
     replies_to_bot: bool
     channel_enabled: bool
-    known_conversation: bool  # the bot already takes part in this channel
 
 
 def should_reply(message: Incoming, reply_to_bots: bool = False) -> bool:
@@ -28,11 +27,12 @@ def should_reply(message: Incoming, reply_to_bots: bool = False) -> bool:
 
 
 def should_store(message: Incoming, reply_to_bots: bool = False) -> bool:
-    """Keep every message of a conversation the bot takes part in (its own replies are
-    stored by the reply path, with their final text)."""
+    """Keep what addresses the bot, and everything in DMs and enabled channels (where
+    people chose to talk with it). Elsewhere the surrounding chat is read from Discord when
+    answering and never kept. The bot's own replies are stored by the reply path."""
     if message.from_self:
         return False
-    return should_reply(message, reply_to_bots) or message.known_conversation
+    return message.is_dm or message.channel_enabled or should_reply(message, reply_to_bots)
 
 
 def is_admin(user_id: int, admin_ids: frozenset[int], has_administrator: bool) -> bool:

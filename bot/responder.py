@@ -7,6 +7,7 @@ treated the same way wherever it comes from.
 from __future__ import annotations
 
 import logging
+from collections.abc import Sequence
 from dataclasses import dataclass
 
 from bot.conversation import Message
@@ -23,6 +24,16 @@ log = logging.getLogger(__name__)
 # times over in the budget's binary search) would hold the event loop for a second; the
 # history is cut to what can possibly fit first, then counted exactly.
 MAX_CHARS_PER_TOKEN = 8
+
+
+def with_context(history: list[Message], context: Sequence[Message]) -> list[Message]:
+    """The stored history plus the context messages it lacks, in platform order."""
+    stored = {m.platform_id for m in history}
+    extra = [m for m in context if m.platform_id not in stored]
+    if not extra:
+        return history
+    # Discord ids grow with time; a row without one (a reply just begun) stays last.
+    return sorted(history + extra, key=lambda m: int(m.platform_id) if (m.platform_id or "").isdigit() else 2**63)
 
 
 def newest_within(history: list[Message], max_chars: int) -> list[Message]:
@@ -66,13 +77,15 @@ class Responder:
     async def conversation_persona(self, key: str) -> Persona:
         return self.persona((await self.store.state(key)).persona)
 
-    async def start_reply(self, key: str, speaker: str) -> Reply:
+    async def start_reply(self, key: str, speaker: str, context: Sequence[Message] = ()) -> Reply:
         """Build the prompt from the stored history and queue its generation.
 
-        `speaker` is the display name of the person being answered (for `{{user}}`).
+        `speaker` is the display name of the person being answered (for `{{user}}`);
+        `context`: messages read from the platform around the question but not stored
+        (merged into the history by their platform ids).
         """
         persona = await self.conversation_persona(key)
-        history = await self.store.recent_messages(key, self.settings.history_limit)
+        history = with_context(await self.store.recent_messages(key, self.settings.history_limit), context)
         n_ctx = self.engine.info.n_ctx
         history = newest_within(history, (n_ctx - self.settings.max_new_tokens) * MAX_CHARS_PER_TOKEN)
         lore_before: list[str] = []

@@ -148,6 +148,7 @@ class Settings(BaseSettings):
     user_messages_per_minute: int = _integer(12, 0)  # answers per person per minute; 0 = no limit
     user_queue_share: int = _integer(0, 0)  # answers one person may have waiting; 0 = a quarter of MAX_QUEUE
     bot_reply_limit: int = _integer(3, 0)  # answers to bots in a row without a person speaking
+    retention_days: int = _integer(0, 0)  # delete messages older than this; 0 = keep them
 
     @classmethod
     def settings_customise_sources(

@@ -37,6 +37,7 @@ from sqlalchemy import (
     TypeDecorator,
     UniqueConstraint,
     and_,
+    delete,
     event,
     false,
     func,
@@ -95,6 +96,7 @@ class ConversationRow(Base):
     # Messages with an id <= forget_before_id are hidden from the prompt (set by /reset).
     forget_before_id: Mapped[int | None] = mapped_column(Id)
     is_dm: Mapped[bool] = mapped_column(Boolean, default=False, server_default=false())
+    guild_id: Mapped[str | None] = mapped_column(String(32), index=True)  # the Discord server, if any
     created_at: Mapped[datetime] = mapped_column(DateTime(timezone=True), default=utcnow)
 
 
@@ -104,6 +106,7 @@ class MessageRow(Base):
         Index("ix_messages_conversation_id_id", "conversation_id", "id"),
         Index("ix_messages_reply_status", "reply_status"),
         Index("ix_messages_undelivered", "undelivered"),
+        Index("ix_messages_created_at", "created_at"),
         UniqueConstraint("conversation_id", "platform_id", name="uq_messages_conversation_platform"),
     )
 
@@ -271,17 +274,21 @@ class Store:
         """The dialect's INSERT, which knows ON CONFLICT DO NOTHING."""
         return (postgresql.insert if self._dialect == "postgresql" else sqlite.insert)(table)
 
-    async def _conversation(self, session: AsyncSession, key: str, is_dm: bool = False) -> ConversationRow:
+    async def _conversation(
+        self, session: AsyncSession, key: str, is_dm: bool = False, guild_id: str | None = None
+    ) -> ConversationRow:
         """Get or create, race-free: concurrent first messages all land in one row."""
         await session.execute(
             self._insert(ConversationRow)
-            .values(key=key, enabled=False, is_dm=is_dm, created_at=utcnow())
+            .values(key=key, enabled=False, is_dm=is_dm, guild_id=guild_id, created_at=utcnow())
             .on_conflict_do_nothing(index_elements=["key"])
         )
         row = await session.scalar(select(ConversationRow).where(ConversationRow.key == key))
         assert row is not None
         if is_dm and not row.is_dm:
             row.is_dm = True
+        if guild_id is not None and row.guild_id != guild_id:
+            row.guild_id = guild_id
         return row
 
     async def state(self, key: str) -> ConversationState:
@@ -291,11 +298,11 @@ class Store:
             return ConversationState(key=key)
         return ConversationState(key=key, persona=row.persona, enabled=row.enabled, known=True)
 
-    async def add_message(self, key: str, message: Message, is_dm: bool = False) -> bool:
+    async def add_message(self, key: str, message: Message, is_dm: bool = False, guild_id: str | None = None) -> bool:
         """Store a message; False if a message with that platform id is already stored."""
 
         async def work(session: AsyncSession) -> bool:
-            conversation = await self._conversation(session, key, is_dm)
+            conversation = await self._conversation(session, key, is_dm, guild_id)
             result = await session.execute(
                 self._insert(MessageRow)
                 .values(**_message_values(conversation.id, message))
@@ -338,8 +345,53 @@ class Store:
         return await self._update_message(key, platform_id, content=content, edited_at=utcnow())
 
     async def delete_message(self, key: str, platform_id: str) -> bool:
-        """Mark a stored message deleted: it never reaches a prompt again."""
-        return await self._update_message(key, platform_id, deleted_at=utcnow())
+        """A message deleted in Discord: its text is erased; a tombstone without text (ids
+        and time) remains, so it never reaches a prompt again."""
+        return await self._update_message(key, platform_id, content="", notice=None, deleted_at=utcnow())
+
+    # ---- privacy: deleting for good -----------------------------------------------------
+
+    async def forget_author(self, key: str, author_id: str) -> int:
+        """Delete every message of one person in a conversation (/forget)."""
+        return await self._delete_messages(
+            MessageRow.conversation_id == self._conversation_id(key), MessageRow.author_id == author_id
+        )
+
+    async def forget_conversation(self, key: str) -> int:
+        """Delete a conversation's whole history (/forget everything); its settings stay."""
+        return await self._delete_messages(MessageRow.conversation_id == self._conversation_id(key))
+
+    async def purge_older_than(self, cutoff: datetime) -> int:
+        """Delete every message older than `cutoff` (RETENTION_DAYS)."""
+        return await self._delete_messages(MessageRow.created_at < cutoff)
+
+    async def purge_conversation(self, key: str) -> int:
+        """A channel was deleted: its conversation and its history go."""
+        return await self._delete_conversations(ConversationRow.key == key)
+
+    async def purge_guild(self, guild_id: str) -> int:
+        """The bot left (or was removed from) a server: every conversation of it goes."""
+        return await self._delete_conversations(ConversationRow.guild_id == guild_id)
+
+    @staticmethod
+    def _conversation_id(key: str) -> Any:
+        return select(ConversationRow.id).where(ConversationRow.key == key).scalar_subquery()
+
+    async def _delete_messages(self, *conditions: Any) -> int:
+        async def work(session: AsyncSession) -> int:
+            return int((await session.execute(delete(MessageRow).where(*conditions))).rowcount)
+
+        return await self._write(work)
+
+    async def _delete_conversations(self, condition: Any) -> int:
+        """Delete conversations and (explicitly, whatever the foreign keys do) their messages."""
+
+        async def work(session: AsyncSession) -> int:
+            ids = select(ConversationRow.id).where(condition).scalar_subquery()
+            await session.execute(delete(MessageRow).where(MessageRow.conversation_id.in_(ids)))
+            return int((await session.execute(delete(ConversationRow).where(condition))).rowcount)
+
+        return await self._write(work)
 
     async def _update_message(self, key: str, platform_id: str, **values: object) -> bool:
         async def work(session: AsyncSession) -> bool:

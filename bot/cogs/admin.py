@@ -54,6 +54,24 @@ class Admin(commands.Cog):
         await self.bot.responder.store.reset(conversation_key(interaction.channel_id or 0))
         await interaction.response.send_message("Done: I have forgotten everything said here before now.")
 
+    @app_commands.command(name="forget", description="Delete your messages here from the bot's memory, for good")
+    @app_commands.describe(everything="Manage Channels: delete this conversation's whole history")
+    async def forget(self, interaction: discord.Interaction, everything: bool = False) -> None:
+        key = conversation_key(interaction.channel_id or 0)
+        store = self.bot.responder.store
+        if everything:
+            if not interaction_may_manage(interaction, self.bot.settings.admin_user_ids):
+                await interaction.response.send_message(
+                    "Deleting everyone's messages needs the Manage Channels permission; "
+                    "`/forget` alone deletes yours.", ephemeral=True
+                )
+                return
+            deleted = await store.forget_conversation(key)
+            await interaction.response.send_message(f"Deleted this conversation's history ({deleted} messages).")
+            return
+        deleted = await store.forget_author(key, str(interaction.user.id))
+        await interaction.response.send_message(f"Deleted your {deleted} messages here.", ephemeral=True)
+
     @app_commands.command(name="status", description="The model, its context, the queue and speed")
     async def status(self, interaction: discord.Interaction) -> None:
         engine = self.bot.responder.engine

@@ -28,6 +28,7 @@ from bot.fair_use import ChatGate
 from bot.policy import conversation_key, should_reply, should_store
 from bot.recovery import Recovery
 from bot.reply_stream import NO_PINGS
+from bot.retention import purge_forever
 
 if TYPE_CHECKING:
     from bot.app import HermesBot
@@ -43,6 +44,7 @@ class Chat(commands.Cog):
         self.answerer: Answerer | None = None  # once the bot knows its own id
         self.recovery = Recovery(bot, self.store, self)
         self.accepting = True
+        self._retention: asyncio.Task[None] | None = None
         settings = bot.settings
         self.gate = ChatGate(settings.user_messages_per_minute,
                              settings.user_queue_share or max(1, settings.max_queue // 4), settings.bot_reply_limit)
@@ -66,6 +68,8 @@ class Chat(commands.Cog):
     @commands.Cog.listener()
     async def on_ready(self) -> None:
         self.recovery.start()
+        if self._retention is None:
+            self._retention = asyncio.create_task(purge_forever(self.store, self.bot.settings.retention_days))
 
     @commands.Cog.listener()
     async def on_message(self, message: discord.Message) -> None:
@@ -76,17 +80,23 @@ class Chat(commands.Cog):
         arrival = self._arrivals.setdefault(message.channel.id, asyncio.Lock())
         async with arrival:
             state = await self.store.state(key)
-            incoming = to_incoming(message, me, state.enabled, state.known)
+            incoming = to_incoming(message, me, state.enabled)
             reply_to_bots = self.bot.settings.reply_to_bots
             if should_store(incoming, reply_to_bots):
-                await self.store.add_message(key, to_message(message), is_dm=incoming.is_dm)
+                guild_id = guild_id_of(message)
+                await self.store.add_message(key, to_message(message), is_dm=incoming.is_dm,
+                                             guild_id=str(guild_id) if guild_id else None)
         if not should_reply(incoming, reply_to_bots):
             return
         under_way = self.answerer.under_way_for(message.author.id) if self.answerer else 0
         verdict = self.gate.check(key, message.author.id, message.author.bot, under_way, time.monotonic())
         if verdict is None:
+            # Outside DMs and enabled channels, the chat around the question is read from
+            # Discord when answering (it is not stored).
             self.queue_answer(Question(key, message.channel.id, message.id, message.author.id,
-                                       message.author.display_name), message.channel)
+                                       message.author.display_name,
+                                       read_context=not (incoming.is_dm or incoming.channel_enabled)),
+                              message.channel)
         elif verdict:
             await self._notify(message, verdict)
 
@@ -124,6 +134,24 @@ class Chat(commands.Cog):
         key = conversation_key(payload.channel_id)
         for message_id in payload.message_ids:
             await self.store.delete_message(key, str(message_id))
+
+    @commands.Cog.listener()
+    async def on_guild_channel_delete(self, channel: discord.abc.GuildChannel) -> None:
+        await self._purge_channel(channel.id)
+
+    @commands.Cog.listener()
+    async def on_raw_thread_delete(self, payload: discord.RawThreadDeleteEvent) -> None:
+        await self._purge_channel(payload.thread_id)
+
+    @commands.Cog.listener()
+    async def on_guild_remove(self, guild: discord.Guild) -> None:
+        """Removed from a server (or left it): that server's history is deleted."""
+        purged = await self.store.purge_guild(str(guild.id))
+        log.info("left server %d: deleted the history of %d conversations", guild.id, purged)
+
+    async def _purge_channel(self, channel_id: int) -> None:
+        if await self.store.purge_conversation(conversation_key(channel_id)):
+            log.info("channel %d was deleted: its history is deleted too", channel_id)
 
     # ---- buttons -----------------------------------------------------------------------
 
@@ -174,6 +202,8 @@ class Chat(commands.Cog):
         """Take no new work, end the replies under way within `grace` seconds, each with
         its final state in Discord and in the store."""
         self.accepting = False
+        if self._retention is not None:
+            self._retention.cancel()
         dropped = self.lanes.close()
         under_way = self.answerer.interrupt_all() if self.answerer else 0
         log.info("shutting down: %d replies under way, %d waiting (stored, answered after the restart)",

@@ -41,7 +41,7 @@ def guild_id_of(message: discord.Message) -> int | None:
     return getattr(message.channel, "guild_id", None)
 
 
-def to_incoming(message: discord.Message, me: discord.abc.User, channel_enabled: bool, known: bool) -> Incoming:
+def to_incoming(message: discord.Message, me: discord.abc.User, channel_enabled: bool) -> Incoming:
     return Incoming(
         from_self=message.author.id == me.id,
         from_bot=message.author.bot,
@@ -49,7 +49,6 @@ def to_incoming(message: discord.Message, me: discord.abc.User, channel_enabled:
         mentions_bot=me in message.mentions,
         replies_to_bot=replies_to(message, me.id),
         channel_enabled=channel_enabled,
-        known_conversation=known,
     )
 
 

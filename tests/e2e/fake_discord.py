@@ -691,6 +691,19 @@ class FakeDiscord:
             return web.Response(status=404)
         return web.Response(body=content, content_type="application/octet-stream")
 
+    async def delete_channel(self, channel_id: int) -> None:
+        """A moderator deletes a channel (or a thread)."""
+        channel = self.channels.pop(channel_id)
+        if channel["type"] == 11:
+            await self._dispatch("THREAD_DELETE", {"id": str(channel_id), "guild_id": channel["guild_id"],
+                                                   "parent_id": channel["parent_id"], "type": 11})
+        else:
+            await self._dispatch("CHANNEL_DELETE", channel)
+
+    async def kick_bot(self, guild_id: int) -> None:
+        """The server's owner removes the bot from the server."""
+        await self._dispatch("GUILD_DELETE", {"id": str(guild_id)})
+
     async def _leave_guild(self, request: web.Request) -> web.Response:
         guild_id = int(request.match_info["guild"])
         self.left_guilds.append(guild_id)

@@ -89,8 +89,10 @@ async def test_channel_enable_needs_manage_channels_and_then_every_message_is_an
     disabled = await d.slash(d.mod, d.thread, "channel", sub="disable")
     await wait_for(lambda: disabled.response_type == 4)
     ignored = await d.user_says(d.bob, d.thread, "now I am ignored")
-    await stored(h, d.thread, 3)
+    await asyncio.sleep(0.5)
     assert d.replies_to(ignored) == []
+    history = await stored(h, d.thread, 2)
+    assert "now I am ignored" not in [m.content for m in history], "privacy: not addressed, not kept"
 
 
 async def test_persona_set_greets_and_plays_the_character(start_bot: StartBot) -> None:
@@ -240,6 +242,7 @@ async def test_a_queued_reply_shows_its_place_as_the_queue_moves(start_bot: Star
     first = await d.user_says(d.ann, d.dm, "first")
     await wait_for(lambda: d.replies_to(first))
     second = await d.user_says(d.bob, d.general, "second", mention_bot=True)
+    await wait_for(lambda: d.replies_to(second))  # queued in this order
     third = await d.user_says(d.mod, d.random, "third", mention_bot=True)
     notice = await wait_for(lambda: d.replies_to(third))
     notice_id = int(notice[0]["id"])

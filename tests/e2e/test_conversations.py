@@ -49,10 +49,13 @@ async def test_guild_channel_needs_a_mention_or_reply(start_bot: StartBot) -> No
     follow_up = await d.user_says(d.ann, d.general, "and why?", reply_to=int(first["id"]))
     second = (await wait_for(lambda: d.replies_to(follow_up)))[0]
     await wait_for(lambda: d.messages[int(second["id"])]["content"] == "Second answer.")
-    # The mention reads as a name; the unaddressed message before the bot joined is not stored.
+    # The mention reads as a name. The chat around it is read from Discord when answering
+    # (the model sees it) but never stored: only what addresses the bot is kept.
     assert "Bob: @Hermes what do you think?" in h.engine.prompts[0]
-    assert "just chatting" not in h.engine.prompts[0]
+    assert "Ann: just chatting\nBob: @Hermes what do you think?" in h.engine.prompts[0]
     assert "Ann: and why?" in h.engine.prompts[1] and "First answer." in h.engine.prompts[1]
+    stored_texts = [m.content for m in await h.store.recent_messages(f"discord:{d.general}", 10)]
+    assert "just chatting" not in stored_texts and "and why?" in stored_texts
 
 
 async def test_other_bots_and_itself_are_ignored(start_bot: StartBot) -> None:

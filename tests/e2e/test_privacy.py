@@ -1,0 +1,116 @@
+"""Privacy that deletes, checked in the database file itself (plain sqlite3, not the
+bot's store): what Discord deletes, what /forget deletes, retention, channels that are not
+enabled, a deleted channel, a server that removed the bot."""
+
+from __future__ import annotations
+
+import asyncio
+import sqlite3
+from datetime import UTC, datetime, timedelta
+
+from bot.conversation import Message
+from tests.e2e.conftest import StartBot
+from tests.e2e.fake_discord import GUILD_ID, wait_for
+
+
+def db_rows(database_url: str, sql: str, *args: object) -> list[tuple]:
+    with sqlite3.connect(database_url.split("///", 1)[1]) as db:
+        return db.execute(sql, args).fetchall()
+
+
+def texts(database_url: str) -> list[str]:
+    return [r[0] for r in db_rows(database_url, "select content from messages order by id")]
+
+
+async def test_a_message_deleted_in_discord_loses_its_text(start_bot: StartBot, database_url: str) -> None:
+    h = await start_bot()
+    d = h.discord
+    h.engine.say("noted")
+    secret = await d.user_says(d.ann, d.dm, "my password is hunter2")
+    await wait_for(lambda: d.replies_to(secret))
+    await d.user_deletes(secret)
+    await wait_for(lambda: "my password is hunter2" not in texts(database_url))
+    (content, deleted_at), = db_rows(database_url, "select content, deleted_at from messages where platform_id = ?",
+                                     str(secret))
+    assert content == "" and deleted_at is not None, "a tombstone without text remains"
+
+
+async def test_forget_deletes_ones_own_messages_and_managers_delete_everything(
+    start_bot: StartBot, database_url: str
+) -> None:
+    h = await start_bot()
+    d = h.discord
+    h.engine.delay = 0.0
+    h.engine.say("a", "b")
+    for person, text in ((d.ann, "ann's secret"), (d.bob, "bob's words")):
+        asked = await d.user_says(person, d.general, text, mention_bot=True)
+        await wait_for(lambda asked=asked: d.replies_to(asked))
+    await asyncio.sleep(0.3)
+    mine = await d.slash(d.ann, d.general, "forget")
+    await wait_for(lambda: mine.response_type == 4)
+    assert "Deleted your 1 messages" in d.original(mine)["content"]
+    stored = texts(database_url)
+    assert not any("ann's secret" in t for t in stored) and any("bob's words" in t for t in stored)
+    refused = await d.slash(d.ann, d.general, "forget", options={"everything": True})
+    await wait_for(lambda: refused.response_type == 4)
+    assert "Manage Channels" in d.original(refused)["content"]
+    everything = await d.slash(d.mod, d.general, "forget", options={"everything": True})
+    await wait_for(lambda: everything.response_type == 4)
+    assert db_rows(database_url, "select count(*) from messages") == [(0,)]
+
+
+async def test_only_what_addresses_the_bot_is_kept_outside_enabled_channels(
+    start_bot: StartBot, database_url: str
+) -> None:
+    h = await start_bot()
+    d = h.discord
+    h.engine.say("hello")
+    chatter = [await d.user_says(d.bob, d.general, f"people talking {i}") for i in range(3)]
+    asked = await d.user_says(d.ann, d.general, "what do you say?", mention_bot=True)
+    await wait_for(lambda: d.replies_to(asked))
+    assert all(f"people talking {i}" in h.engine.prompts[0] for i in range(3)), "read from Discord to answer"
+    await asyncio.sleep(0.3)
+    stored = texts(database_url)
+    assert not any("people talking" in t for t in stored), "and never kept"
+    assert any("what do you say?" in t for t in stored)
+    assert len(chatter) == 3
+
+
+async def test_retention_deletes_old_messages(start_bot: StartBot, database_url: str) -> None:
+    h = await start_bot()
+    old = Message("1", "Ann", "from long ago", platform_id="1", created_at=datetime.now(UTC) - timedelta(days=40))
+    new = Message("1", "Ann", "from today", platform_id="2")
+    await h.store.add_message("discord:1", old)
+    await h.store.add_message("discord:1", new)
+    await h.bot.close()
+    await start_bot(RETENTION_DAYS="30")
+    await wait_for(lambda: texts(database_url) == ["from today"])
+
+
+async def test_a_deleted_channel_and_a_server_that_removed_the_bot_are_purged(
+    start_bot: StartBot, database_url: str
+) -> None:
+    h = await start_bot()
+    d = h.discord
+    h.engine.delay = 0.0
+    h.engine.say("a", "b", "c")
+    for channel in (d.general, d.random, d.thread):
+        asked = await d.user_says(d.ann, channel, "hello", mention_bot=True)
+        await wait_for(lambda asked=asked: d.replies_to(asked))
+    dm = await d.user_says(d.ann, d.dm, "hi in private")
+    await wait_for(lambda: d.replies_to(dm))
+    await asyncio.sleep(0.3)
+
+    def keys() -> set[str]:
+        return {r[0] for r in db_rows(database_url, "select key from conversations")}
+
+    assert keys() == {f"discord:{c}" for c in (d.general, d.random, d.thread, d.dm)}
+    assert {r[0] for r in db_rows(database_url, "select guild_id from conversations")} == {str(GUILD_ID), None}
+    await d.delete_channel(d.thread)
+    await wait_for(lambda: f"discord:{d.thread}" not in keys())
+    await d.delete_channel(d.random)
+    await wait_for(lambda: f"discord:{d.random}" not in keys())
+    await d.kick_bot(GUILD_ID)
+    await wait_for(lambda: keys() == {f"discord:{d.dm}"})
+    assert all("hello" != t for t in texts(database_url)), "the server's messages are gone"
+    assert "hi in private" in texts(database_url), "a DM is not the server's"
