@@ -309,6 +309,23 @@ def persona_key(name: str) -> str:
     return re.sub(r"[^a-z0-9]+", "-", name.lower()).strip("-")[:100] or "persona"
 
 
+def scoped_key(scope: str, name: str) -> str:
+    """The key of a card imported in `scope` ("g<server id>", or "u<user id>" for a DM):
+    imported cards belong to where they were imported, so names only clash within a scope."""
+    return f"{scope}/{persona_key(name)[:60]}"
+
+
+def visible_in(key: str, scope: str | None) -> bool:
+    """Shipped personas are seen everywhere; an imported one only in its own scope."""
+    owner, slash, _ = key.partition("/")
+    return not slash or owner == scope
+
+
+def short_key(key: str) -> str:
+    """What people type and see: the key without its scope."""
+    return key.rpartition("/")[2]
+
+
 def merge_imported(personas: dict[str, Persona], cards: Mapping[str, Mapping[str, Any]]) -> dict[str, Persona]:
     """Add the cards imported through Discord; a file persona of the same key wins."""
     for key, card in cards.items():

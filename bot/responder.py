@@ -12,7 +12,7 @@ from dataclasses import dataclass
 
 from bot.conversation import Message
 from bot.engine.base import Engine, Generation, GenerationRequest, SamplingParams
-from bot.personas import DEFAULT_PERSONA, Persona
+from bot.personas import DEFAULT_PERSONA, Persona, short_key, visible_in
 from bot.prompt import BuiltPrompt, build_prompt
 from bot.settings import Settings
 from bot.store import Store
@@ -64,15 +64,21 @@ class Responder:
         self.engine = engine
         self.personas = personas
 
-    def find_persona(self, name: str) -> str | None:
-        """The key of the persona with this key or display name (any case), if any."""
-        wanted = name.strip().lower()
-        return next((k for k, p in self.personas.items() if wanted in (k, p.name.lower())), None)
+    def visible_personas(self, scope: str | None) -> dict[str, Persona]:
+        """The shipped personas and the ones imported in `scope` (None: shipped only)."""
+        return {k: p for k, p in self.personas.items() if visible_in(k, scope)}
 
-    def persona(self, name: str | None) -> Persona:
-        """The persona with this key (or display name), else the default assistant."""
-        key = self.find_persona(name) if name is not None else None
-        return self.personas[key or DEFAULT_PERSONA]
+    def find_persona(self, name: str, scope: str | None = None) -> str | None:
+        """The key of the persona seen in `scope` with this key or display name (any case)."""
+        wanted = name.strip().lower()
+        return next((k for k, p in self.visible_personas(scope).items()
+                     if wanted in (k, short_key(k), p.name.lower())), None)
+
+    def persona(self, key: str | None) -> Persona:
+        """The persona a conversation chose (its key), else the default assistant."""
+        if key is not None and key in self.personas:
+            return self.personas[key]
+        return self.personas[(self.find_persona(key) if key is not None else None) or DEFAULT_PERSONA]
 
     async def conversation_persona(self, key: str) -> Persona:
         return self.persona((await self.store.state(key)).persona)

@@ -21,7 +21,7 @@ def test_upgrade_and_downgrade_on_a_real_file(database_url: str) -> None:
     with sqlite3.connect(sqlite_path(database_url)) as db:
         tables = {r[0] for r in db.execute("select name from sqlite_master where type='table'")}
         indexes = {r[0] for r in db.execute("select name from sqlite_master where type='index'")}
-        assert db.execute("select version_num from alembic_version").fetchone() == ("0004",)
+        assert db.execute("select version_num from alembic_version").fetchone() == ("0005",)
         message_columns = {r[1] for r in db.execute("pragma table_info(messages)")}
     assert {"conversations", "messages", "imported_personas"} <= tables
     assert {"ix_messages_conversation_id_id", "ix_messages_reply_status", "ix_messages_undelivered"} <= indexes

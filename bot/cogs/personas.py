@@ -15,7 +15,7 @@ from discord.ext import commands
 
 from bot.cards import MAX_CARD_BYTES
 from bot.cogs.edge import interaction_may_manage
-from bot.personas import parse_card_off_loop, persona_key
+from bot.personas import parse_card_off_loop, persona_key, scoped_key, short_key
 from bot.policy import conversation_key
 from bot.replies import split_message
 
@@ -24,6 +24,7 @@ if TYPE_CHECKING:
 
 log = logging.getLogger(__name__)
 NO_PINGS = discord.AllowedMentions.none()
+PERSONA_QUOTA = 25  # imported personas per server (or per person, in DMs)
 NEEDS_MANAGE = "You need the Manage Channels permission (or bot admin rights) for this."
 
 
@@ -37,11 +38,17 @@ class Personas(commands.Cog):
     def _may_manage(self, interaction: discord.Interaction) -> bool:
         return interaction_may_manage(interaction, self.bot.settings.admin_user_ids)
 
+    @staticmethod
+    def _scope(interaction: discord.Interaction) -> str:
+        """Cards imported in a server belong to that server; in a DM, to that person."""
+        return f"g{interaction.guild_id}" if interaction.guild_id else f"u{interaction.user.id}"
+
     @persona.command(name="list", description="The personas you can choose")
     async def list_personas(self, interaction: discord.Interaction) -> None:
         lines = [
-            f"`{key}` — {p.name}" + (" (roleplay)" if p.roleplay else "") + (" (imported)" if p.source == "imported" else "")
-            for key, p in sorted(self.responder.personas.items())
+            f"`{short_key(key)}` — {p.name}" + (" (roleplay)" if p.roleplay else "")
+            + (" (imported here)" if p.source == "imported" else "")
+            for key, p in sorted(self.responder.visible_personas(self._scope(interaction)).items())
         ]
         await interaction.response.send_message("\n".join(lines)[:2000], ephemeral=True)
 
@@ -63,7 +70,7 @@ class Personas(commands.Cog):
         if not self._may_manage(interaction):
             await interaction.response.send_message(NEEDS_MANAGE, ephemeral=True)
             return
-        key = self.responder.find_persona(name)
+        key = self.responder.find_persona(name, self._scope(interaction))
         if key is None:
             await interaction.response.send_message(f"There is no persona called {name!r}; see /persona list.", ephemeral=True)
             return
@@ -87,8 +94,8 @@ class Personas(commands.Cog):
     @set_persona.autocomplete("name")
     async def _names(self, interaction: discord.Interaction, current: str) -> list[app_commands.Choice[str]]:
         return [
-            app_commands.Choice(name=f"{p.name} ({key})"[:100], value=key)
-            for key, p in sorted(self.responder.personas.items())
+            app_commands.Choice(name=f"{p.name} ({short_key(key)})"[:100], value=short_key(key))
+            for key, p in sorted(self.responder.visible_personas(self._scope(interaction)).items())
             if current.lower() in key or current.lower() in p.name.lower()
         ][:25]
 
@@ -125,11 +132,19 @@ class Personas(commands.Cog):
             reason = str(error).removeprefix(f"{card.filename}: ")
             await interaction.followup.send(f"I can't import {card.filename}: {reason}"[:2000], ephemeral=True)
             return
-        key = persona_key(persona.name)
-        existing = self.responder.personas.get(key)
-        if existing is not None and existing.source != "imported":
+        scope = self._scope(interaction)
+        key = scoped_key(scope, persona.name)
+        if persona_key(persona.name) in self.responder.personas:
             await interaction.followup.send(
-                f"`{key}` is already a persona shipped with the bot; rename the character to import it.", ephemeral=True
+                f"`{persona_key(persona.name)}` is a persona shipped with the bot (read-only); "
+                "rename the character to import it.", ephemeral=True
+            )
+            return
+        owned = sum(k.startswith(f"{scope}/") for k in self.responder.personas)
+        if key not in self.responder.personas and owned >= PERSONA_QUOTA:
+            await interaction.followup.send(
+                f"This {'server' if interaction.guild_id else 'DM'} already has {owned} imported personas, "
+                f"the most it may keep ({PERSONA_QUOTA}).", ephemeral=True
             )
             return
         await self.responder.store.save_imported_persona(key, raw, card.filename, str(interaction.user.id))
@@ -139,7 +154,8 @@ class Personas(commands.Cog):
         skipped = persona.lorebook.skipped if persona.lorebook else ()
         note = f"\nSkipped {len(skipped)} lorebook problem(s): " + "; ".join(skipped) if skipped else ""
         await interaction.followup.send(
-            (f"Imported **{persona.name}** as `{key}` ({greetings} greeting(s), {lore} lorebook entries). "
-             f"Use `/persona set {key}`." + note)[:2000],
+            (f"Imported **{persona.name}** as `{short_key(key)}` for this "
+             f"{'server' if interaction.guild_id else 'DM'} ({greetings} greeting(s), {lore} lorebook entries). "
+             f"Use `/persona set {short_key(key)}`." + note)[:2000],
             ephemeral=True,
         )

@@ -10,7 +10,7 @@ import pytest
 
 from bot.engine.scheduler import BatchConfig, BatchedEngine
 from tests.e2e.conftest import StartBot
-from tests.e2e.fake_discord import wait_for
+from tests.e2e.fake_discord import GUILD_ID, wait_for
 from tests.e2e.test_conversations import stored
 
 
@@ -208,7 +208,7 @@ async def test_persona_import_from_an_attachment(start_bot: StartBot) -> None:
     await h.bot.close()
 
     h2 = await start_bot()  # the import survives a restart
-    assert h2.bot.responder.personas["nova-vex"].source == "imported"
+    assert h2.bot.responder.personas[f"g{GUILD_ID}/nova-vex"].source == "imported"
     h2.engine.say("Hold on to something.")
     question = await d.user_says(d.ann, d.general, "is the reactor ok?", mention_bot=True)
     await wait_for(lambda: d.replies_to(question))
