@@ -6,6 +6,17 @@ personality, scenario, example dialogue), optional post-history instructions, an
 roleplay characters a response prefix (`Name: `), with `{{char}}` / `{{user}}` rendered.
 `creator_notes` are kept for people and never reach the prompt.
 
+Who `{{user}}` is. The preamble is the start of every prompt of a conversation, so it must
+not change with the person being answered: if it did, each time another person spoke in a
+group roleplay the engine would find no common prefix and evaluate the whole prompt again.
+In the preamble `{{user}}` is therefore `preamble_user(speaker, people)`: the person's name
+while they are the only person in the conversation's history (a DM, the terminal, a
+channel where one person talks with the bot), else the stable label `GROUP_USER` ("the
+user"; "The user" at the start of a sentence or line). The current speaker is named only
+near the end of the prompt: in the post-history instructions (`post_history(speaker)`)
+and in the speaker lines of the history itself. A greeting is posted once, to the person
+who chose the persona, and keeps their name.
+
 Every field is checked for its type (text is text, flags are true/false, lorebook numbers
 are numbers); a persona's name is made safe to print as a speaker (`safe_name`). Loading
 `PERSONAS_DIR` never stops on one bad file or entry: it is skipped with a log line naming it.
@@ -20,7 +31,7 @@ import logging
 import random
 import re
 import unicodedata
-from collections.abc import Mapping, Sequence
+from collections.abc import Iterable, Mapping, Sequence
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field, replace
 from pathlib import Path
@@ -46,6 +57,11 @@ ROLEPLAY_SYSTEM_PROMPT = (
     "anyone else."
 )
 _MACROS = re.compile(r"\{\{(char|user)\}\}|<(BOT|USER)>", re.I)
+# What `{{user}}` becomes in the preamble once several people are in the conversation.
+GROUP_USER = "the user"
+# Looking back from a macro: these may stand between it and the end of the previous sentence
+# ("*{{user}} waves*", "(\"{{user}}\"").
+_OPENERS = " \t*_\"'(\u201c\u2018"
 
 
 class PersonaError(ValueError):
@@ -109,7 +125,10 @@ class Persona:
         object.__setattr__(self, "name", safe_name(self.name))
 
     def preamble(self, user: str, lore_before: Sequence[str] = (), lore_after: Sequence[str] = ()) -> str:
-        """The text that goes before the conversation, macros rendered."""
+        """The text that goes before the conversation, macros rendered; `{{user}}` becomes
+        `user`, which the bot chooses with `preamble_user` so that it does not depend on who
+        is being answered (see the module doc). `GROUP_USER` is capitalized where a
+        sentence or line starts with it."""
         system = self.system_prompt
         if self.roleplay:
             system = system.replace("{{original}}", ROLEPLAY_SYSTEM_PROMPT) if system else ROLEPLAY_SYSTEM_PROMPT
@@ -121,10 +140,13 @@ class Persona:
         parts.extend(lore_after)
         if self.mes_example:
             parts.append(f"Example dialogue:\n{self.mes_example}")
-        return render_macros("\n\n".join(p.strip() for p in parts if p.strip()), self.name, user)
+        text = "\n\n".join(p.strip() for p in parts if p.strip())
+        return render_macros(text, self.name, user, sentence_case=user == GROUP_USER)
 
     def post_history(self, user: str) -> str:
-        """Instructions placed after the conversation, right before the reply."""
+        """Instructions placed after the conversation, right before the reply; `{{user}}`
+        is the person being answered (this is near the end of the prompt, after the part
+        every turn shares)."""
         text = self.post_history_instructions.replace("{{original}}", "")
         return render_macros(text.strip(), self.name, user)
 
@@ -146,14 +168,43 @@ class Persona:
         return f"{self.name}: " if self.roleplay else ""
 
 
-def render_macros(text: str, char: str, user: str) -> str:
-    """Replace {{char}}/<BOT> with the persona's name and {{user}}/<USER> with the person's."""
+def render_macros(text: str, char: str, user: str, sentence_case: bool = False) -> str:
+    """Replace {{char}}/<BOT> with the persona's name and {{user}}/<USER> with `user`.
+
+    With `sentence_case`, a `user` that starts in lower case (the `GROUP_USER` label) gets a
+    capital where it starts the text, a line or a sentence (after '.', '!' or '?'), also
+    behind roleplay markup such as '*' or an opening quote."""
 
     def substitute(match: re.Match[str]) -> str:
         word = (match.group(1) or match.group(2)).lower()
-        return char if word in {"char", "bot"} else user
+        if word in {"char", "bot"}:
+            return char
+        if sentence_case and _starts_sentence(text, match.start()):
+            return user[:1].upper() + user[1:]
+        return user
 
     return _MACROS.sub(substitute, text)
+
+
+def _starts_sentence(text: str, position: int) -> bool:
+    before = text[:position].rstrip(_OPENERS)
+    return not before or before[-1] in ".!?\n"
+
+
+def _same_person(a: str, b: str) -> bool:
+    return " ".join(a.split()).casefold() == " ".join(b.split()).casefold()
+
+
+def preamble_user(speaker: str, people: Iterable[str]) -> str:
+    """What `{{user}}` stands for in the preamble: `speaker` while the people who spoke in
+    the conversation's history (`people`: their display names, the bot's own messages left
+    out) are only them, else `GROUP_USER`.
+
+    So a DM or the terminal keeps the person's name, and a group's preamble is the same
+    whoever is answered: the engine reuses it (and everything after it) from turn to turn.
+    It changes once, when a second person joins, and back only if one person alone fills
+    the whole history window again."""
+    return speaker if all(_same_person(name, speaker) for name in people) else GROUP_USER
 
 
 def _text(value: Any, key: str) -> str:

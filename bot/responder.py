@@ -12,7 +12,7 @@ from dataclasses import dataclass
 
 from bot.conversation import Message
 from bot.engine.base import Engine, Generation, GenerationRequest, SamplingParams
-from bot.personas import DEFAULT_PERSONA, Persona, short_key, visible_in
+from bot.personas import DEFAULT_PERSONA, Persona, preamble_user, short_key, visible_in
 from bot.prompt import BuiltPrompt, build_prompt
 from bot.settings import Settings
 from bot.store import Store
@@ -86,7 +86,9 @@ class Responder:
     async def start_reply(self, key: str, speaker: str, context: Sequence[Message] = ()) -> Reply:
         """Build the prompt from the stored history and queue its generation.
 
-        `speaker` is the display name of the person being answered (for `{{user}}`);
+        `speaker` is the display name of the person being answered (for `{{user}}` in the
+        post-history instructions; in the preamble only while they are alone in the
+        history, see `bot.personas.preamble_user`);
         `context`: messages read from the platform around the question but not stored
         (merged into the history by their platform ids).
         """
@@ -105,7 +107,10 @@ class Responder:
             self.engine.count_tokens,
             n_ctx=n_ctx,
             max_new_tokens=self.settings.max_new_tokens,
-            preamble=persona.preamble(speaker, lore_before, lore_after),
+            # {{user}} in the preamble never depends on who is answered (prefix reuse in groups).
+            preamble=persona.preamble(
+                preamble_user(speaker, (m.author_name for m in history if not m.is_bot)), lore_before, lore_after
+            ),
             response_prefix=persona.response_prefix(),
             final_input=persona.post_history(speaker),
         )

@@ -15,6 +15,7 @@ import bot.personas
 from bot.conversation import Message
 from bot.personas import (
     DEFAULT_PERSONA,
+    GROUP_USER,
     MAX_NAME_CHARS,
     Persona,
     PersonaError,
@@ -23,6 +24,7 @@ from bot.personas import (
     parse_card_off_loop,
     persona_from_card,
     persona_from_dict,
+    preamble_user,
     render_macros,
     safe_name,
 )
@@ -225,3 +227,42 @@ async def test_a_parse_past_the_time_limit_is_refused_clearly(monkeypatch: pytes
     with pytest.raises(PersonaError, match="slow.png: reading the card took longer than 0.1 s"):
         await parse_card_off_loop(b"{}", "slow.png", timeout=0.1)
     assert time.perf_counter() - started < 0.4
+
+
+# --- {{user}} in the preamble: who speaks never changes it (prefix reuse in groups) -----------
+
+def test_preamble_user_is_the_person_alone_else_a_stable_label() -> None:
+    assert preamble_user("Ann", []) == "Ann"
+    assert preamble_user("Ann", ["Ann", " ann ", "Ann"]) == "Ann"  # same person, spacing/case aside
+    for speaker in ("Ann", "Bob", "Cid"):
+        assert preamble_user(speaker, ["Ann", "Bob", "Cid"]) == GROUP_USER == "the user"
+    assert preamble_user("Bob", ["Ann"]) == GROUP_USER  # Bob is new: two people now
+
+
+def test_group_preamble_is_the_same_whoever_speaks() -> None:
+    persona = persona_from_dict(v2_card(
+        scenario="{{user}} boards the ship. {{char}} eyes {{user}}. *{{user}} waves*",
+        post_history_instructions="Answer {{user}} as {{char}}.",
+    ))
+    people = ["Ann", "Bob", "Cid"]
+    preambles = {persona.preamble(preamble_user(s, people), ["lore about {{user}}"]) for s in people}
+    assert len(preambles) == 1
+    (preamble,) = preambles
+    assert "Ann" not in preamble and "Bob" not in preamble and "Cid" not in preamble
+    # "The user" where a sentence or line starts with it, "the user" elsewhere.
+    assert "Scenario: the user boards the ship. Vex eyes the user. *The user waves*" in preamble
+    assert "<START>\nThe user: Hi\nVex: Ahoy." in preamble
+    assert "lore about the user" in preamble
+    # The person being answered is named only after the conversation.
+    assert [persona.post_history(s) for s in people] == [f"Answer {s} as Vex." for s in people]
+    # The old rendering (the speaker in the preamble) differed per speaker.
+    assert len({persona.preamble(s) for s in people}) == 3
+
+
+def test_sentence_case_only_for_the_label() -> None:
+    text = "{{user}} waves. Then {{user}} sits.\n\"{{user}}?\" (<USER>) mid {{user}}"
+    assert render_macros(text, "Vex", "the user", sentence_case=True) == (
+        "The user waves. Then the user sits.\n\"The user?\" (The user) mid the user"
+    )
+    assert render_macros(text, "Vex", "ann") == "ann waves. Then ann sits.\n\"ann?\" (ann) mid ann"
+    assert persona_from_dict(v2_card()).preamble("ann").count("ann boards") == 1  # a name is kept as written
