@@ -17,11 +17,11 @@ from dataclasses import dataclass
 import discord
 
 from bot.cogs.edge import to_message
-from bot.conversation import Message, StoredReply
+from bot.conversation import INTERRUPTED, Message, StoredReply
 from bot.engine.base import EngineError, Generation
 from bot.prompt import PromptTooLong
 from bot.replies import EditThrottle, queue_notice
-from bot.reply_stream import Destination, ReplyStream
+from bot.reply_stream import INTERRUPTED_NOTICE, Destination, ReplyStream
 from bot.responder import Responder
 
 log = logging.getLogger(__name__)
@@ -97,10 +97,18 @@ class Answerer:
                     reply.generation.cancel()
                 await self._stream(stream, reply.generation, question.channel_id)
         except asyncio.CancelledError:
-            # Cut off (a shutdown past its grace): keep the final state in the store at least.
+            # Cut off (a shutdown past its grace): keep the final state in the store at least;
+            # the next start shows it in Discord.
             with contextlib.suppress(Exception):
-                await asyncio.shield(self.store.finish_reply(stream.reply_id, "interrupted", stream.text, None))
+                await asyncio.shield(self.store.finish_reply(stream.reply_id, INTERRUPTED, stream.text.strip(),
+                                                             INTERRUPTED_NOTICE))
             raise
+        except Exception:
+            # A bug or an error Discord will not get over (403: the bot lost its rights
+            # there): the reply ends failed in the store, and Discord is told if it can be.
+            log.exception("answering in %s failed", question.key)
+            with contextlib.suppress(Exception):
+                await stream.fail("something went wrong while answering")
         finally:
             self._under_way.pop(stream.reply_id, None)
 

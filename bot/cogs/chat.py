@@ -84,8 +84,13 @@ class Chat(commands.Cog):
             reply_to_bots = self.bot.settings.reply_to_bots
             if should_store(incoming, reply_to_bots):
                 guild_id = guild_id_of(message)
-                await self.store.add_message(key, to_message(message), is_dm=incoming.is_dm,
-                                             guild_id=str(guild_id) if guild_id else None)
+                try:
+                    await self.store.add_message(key, to_message(message), is_dm=incoming.is_dm,
+                                                 guild_id=str(guild_id) if guild_id else None)
+                except Exception:  # the database stayed locked past every retry, or is gone
+                    log.exception("could not store message %d in %s", message.id, key)
+                    await self._notify(message, "*(I could not save your message; please send it again in a minute)*")
+                    return
         if not should_reply(incoming, reply_to_bots):
             return
         under_way = self.answerer.under_way_for(message.author.id) if self.answerer else 0
