@@ -1,127 +1,195 @@
 """The training recipe: one YAML file describes a run completely; this module reads it,
-validates it and fills documented defaults (the Hermes / QLoRA-paper values)."""
+validates it and fills documented defaults (the Hermes / QLoRA-paper values).
+
+Every key is typed and checked when the file is loaded, before any model is touched: a wrong
+type, an unknown key (a typo) or a missing required key raises `ConfigError` naming the key,
+e.g. `lora.r: expected an integer, got 'abc' (str)`. Types are strict — no silent conversion
+of "64" to 64 or of "yes" to True — with one documented exception:
+
+* A float key (learning_rate, warmup_ratio, weight, …) also takes a string that is a plain
+  decimal number, and converts it with `float()`. YAML 1.1, which PyYAML follows, reads
+  `2e-4` (no dot) as the *string* "2e-4"; writing `learning_rate: 2e-4` is so common that it
+  is accepted as the number it obviously is. Only `[+-]digits[.digits][e[+-]digits]` is
+  converted: "abc", "nan", "inf", "1_000" or "0x10" stay strings and are refused.
+  Integer keys never take strings (`lora.r: "64"` is refused).
+"""
 
 from __future__ import annotations
 
-from dataclasses import dataclass, field, fields, is_dataclass
+import difflib
+import re
+from dataclasses import field, fields
 from pathlib import Path
-from typing import Any, get_type_hints
+from typing import Annotated, Any
 
 import yaml
+from pydantic import AllowInfNan, BeforeValidator, ConfigDict, Strict, StrictBool, StrictInt, StrictStr, TypeAdapter, ValidationError
+from pydantic.dataclasses import dataclass
 
 
 class ConfigError(ValueError):
     """The config names a bad value; the message says which key and what it expects."""
 
 
-@dataclass
+_DECIMAL = re.compile(r"[+-]?(?:\d+(?:\.\d*)?|\.\d+)(?:[eE][+-]?\d+)?")
+
+
+def _yaml_float(value: Any) -> Any:
+    """'2e-4' (how YAML 1.1 reads 2e-4) → 2e-4; anything else is left for the strict check."""
+    if isinstance(value, str) and _DECIMAL.fullmatch(value.strip()):
+        return float(value)
+    return value
+
+
+# A float: a YAML number (int or float), or a string holding a plain decimal number (see above).
+Float = Annotated[float, Strict(), AllowInfNan(False), BeforeValidator(_yaml_float)]
+STRICT_KEYS = ConfigDict(extra="forbid")  # unknown keys (typos) are errors
+
+
+@dataclass(config=STRICT_KEYS)
 class DatasetSpec:
-    path: str  # a .json/.jsonl file of Alpaca records, or a Hugging Face dataset id
-    weight: float = 1.0  # relative share in the mix (1.0 = every example once)
-    split: str = "train"
+    path: StrictStr  # a .json/.jsonl file of Alpaca records, or a Hugging Face dataset id
+    weight: Float = 1.0  # relative share in the mix (1.0 = every example once)
+    split: StrictStr = "train"
 
 
-@dataclass
+@dataclass(config=STRICT_KEYS)
 class QuantConfig:
-    load_in_4bit: bool = True
-    quant_type: str = "nf4"  # QLoRA's NormalFloat4
-    double_quant: bool = True  # quantize the quantization constants too (~0.4 bit/param saved)
-    compute_dtype: str = "bfloat16"
-    quant_storage: str = "bfloat16"  # = model dtype, so FSDP can shard the 4-bit weights
+    load_in_4bit: StrictBool = True
+    quant_type: StrictStr = "nf4"  # QLoRA's NormalFloat4
+    double_quant: StrictBool = True  # quantize the quantization constants too (~0.4 bit/param saved)
+    compute_dtype: StrictStr = "bfloat16"
+    # The dtype the packed 4-bit weights are stored in, and the dtype every other (non-LoRA)
+    # parameter is loaded in: FSDP flattens and shards only float tensors of one dtype.
+    quant_storage: StrictStr = "bfloat16"
 
 
-@dataclass
+@dataclass(config=STRICT_KEYS)
 class LoraSpec:
-    r: int = 64  # QLoRA paper: r=64 on all linear layers
-    alpha: int = 16
-    dropout: float = 0.05  # 0.05 up to 13B, 0.1 for 33B/65B in the paper
-    target_modules: list[str] = field(
+    r: StrictInt = 64  # QLoRA paper: r=64 on all linear layers
+    alpha: StrictInt = 16
+    dropout: Float = 0.05  # 0.05 up to 13B, 0.1 for 33B/65B in the paper
+    target_modules: list[StrictStr] = field(
         default_factory=lambda: ["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"]
     )
 
 
-@dataclass
+@dataclass(config=STRICT_KEYS)
 class TrainSpec:
-    output_dir: str = "runs/hermes"
-    seq_len: int = 4096
-    packing: bool = False  # several examples per row, attention kept within each example
-    overlength: str = "truncate"  # or "drop": what to do with examples longer than seq_len
-    learning_rate: float = 1e-4  # QLoRA paper for 33B/65B (2e-4 for 7B/13B)
-    lr_scheduler: str = "constant_with_warmup"
-    warmup_ratio: float = 0.03
-    optimizer: str = "paged_adamw_32bit"  # paged: survives memory spikes of long sequences
-    weight_decay: float = 0.0
-    max_grad_norm: float = 0.3
-    micro_batch_size: int = 1
-    gradient_accumulation_steps: int = 16
-    epochs: float = 3.0
-    max_steps: int = -1  # > 0 overrides epochs
-    gradient_checkpointing: bool = True
-    logging_steps: int = 10
-    save_steps: int = 200
-    save_total_limit: int = 3
-    seed: int = 42
-    bf16: bool = True
+    output_dir: StrictStr = "runs/hermes"
+    seq_len: StrictInt = 4096
+    packing: StrictBool = False  # several examples per row, attention kept within each example
+    overlength: StrictStr = "truncate"  # or "drop": what to do with examples longer than seq_len
+    learning_rate: Float = 1e-4  # QLoRA paper for 33B/65B (2e-4 for 7B/13B)
+    lr_scheduler: StrictStr = "constant_with_warmup"
+    warmup_ratio: Float = 0.03
+    optimizer: StrictStr = "paged_adamw_32bit"  # paged: survives memory spikes of long sequences
+    weight_decay: Float = 0.0
+    max_grad_norm: Float = 0.3
+    micro_batch_size: StrictInt = 1
+    gradient_accumulation_steps: StrictInt = 16
+    epochs: Float = 3.0
+    max_steps: StrictInt = -1  # > 0 overrides epochs
+    gradient_checkpointing: StrictBool = True
+    logging_steps: StrictInt = 10
+    save_steps: StrictInt = 200
+    save_total_limit: StrictInt = 3
+    seed: StrictInt = 42
+    bf16: StrictBool = True
+    # How long a process waits for the others at a collective (e.g. while the main process
+    # tokenizes the data, or gathers the adapter), in seconds.
+    ddp_timeout: StrictInt = 1800
 
 
-@dataclass
+@dataclass(config=STRICT_KEYS)
 class ExportSpec:
-    outtype: str = "f16"  # f16 or bf16: the unquantized GGUF
-    quantizations: list[str] = field(default_factory=lambda: ["Q4_K_M"])
-    merge_into: str = "nf4"  # "nf4": the dequantized NF4 base the adapter trained against; or "bf16"
-    probe_prompts: list[str] = field(default_factory=lambda: ["Write a haiku about the sea."])
-    check: bool = True  # compare each GGUF with transformers (needs the merged model in memory)
+    outtype: StrictStr = "f16"  # f16 or bf16: the unquantized GGUF
+    quantizations: list[StrictStr] = field(default_factory=lambda: ["Q4_K_M"])
+    merge_into: StrictStr = "nf4"  # "nf4": the dequantized NF4 base the adapter trained against; or "bf16"
+    probe_prompts: list[StrictStr] = field(default_factory=lambda: ["Write a haiku about the sea."])
+    check: StrictBool = True  # compare each GGUF with transformers (needs the merged model in memory)
 
 
-@dataclass
+def _datasets(value: Any) -> Any:
+    """`datasets: [a.json, …]` is short for `[{path: a.json}, …]`."""
+    if isinstance(value, list):
+        return [{"path": v} if isinstance(v, str) else v for v in value]
+    return value
+
+
+@dataclass(config=STRICT_KEYS)
 class TrainConfig:
-    base_model: str  # a local folder in Hugging Face format, or a hub id
-    datasets: list[DatasetSpec]
+    base_model: StrictStr  # a local folder in Hugging Face format, or a hub id
+    datasets: Annotated[list[DatasetSpec], BeforeValidator(_datasets)]
     quant: QuantConfig = field(default_factory=QuantConfig)
     lora: LoraSpec = field(default_factory=LoraSpec)
     train: TrainSpec = field(default_factory=TrainSpec)
     export: ExportSpec = field(default_factory=ExportSpec)
-    hub_repo: str | None = None  # optional: upload the adapter / GGUF here
+    hub_repo: StrictStr | None = None  # optional: upload the adapter / GGUF here
 
     @property
     def output_dir(self) -> Path:
         return Path(self.train.output_dir)
 
 
-def _build(cls: type, raw: Any, where: str) -> Any:
-    if not isinstance(raw, dict):
-        raise ConfigError(f"{where}: expected a mapping, got {type(raw).__name__}")
-    hints = get_type_hints(cls)
-    known = {f.name for f in fields(cls)}
-    unknown = set(raw) - known
-    if unknown:
-        raise ConfigError(f"{where}: unknown key(s) {sorted(unknown)}; expected some of {sorted(known)}")
-    values = {}
-    for name, value in raw.items():
-        hint = hints[name]
-        if is_dataclass(hint):
-            values[name] = _build(hint, value, f"{where}.{name}")
-        elif name == "datasets":
-            if not isinstance(value, list) or not value:
-                raise ConfigError(f"{where}.datasets: expected a non-empty list")
-            values[name] = [
-                _build(DatasetSpec, {"path": v} if isinstance(v, str) else v, f"{where}.datasets[{i}]")
-                for i, v in enumerate(value)
-            ]
-        else:
-            values[name] = value
-    try:
-        return cls(**values)
-    except TypeError as error:
-        raise ConfigError(f"{where}: {error}") from None
+_EXPECTED = {
+    "int_type": "an integer", "float_type": "a number", "bool_type": "true or false", "string_type": "a string",
+    "list_type": "a list", "dict_type": "a mapping", "dataclass_type": "a mapping",
+}
+
+
+def _key(loc: tuple[Any, ...]) -> str:
+    """('datasets', 0, 'weight') → 'datasets[0].weight'."""
+    text = ""
+    for part in loc:
+        text += f"[{part}]" if isinstance(part, int) else f".{part}" if text else str(part)
+    return text or "config"
+
+
+def _known_keys(loc: tuple[Any, ...]) -> list[str]:
+    """The keys allowed in the mapping at `loc`: the top level or one section."""
+    names = [part for part in loc if not isinstance(part, int)]
+    sections = {"datasets": DatasetSpec, "quant": QuantConfig, "lora": LoraSpec, "train": TrainSpec, "export": ExportSpec}
+    cls = TrainConfig if not names else sections.get(names[0]) if len(names) == 1 else None
+    return [f.name for f in fields(cls)] if cls is not None else []
+
+
+def _describe(error: Any) -> str:
+    loc = tuple(error["loc"])
+    key = _key(loc)
+    kind = error["type"]
+    if kind in ("unexpected_keyword_argument", "extra_forbidden"):
+        known = _known_keys(loc[:-1])
+        close = difflib.get_close_matches(str(loc[-1]), known, n=1)
+        hint = f" (did you mean {close[0]}?)" if close else f"; expected some of {known}" if known else ""
+        return f"{key}: unknown key{hint}"
+    if kind in ("missing", "missing_argument"):
+        return f"{key}: required key missing"
+    value = error.get("input")
+    if kind in _EXPECTED:
+        return f"{key}: expected {_EXPECTED[kind]}, got {value!r} ({type(value).__name__})"
+    return f"{key}: {error['msg']} (got {value!r})"
 
 
 def _check(config: TrainConfig) -> None:
-    t, q, e = config.train, config.quant, config.export
+    t, q, e, lora = config.train, config.quant, config.export, config.lora
+    if not config.datasets:
+        raise ConfigError("datasets: expected a non-empty list")
     if t.seq_len < 64:
         raise ConfigError(f"train.seq_len={t.seq_len}: expected at least 64")
     if t.overlength not in {"truncate", "drop"}:
         raise ConfigError(f"train.overlength={t.overlength!r}: expected 'truncate' or 'drop'")
+    for key in ("micro_batch_size", "gradient_accumulation_steps", "logging_steps", "save_steps", "ddp_timeout"):
+        if getattr(t, key) < 1:
+            raise ConfigError(f"train.{key}={getattr(t, key)}: expected at least 1")
+    if not t.learning_rate > 0:
+        raise ConfigError(f"train.learning_rate={t.learning_rate}: expected a number > 0")
+    if not 0 <= t.warmup_ratio < 1:
+        raise ConfigError(f"train.warmup_ratio={t.warmup_ratio}: expected a ratio in [0, 1)")
+    if lora.r < 1 or lora.alpha < 1:
+        raise ConfigError(f"lora.r={lora.r}, lora.alpha={lora.alpha}: expected at least 1")
+    if not 0 <= lora.dropout < 1:
+        raise ConfigError(f"lora.dropout={lora.dropout}: expected a probability in [0, 1)")
     if q.quant_type not in {"nf4", "fp4"}:
         raise ConfigError(f"quant.quant_type={q.quant_type!r}: expected 'nf4' or 'fp4'")
     for key in ("compute_dtype", "quant_storage"):
@@ -131,12 +199,20 @@ def _check(config: TrainConfig) -> None:
         raise ConfigError(f"export.outtype={e.outtype!r}: expected 'f16' or 'bf16'")
     if e.merge_into not in {"nf4", "bf16"}:
         raise ConfigError(f"export.merge_into={e.merge_into!r}: expected 'nf4' or 'bf16'")
-    if any(d.weight <= 0 for d in config.datasets):
+    if any(not d.weight > 0 for d in config.datasets):
         raise ConfigError("datasets: every weight must be > 0")
 
 
+_ADAPTER = TypeAdapter(TrainConfig)
+
+
 def config_from_dict(raw: dict[str, Any]) -> TrainConfig:
-    config = _build(TrainConfig, raw, "config")
+    if not isinstance(raw, dict):
+        raise ConfigError(f"config: expected a mapping of keys, got {type(raw).__name__}")
+    try:
+        config = _ADAPTER.validate_python(raw)
+    except ValidationError as error:
+        raise ConfigError("; ".join(_describe(e) for e in error.errors())) from None
     _check(config)
     return config
 
@@ -146,4 +222,7 @@ def load_config(path: str | Path) -> TrainConfig:
         raw = yaml.safe_load(Path(path).read_text())
     except (OSError, yaml.YAMLError) as error:
         raise ConfigError(f"cannot read {path}: {error}") from error
-    return config_from_dict(raw or {})
+    try:
+        return config_from_dict(raw or {})
+    except ConfigError as error:
+        raise ConfigError(f"{path}: {error}") from None

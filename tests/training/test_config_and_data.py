@@ -37,6 +37,54 @@ def test_bad_configs(raw: dict, message: str) -> None:
         config_from_dict(raw)
 
 
+def test_yaml_float_written_without_a_dot_is_a_float(tmp_path: Path) -> None:
+    """PyYAML (YAML 1.1) reads `2e-4` as the string '2e-4': the recipe converts such plain
+    decimal strings of float keys explicitly (documented in training/config.py)."""
+    recipe = tmp_path / "r.yaml"
+    recipe.write_text("base_model: x\ndatasets: [a.json]\ntrain:\n  learning_rate: 2e-4\n  epochs: 3\nlora:\n  dropout: 1e-1\n")
+    import yaml
+
+    assert yaml.safe_load(recipe.read_text())["train"]["learning_rate"] == "2e-4"  # the trap
+    config = load_config(recipe)
+    assert config.train.learning_rate == 2e-4 and isinstance(config.train.learning_rate, float)
+    assert config.train.epochs == 3.0 and config.lora.dropout == 0.1
+
+
+@pytest.mark.parametrize(
+    ("section", "values", "message"),
+    [
+        ("lora", {"r": "abc"}, r"lora\.r: expected an integer, got 'abc'"),
+        ("lora", {"r": "64"}, r"lora\.r: expected an integer, got '64'"),  # no silent str → int
+        ("lora", {"r": 8.5}, r"lora\.r: expected an integer"),
+        ("train", {"learning_rate": "abc"}, r"train\.learning_rate: expected a number, got 'abc'"),
+        ("train", {"learning_rate": "nan"}, r"train\.learning_rate: expected a number"),
+        ("train", {"learning_rate": 1e999}, r"train\.learning_rate: .*finite"),
+        ("train", {"learning_rate": True}, r"train\.learning_rate: expected a number"),
+        ("train", {"bf16": "yes"}, r"train\.bf16: expected true or false"),
+        ("train", {"max_steps": "1e3"}, r"train\.max_steps: expected an integer"),
+        ("train", {"lerning_rate": 1e-4}, r"train\.lerning_rate: unknown key \(did you mean learning_rate\?\)"),
+        ("export", {"quantizations": "Q4_K_M"}, r"export\.quantizations: expected a list"),
+        ("quant", {"double_quant": 1}, r"quant\.double_quant: expected true or false"),
+    ],
+)
+def test_wrong_types_refused_at_load_naming_the_key(tmp_path: Path, section: str, values: dict, message: str) -> None:
+    import yaml
+
+    recipe = tmp_path / "r.yaml"
+    recipe.write_text(yaml.safe_dump({"base_model": "x", "datasets": ["a.json"], section: values}))
+    with pytest.raises(ConfigError, match=message):
+        load_config(recipe)
+
+
+def test_every_error_is_reported_at_once() -> None:
+    with pytest.raises(ConfigError) as error:
+        config_from_dict({"base_model": 3, "datasets": [{"path": "a", "weight": "x"}], "lora": {"r": "abc"}, "qant": {}})
+    text = str(error.value)
+    for part in ("base_model: expected a string", "datasets[0].weight: expected a number", "lora.r:",
+                 "qant: unknown key (did you mean quant?)"):
+        assert part in text
+
+
 def test_records_json_and_jsonl(tmp_path: Path) -> None:
     (tmp_path / "a.jsonl").write_text("\n".join(json.dumps(r) for r in alpaca_records()))
     from training.config import DatasetSpec
