@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import asyncio
 import logging
+import os
 import signal
 import time
 from typing import Any
@@ -45,6 +46,7 @@ class HermesBot(commands.Bot):
         self.settings = settings
         self.responder = responder
         self.edit_interval = edit_interval
+        self.stopping = False  # set by shutdown(): no new work
         # Per person: a reload loads tens of GB; parsing a card costs memory and time.
         self.reload_cooldown = Cooldown(RELOAD_COOLDOWN_SECONDS)
         self.import_cooldown = Cooldown(IMPORT_COOLDOWN_SECONDS)
@@ -76,6 +78,7 @@ class HermesBot(commands.Bot):
         SHUTDOWN_GRACE_SECONDS), then the connection to Discord closes."""
         from bot.cogs.chat import Chat
 
+        self.stopping = True
         chat = self.get_cog("Chat")
         if isinstance(chat, Chat):
             await chat.shutdown(self.settings.shutdown_grace_seconds)
@@ -154,6 +157,11 @@ async def serve(settings: Settings) -> None:
                 log.info("Discord side closed in %.2f s; closing the engine and the database", time.monotonic() - started)
             stopping.cancel()
             await runner
+    if stop.is_set():
+        # Everything is stored and closed. A model download or load still running in a
+        # worker thread (a /reload-model) would hold the exit for minutes: abandon it.
+        logging.shutdown()
+        os._exit(0)
 
 
 def run(settings: Settings) -> None:

@@ -34,6 +34,7 @@ class ConversationState:
     persona: str | None = None
     enabled: bool = False
     known: bool = False  # the conversation has been stored before
+    is_dm: bool = False
 
 
 # A reply's life: streaming while the model writes, then one final state.

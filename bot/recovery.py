@@ -3,12 +3,15 @@
 At start:
 1. before connecting (so no reply of this run can be mistaken for one): replies a crash
    left `streaming` become `interrupted` in the store;
-then once the gateway is ready:
-2. every reply whose final state Discord does not show yet gets it: Stop removed,
+then once the gateway is ready, in this order (nothing is posted before the back-fill has
+read Discord, so nothing the bot posts can hide what people said):
+2. enabled channels and DMs are back-filled from Discord (see 4);
+3. every reply whose final state Discord does not show yet gets it: Stop removed,
    Regenerate live, the notice shown, missing parts sent (`sync_reply`);
-3. enabled channels and DMs are back-filled from Discord with what was said while the
-   bot was down (`channel.history(after=newest stored id)`), and the newest question of
-   each, if no reply follows it and it is recent (RECOVERY_WINDOW_SECONDS), is answered.
+4. (back-fill) with what was said while the bot was down (`channel.history(after=the
+   newest stored message of a person)`); then, in every conversation active within
+   RECOVERY_WINDOW_SECONDS, the newest question that no reply follows is answered, once
+   (this also covers questions that were still waiting when the bot stopped).
 Then, every `REDELIVER_SECONDS`, replies that Discord could not take in time are tried
 again.
 """
@@ -65,8 +68,9 @@ class Recovery:
 
     async def _recover(self) -> None:
         try:
-            await self.redeliver()
             await self.backfill_all()
+            await self.redeliver()
+            await self.answer_unanswered()
         except Exception:
             log.exception("recovery at start failed")
         self._redeliver = asyncio.create_task(self._redeliver_forever(), name="redelivery")
@@ -111,7 +115,6 @@ class Recovery:
         )
 
     async def backfill_all(self) -> None:
-        window = self.bot.settings.recovery_window_seconds
         for key in await self.store.recovery_keys():
             channel_id = channel_of(key)
             if channel_id is None or not self.chat.accepting:
@@ -123,11 +126,18 @@ class Recovery:
                 continue
             if added:
                 log.info("recovery: %d messages in %s arrived while the bot was down", added, key)
-            question = await self.store.unanswered(key, since=utcnow() - timedelta(seconds=window))
-            if question is not None and question.platform_id is not None:
-                log.info("recovery: answering the unanswered question %s in %s", question.platform_id, key)
-                self.chat.queue_answer(Question(key, channel_id, int(question.platform_id), int(question.author_id),
-                                                question.author_name))
+
+    async def answer_unanswered(self) -> None:
+        since = utcnow() - timedelta(seconds=self.bot.settings.recovery_window_seconds)
+        for key in await self.store.active_keys(since):
+            channel_id = channel_of(key)
+            question = await self.store.unanswered(key, since)
+            if channel_id is None or question is None or question.platform_id is None or not self.chat.accepting:
+                continue
+            state = await self.store.state(key)
+            log.info("recovery: answering the unanswered question %s in %s", question.platform_id, key)
+            self.chat.queue_answer(Question(key, channel_id, int(question.platform_id), int(question.author_id),
+                                            question.author_name, read_context=not (state.enabled or state.is_dm)))
 
     async def backfill(self, key: str, channel_id: int) -> int:
         """Store what Discord has in this channel after the newest stored message."""

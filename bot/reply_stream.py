@@ -124,7 +124,7 @@ async def sync_reply(store: Store, reply: StoredReply, to: Destination, retry_se
         await writer.put(parts, running=False)
         await writer.trim(len(parts))
     except discord.HTTPException as error:
-        if not (is_transient(error) or is_gone(error)):
+        if not is_transient(error):  # 403, or 404 for a channel that is gone: no later try helps
             raise
         log.warning("Discord did not take reply %d (%s); it is stored and will be delivered later", reply.id, error)
         await store.update_reply(reply.id, reply.content, [str(i) for i in writer.part_ids])

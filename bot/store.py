@@ -37,10 +37,12 @@ from sqlalchemy import (
     TypeDecorator,
     UniqueConstraint,
     and_,
+    case,
     delete,
     event,
     false,
     func,
+    literal,
     not_,
     or_,
     select,
@@ -296,7 +298,7 @@ class Store:
             row = await session.scalar(select(ConversationRow).where(ConversationRow.key == key))
         if row is None:
             return ConversationState(key=key)
-        return ConversationState(key=key, persona=row.persona, enabled=row.enabled, known=True)
+        return ConversationState(key=key, persona=row.persona, enabled=row.enabled, known=True, is_dm=row.is_dm)
 
     async def add_message(self, key: str, message: Message, is_dm: bool = False, guild_id: str | None = None) -> bool:
         """Store a message; False if a message with that platform id is already stored."""
@@ -502,6 +504,10 @@ class Store:
                 "platform_id": part_ids[0] if part_ids else None}
 
     async def _update_reply(self, reply_id: int, **values: Any) -> None:
+        if "content" in values:  # a reply deleted in Discord meanwhile stays without text
+            text = literal(values["content"], MessageRow.__table__.c.content.type)  # cleaned like any text
+            values["content"] = case((MessageRow.deleted_at.is_(None), text), else_="")
+
         async def work(session: AsyncSession) -> None:
             await session.execute(update(MessageRow).where(MessageRow.id == reply_id).values(**values))
 
@@ -560,13 +566,26 @@ class Store:
             )
         return list(keys)
 
+    async def active_keys(self, since: datetime) -> list[str]:
+        """Conversations where someone wrote since `since` (one range scan of the time index)."""
+        async with self._sessions() as session:
+            keys = await session.scalars(
+                select(ConversationRow.key).where(ConversationRow.id.in_(
+                    select(MessageRow.conversation_id).where(MessageRow.created_at >= since).distinct()
+                ))
+            )
+        return list(keys)
+
     async def newest_platform_id(self, key: str, window: int = 50) -> int | None:
-        """The newest Discord message id stored in a conversation (among its newest rows)."""
+        """The newest Discord message id of a person stored in a conversation (among its
+        newest rows): where reading back what was missed starts. (The bot's own messages do
+        not count: one it posted after a crash would hide what was said before it.)"""
         async with self._sessions() as session:
             ids = await session.scalars(
                 select(MessageRow.platform_id)
                 .join(ConversationRow, ConversationRow.id == MessageRow.conversation_id)
-                .where(ConversationRow.key == key, MessageRow.platform_id.is_not(None))
+                .where(ConversationRow.key == key, MessageRow.platform_id.is_not(None),
+                       MessageRow.is_bot.is_(False))
                 .order_by(MessageRow.id.desc())
                 .limit(window)
             )

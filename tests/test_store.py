@@ -128,3 +128,24 @@ async def test_recent_window_is_an_index_range_scan(store: Store) -> None:
         details = " | ".join(row[-1] for row in await cursor.fetchall())
     assert "ix_messages_conversation_id_id" in details, details
     assert "TEMP B-TREE" not in details, details
+
+
+async def test_recovery_reads_back_from_a_persons_message_and_finds_active_conversations(store: Store) -> None:
+    from datetime import UTC, datetime, timedelta
+
+    await store.add_message("c", msg(1))
+    await store.add_message("c", msg(2, bot=True))  # posted by the bot after the person (e.g. a notice)
+    assert await store.newest_platform_id("c") == 1001, "the bot's own message does not move the cursor"
+    await store.add_message("old", Message("u", "U", "long ago", platform_id="5",
+                                           created_at=datetime.now(UTC) - timedelta(hours=2)))
+    assert await store.active_keys(datetime.now(UTC) - timedelta(minutes=5)) == ["c"]
+
+
+async def test_a_reply_deleted_while_it_streams_keeps_no_text(store: Store) -> None:
+    reply = await store.begin_reply("c", author_id="b", author_name="Hermes", reply_to="1", requester_id="2")
+    await store.update_reply(reply, "first words", ["900"])
+    assert await store.delete_message("c", "900")
+    await store.update_reply(reply, "first words and more", ["900"])
+    await store.finish_reply(reply, "done", "first words and more, the end", None)
+    stored = await store.reply(reply)
+    assert stored is not None and stored.content == "", "the tombstone stays without text"

@@ -110,6 +110,8 @@ class Admin(commands.Cog):
     @app_commands.describe(model="a .gguf under MODELS_DIR, or owner/repo/file.gguf from the hub")
     @app_commands.default_permissions(administrator=True)  # hidden from ordinary members
     async def reload_model(self, interaction: discord.Interaction, model: str | None = None) -> None:
+        from bot.engine.base import ModelUnavailable
+
         settings = self.bot.settings
         # The model serves every server: a server's Administrator is not enough.
         if not await self.bot.is_bot_owner(interaction.user):
@@ -117,6 +119,9 @@ class Admin(commands.Cog):
                 "Only the bot's owners (its application owner or team, and ADMIN_USER_IDS) can reload the model.",
                 ephemeral=True,
             )
+            return
+        if self.bot.stopping:
+            await interaction.response.send_message("The bot is shutting down; reload after the restart.", ephemeral=True)
             return
         if wait := self.bot.reload_cooldown.take(interaction.user.id, time.monotonic()):
             await interaction.response.send_message(f"Slow down: you can reload again in {wait:.0f} s.", ephemeral=True)
@@ -145,10 +150,25 @@ class Admin(commands.Cog):
                     path = await asyncio.to_thread(configured_model, settings)
                 else:
                     path = target
-                await interaction.edit_original_response(
-                    content=f"Loading `{path.name}`… `{old}` keeps answering meanwhile."
-                )
+                plan = await engine.plan_reload(str(path))  # refuses at once a file that cannot fit
+                if plan.mode == "unload":
+                    await interaction.edit_original_response(content=(
+                        f"Loading `{path.name}`: it does not fit in memory beside `{old}` ({plan.detail}), "
+                        f"so the bot is **offline for the swap**: `{old}` finishes the replies under way and is "
+                        "unloaded, then the new model loads. Messages sent meanwhile wait in the queue and are "
+                        f"answered afterwards; if `{path.name}` fails to load, `{old}` is loaded back."
+                    ))
+                else:
+                    await interaction.edit_original_response(
+                        content=f"Loading `{path.name}`… `{old}` keeps answering meanwhile."
+                    )
                 info = await engine.reload(str(path))
+            except ModelUnavailable as error:
+                log.critical("reload-model failed and no model is loaded: %s", error)
+                await interaction.edit_original_response(
+                    content=f"Could not load the model, nor `{old}` back: {error}\nNo model is loaded now."
+                )
+                return
             except ModelLoadError as error:
                 log.error("reload-model failed: %s", error)
                 await interaction.edit_original_response(

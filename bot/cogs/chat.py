@@ -190,6 +190,9 @@ class Chat(commands.Cog):
         if stored is None or stored.reply_to is None:
             await interaction.response.send_message("I can't find the question of this reply.", ephemeral=True)
             return
+        if self.gate.rate is not None and (wait := self.gate.rate.take(interaction.user.id, time.monotonic())):
+            await interaction.response.send_message(f"Slow down: try again in {wait:.0f} s.", ephemeral=True)
+            return
         if self._answerer().is_under_way(stored.id):
             await interaction.response.send_message("This reply is still being written.", ephemeral=True)
             return

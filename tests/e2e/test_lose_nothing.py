@@ -177,3 +177,85 @@ async def test_a_restart_back_fills_and_answers_once(start_bot: StartBot) -> Non
     h3 = await start_bot()
     await asyncio.sleep(2)
     assert h3.engine.prompts == [], "a question is answered once, not again at the next start"
+
+
+# ---- found by a hostile review: each failed before its fix ------------------------------
+
+
+async def test_a_403_on_an_edit_mid_stream_still_ends_the_reply(start_bot: StartBot) -> None:
+    h = await start_bot()
+    d = h.discord
+    h.engine.delay = 0.05
+    h.engine.say(STORY)
+    question = await d.user_says(d.ann, d.dm, "story")
+    await wait_for(lambda: d.replies_to(question))
+    d.fail_next("PATCH", EDIT, 403)
+    await assert_nothing_lost(d, h.store, {d.dm: [question]}, timeout=30)
+
+
+async def test_a_403_on_the_first_send_is_delivered_later(start_bot: StartBot, monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setattr(recovery, "REDELIVER_SECONDS", 0.5)
+    h = await start_bot()
+    d = h.discord
+    h.engine.say("hello there")
+    d.fail_next("POST", SEND, 403)
+    question = await d.user_says(d.ann, d.dm, "hi")
+    await assert_nothing_lost(d, h.store, {d.dm: [question]}, timeout=30)
+
+
+async def test_a_mention_still_waiting_at_shutdown_is_answered_after_the_restart(start_bot: StartBot) -> None:
+    h = await start_bot(SHUTDOWN_GRACE_SECONDS="5")
+    d = h.discord
+    h.engine.delay = 0.05
+    h.engine.say(STORY)
+    first = await d.user_says(d.ann, d.general, "tell a story", mention_bot=True)
+    await wait_for(lambda: d.replies_to(first))
+    waiting = await d.user_says(d.bob, d.general, "and me?", mention_bot=True)
+    await asyncio.sleep(0.3)
+    await h.bot.shutdown()
+    h2 = await start_bot()
+    h2.engine.say("answer to Bob after the restart")
+    await wait_for(lambda: d.replies_to(waiting), timeout=30)
+    await assert_nothing_lost(d, h2.store, {d.general: [first, waiting]})
+
+
+async def test_a_crash_before_the_first_text_does_not_hide_what_was_said_meanwhile(start_bot: StartBot) -> None:
+    from bot.conversation import Message
+
+    h = await start_bot()
+    d = h.discord
+    h.engine.say("first answer")
+    first = await d.user_says(d.ann, d.dm, "hello")
+    await wait_for(lambda: d.replies_to(first))
+    await assert_nothing_lost(d, h.store, {d.dm: [first]})
+    await h.bot.close()
+    # What a kill -9 during prefill leaves: the question stored, its reply begun, nothing shown.
+    second = await d.user_says(d.ann, d.dm, "second question")
+    key = f"discord:{d.dm}"
+    await h.store.add_message(key, Message(str(d.ann.id), "Ann", "second question", platform_id=str(second)), is_dm=True)
+    await h.store.begin_reply(key, author_id=str(d.bot_user.id), author_name="Hermes", reply_to=str(second),
+                              requester_id=str(d.ann.id))
+    meanwhile = await d.user_says(d.ann, d.dm, "hello? are you there?")
+    h2 = await start_bot()
+    h2.engine.say("answer after the restart")
+    await assert_nothing_lost(d, h2.store, {d.dm: [first, second, meanwhile]}, timeout=30)
+
+
+async def test_a_reply_deleted_while_it_streams_keeps_no_text(start_bot: StartBot) -> None:
+    h = await start_bot()
+    d = h.discord
+    h.engine.delay = 0.05
+    h.engine.say(STORY)
+    question = await d.user_says(d.ann, d.dm, "story")
+    reply = (await wait_for(lambda: d.replies_to(question)))[0]
+    await asyncio.sleep(0.5)
+    await d.user_deletes(int(reply["id"]))
+
+    async def finished() -> list:
+        return [r for r in await rows(h.store, d.dm) if r.is_bot and r.status not in (None, "streaming")]
+
+    deadline = time.monotonic() + 30
+    while not (done := await finished()):
+        assert time.monotonic() < deadline
+        await asyncio.sleep(0.1)
+    assert done[0].deleted and done[0].content == "", "the deleted reply's text is not stored again"
