@@ -149,6 +149,12 @@ class Settings(BaseSettings):
     user_queue_share: int = _integer(0, 0)  # answers one person may have waiting; 0 = a quarter of MAX_QUEUE
     bot_reply_limit: int = _integer(3, 0)  # answers to bots in a row without a person speaking
     retention_days: int = _integer(0, 0)  # delete messages older than this; 0 = keep them
+    # Discord shards: unset = one gateway connection; set = discord.py's AutoShardedBot.
+    shard_count: int | None = _integer(None, 1)
+    # The shards this process runs (others run the rest, sharing the database); empty = all.
+    shard_ids: Annotated[frozenset[int], NoDecode] = _setting(
+        frozenset(), "comma-separated shard ids, each below SHARD_COUNT (empty: all of them)"
+    )
 
     @classmethod
     def settings_customise_sources(
@@ -291,6 +297,32 @@ class Settings(BaseSettings):
             raise ValueError(
                 f"MAX_NEW_TOKENS={self.max_new_tokens}: expected less than half of "
                 f"N_CTX={self.n_ctx}, so that the conversation still fits in the prompt"
+            )
+        return self
+
+    @field_validator("shard_ids", mode="before")
+    @classmethod
+    def _shard_ids(cls, value: Any) -> Any:
+        if not isinstance(value, str):
+            return value
+        ids = set()
+        for part in value.split(","):
+            part = part.strip()
+            if not part:
+                continue
+            if not (part.isascii() and part.isdigit()):
+                raise ValueError(f"{part!r} is not a shard id; expected comma-separated numbers from 0")
+            ids.add(int(part))
+        return frozenset(ids)
+
+    @model_validator(mode="after")
+    def _shards(self) -> Settings:
+        if self.shard_ids and self.shard_count is None:
+            raise ValueError("SHARD_IDS needs SHARD_COUNT (the total number of shards, over every process)")
+        if self.shard_count is not None and any(i >= self.shard_count for i in self.shard_ids):
+            raise ValueError(
+                f"SHARD_IDS={','.join(map(str, sorted(self.shard_ids)))}: expected ids below "
+                f"SHARD_COUNT={self.shard_count} (shards are numbered from 0)"
             )
         return self
 
