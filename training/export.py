@@ -1,6 +1,16 @@
 """GGUF export of a merged Llama checkpoint with the `gguf` package, quantization with
 llama.cpp's own `llama_model_quantize`, and a check that llama.cpp computes what
 transformers computes (next-token logits, and the token ids of the Alpaca template).
+
+Memory. `export_gguf` streams: it reads the safetensors headers (names, dtypes, shapes),
+writes the GGUF header and tensor table, then converts each tensor in row blocks of at
+most `CHUNK_BYTES` (whole heads for the permuted q/k projections) read straight from the
+shard file and appends them to the GGUF. Nothing is memory-mapped and no tensor is held
+whole, so the peak resident set is the same for a 1 B and a 70 B model
+(`benchmarks/export_memory.py` measures it; tests/training/test_export_memory.py checks it).
+
+Checks. `check_export` compares llama.cpp on a GGUF with transformers on the checkpoint:
+next-token logits, and the token ids of the Alpaca template.
 """
 
 from __future__ import annotations
@@ -8,6 +18,7 @@ from __future__ import annotations
 import json
 import logging
 import os
+from collections.abc import Iterator, Mapping
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -20,10 +31,73 @@ QUANT_TYPES = {  # name → llama_ftype (llama.h)
     "F16": 1, "Q4_0": 2, "Q8_0": 7, "Q5_0": 8, "Q2_K": 10, "Q3_K_M": 12, "Q4_K_S": 14,
     "Q4_K_M": 15, "Q5_K_S": 16, "Q5_K_M": 17, "Q6_K": 18, "BF16": 32,
 }
+CHUNK_BYTES = 16 << 20  # float32 bytes converted at a time (a block's temporaries: ~2× this)
 
 
 class ExportError(ValueError):
-    """The checkpoint cannot be exported or quantized; the message says why."""
+    """The checkpoint cannot be exported or quantized, or an export fails its check; the
+    message says why."""
+
+
+# --- streaming export -------------------------------------------------------------------
+
+
+@dataclass(frozen=True)
+class _Stored:
+    """One tensor of a safetensors shard, located but not read."""
+
+    path: Path
+    name: str
+    dtype: str  # safetensors dtype: BF16, F16, F32
+    shape: tuple[int, ...]
+    offset: int  # absolute offset of the data in the file
+    nbytes: int
+
+
+_ITEMSIZE = {"BF16": 2, "F16": 2, "F32": 4}
+
+
+def _stored_tensors(folder: Path) -> list[_Stored]:
+    """Every tensor of the checkpoint's shards, from their headers only."""
+    from training.merge import _shards
+
+    stored = []
+    for shard in _shards(folder):
+        path = folder / shard
+        with open(path, "rb") as handle:
+            size = int.from_bytes(handle.read(8), "little")
+            header = json.loads(handle.read(size))
+        for name, info in header.items():
+            if name == "__metadata__":
+                continue
+            if info["dtype"] not in _ITEMSIZE:
+                raise ExportError(f"{path.name}: tensor {name} is {info['dtype']}; expected BF16, F16 or F32")
+            start, end = info["data_offsets"]
+            stored.append(_Stored(path, name, info["dtype"], tuple(info["shape"]), 8 + size + start, end - start))
+    return sorted(stored, key=lambda t: (str(t.path), t.offset))  # read each file front to back
+
+
+def _read_rows(handle: Any, tensor: _Stored, start: int, stop: int) -> Any:
+    """Rows [start, stop) of `tensor` as stored (BF16 as its uint16 bits)."""
+    import numpy as np
+
+    row = int(np.prod(tensor.shape[1:], dtype=np.int64))
+    handle.seek(tensor.offset + start * row * _ITEMSIZE[tensor.dtype])
+    dtype = {"BF16": np.uint16, "F16": np.float16, "F32": np.float32}[tensor.dtype]
+    data = np.fromfile(handle, dtype=dtype, count=(stop - start) * row)
+    if data.size != (stop - start) * row:
+        raise ExportError(f"{tensor.path.name}: tensor {tensor.name} is truncated")
+    return data.reshape(stop - start, *tensor.shape[1:])
+
+
+def _to_f32(data: Any, dtype: str) -> Any:
+    import numpy as np
+
+    if dtype == "BF16":
+        wide = data.astype(np.uint32)
+        wide <<= 16  # in place: one float32-sized buffer per block
+        return wide.view(np.float32)
+    return data.astype(np.float32, copy=False)
 
 
 def _permute(weight: Any, n_head: int) -> Any:
@@ -31,23 +105,58 @@ def _permute(weight: Any, n_head: int) -> Any:
     return weight.reshape(n_head, 2, weight.shape[0] // n_head // 2, *weight.shape[1:]).swapaxes(1, 2).reshape(weight.shape)
 
 
-def _iter_tensors(folder: Path) -> Any:
-    from safetensors import safe_open
+def _gguf_dtype(tensor: _Stored, outtype: str) -> tuple[Any, Any]:
+    """(numpy dtype of the written bytes, GGML type) of a tensor in the GGUF."""
+    import gguf
+    import numpy as np
 
-    from training.merge import _shards
+    if len(tensor.shape) == 1:  # norms stay float32
+        return np.dtype(np.float32), gguf.GGMLQuantizationType.F32
+    if outtype == "bf16":
+        return np.dtype(np.uint16), gguf.GGMLQuantizationType.BF16
+    return np.dtype(np.float16), gguf.GGMLQuantizationType.F16
 
-    for shard in _shards(folder):
-        with safe_open(folder / shard, framework="pt") as handle:
-            for name in handle.keys():
-                yield name, handle.get_tensor(name)
+
+def _converted_blocks(handle: Any, tensor: _Stored, outtype: str, head_dim: int | None) -> Iterator[Any]:
+    """The tensor as the GGUF stores it, in row blocks of at most ~`CHUNK_BYTES` (float32):
+    q/k permuted (whole heads per block), cast to F32 (norms), F16 or BF16 bits."""
+    import gguf
+    import numpy as np
+
+    rows, row = tensor.shape[0], int(np.prod(tensor.shape[1:], dtype=np.int64))
+    unit = head_dim or 1
+    step = max(unit, (CHUNK_BYTES // max(4 * row, 1)) // unit * unit)
+    out_dtype, ggml_type = _gguf_dtype(tensor, outtype)
+    for start in range(0, rows, step):
+        stop = min(rows, start + step)
+        block = _read_rows(handle, tensor, start, stop)
+        if head_dim:
+            block = _permute(block, block.shape[0] // head_dim)
+        same = (tensor.dtype == "BF16" and ggml_type == gguf.GGMLQuantizationType.BF16) or (
+            tensor.dtype == "F16" and ggml_type == gguf.GGMLQuantizationType.F16
+        ) or (tensor.dtype == "F32" and ggml_type == gguf.GGMLQuantizationType.F32)
+        if same:  # the stored bits as they are
+            yield np.ascontiguousarray(block)
+        elif ggml_type == gguf.GGMLQuantizationType.BF16:
+            yield gguf.quants.quantize(_to_f32(block, tensor.dtype), ggml_type).view(np.uint16)
+        else:
+            yield _to_f32(block, tensor.dtype).astype(out_dtype)
+        del block
+
+
+def _rope_theta(config: Mapping[str, Any]) -> float:
+    return float(config.get("rope_theta") or (config.get("rope_parameters") or {}).get("rope_theta", 10000.0))
 
 
 def export_gguf(model_dir: Path, out: Path, outtype: str = "f16") -> Path:
-    """Write `model_dir` (a merged Llama in Hugging Face format) as an F16 or BF16 GGUF."""
+    """Write `model_dir` (a merged Llama in Hugging Face format) as an F16 or BF16 GGUF,
+    one block of one tensor in memory at a time (see the module doc)."""
     import gguf
     import numpy as np
-    import torch
+    from tqdm import tqdm
 
+    if outtype not in ("f16", "bf16"):
+        raise ExportError(f"outtype {outtype!r}: expected f16 or bf16")
     config = json.loads((model_dir / "config.json").read_text())
     if config.get("model_type") != "llama":
         raise ExportError(f"{model_dir}: model_type {config.get('model_type')!r}; only Llama is exported")
@@ -55,19 +164,21 @@ def export_gguf(model_dir: Path, out: Path, outtype: str = "f16") -> Path:
         raise ExportError(f"{model_dir} has no tokenizer.model (the SentencePiece file Llama ships)")
     n_head, n_kv = config["num_attention_heads"], config.get("num_key_value_heads") or config["num_attention_heads"]
     n_layers = config["num_hidden_layers"]
+    head_dim = config.get("head_dim") or config["hidden_size"] // n_head
     file_type = gguf.LlamaFileType.MOSTLY_BF16 if outtype == "bf16" else gguf.LlamaFileType.MOSTLY_F16
 
-    writer = gguf.GGUFWriter(out, "llama")
+    partial = out.with_name(out.name + ".part")  # renamed once complete
+    writer = gguf.GGUFWriter(partial, "llama")
     writer.add_name(model_dir.name)
     writer.add_context_length(config.get("max_position_embeddings", 4096))
     writer.add_embedding_length(config["hidden_size"])
     writer.add_block_count(n_layers)
     writer.add_feed_forward_length(config["intermediate_size"])
-    writer.add_rope_dimension_count(config["hidden_size"] // n_head)
+    writer.add_rope_dimension_count(head_dim)
     writer.add_head_count(n_head)
     writer.add_head_count_kv(n_kv)
     writer.add_layer_norm_rms_eps(config.get("rms_norm_eps", 1e-5))
-    writer.add_rope_freq_base(float(config.get("rope_theta") or (config.get("rope_parameters") or {}).get("rope_theta", 10000.0)))
+    writer.add_rope_freq_base(_rope_theta(config))
     writer.add_file_type(file_type)
 
     vocab = gguf.SentencePieceVocab(model_dir)
@@ -81,29 +192,55 @@ def export_gguf(model_dir: Path, out: Path, outtype: str = "f16") -> Path:
     special.add_special_token.setdefault("bos", True)  # Llama prompts start with BOS
     special.add_to_gguf(writer)
 
+    # Pass 1, headers only: the tensor table.
     names = gguf.get_tensor_name_map(gguf.MODEL_ARCH.LLAMA, n_layers)
-    for hf_name, tensor in _iter_tensors(model_dir):
-        if hf_name.endswith("rotary_emb.inv_freq"):
+    plan: list[tuple[_Stored, int | None]] = []
+    for tensor in _stored_tensors(model_dir):
+        if tensor.name.endswith("rotary_emb.inv_freq"):
             continue
-        name = names.get_name(hf_name, try_suffixes=(".weight", ".bias"))
+        name = names.get_name(tensor.name, try_suffixes=(".weight", ".bias"))
         if name is None:
-            raise ExportError(f"no GGUF name for tensor {hf_name}")
-        if hf_name.endswith("q_proj.weight"):
-            tensor = _permute(tensor, n_head)
-        elif hf_name.endswith("k_proj.weight"):
-            tensor = _permute(tensor, n_kv)
-        data = tensor.to(torch.float32).numpy()
-        if data.ndim == 1:  # norms stay float32
-            writer.add_tensor(name, data)
-        elif outtype == "bf16":
-            writer.add_tensor(name, gguf.quants.quantize(data, gguf.GGMLQuantizationType.BF16),
-                              raw_dtype=gguf.GGMLQuantizationType.BF16)
-        else:
-            writer.add_tensor(name, data.astype(np.float16))
-    writer.write_header_to_file()
-    writer.write_kv_data_to_file()
-    writer.write_tensors_to_file(progress=True)
-    writer.close()
+            raise ExportError(f"no GGUF name for tensor {tensor.name}")
+        if not tensor.shape:
+            raise ExportError(f"{tensor.name} is a scalar; a Llama has none")
+        permuted = tensor.name.endswith(("q_proj.weight", "k_proj.weight")) and len(tensor.shape) == 2
+        if permuted and tensor.shape[0] % (2 * head_dim):
+            raise ExportError(f"{tensor.name}: {tensor.shape[0]} rows are not whole heads of {head_dim}")
+        out_dtype, ggml_type = _gguf_dtype(tensor, outtype)
+        count = int(np.prod(tensor.shape, dtype=np.int64))
+        writer.add_tensor_info(name, tensor.shape, out_dtype, count * out_dtype.itemsize, raw_dtype=ggml_type)
+        plan.append((tensor, head_dim if permuted else None))
+
+    # Pass 2: the data, converted block by block and appended.
+    try:
+        writer.write_header_to_file()
+        writer.write_kv_data_to_file()
+        writer.write_ti_data_to_file()
+        assert writer.fout is not None and len(writer.fout) == 1
+        fout = writer.fout[0]
+        total = sum(t.nbytes for t, _ in plan)
+        with tqdm(total=total, desc="writing GGUF", unit="B", unit_scale=True, disable=None) as bar:
+            open_path, handle = None, None
+            for tensor, permute_heads in plan:
+                if tensor.path != open_path:
+                    if handle is not None:
+                        handle.close()
+                    open_path, handle = tensor.path, open(tensor.path, "rb")  # noqa: SIM115
+                writer.write_padding(fout, fout.tell())
+                written = 0
+                for block in _converted_blocks(handle, tensor, outtype, permute_heads):
+                    block.tofile(fout)
+                    written += block.nbytes
+                writer.write_padding(fout, written)
+                bar.update(tensor.nbytes)
+            if handle is not None:
+                handle.close()
+        writer.close()
+        os.replace(partial, out)
+    except BaseException:
+        writer.close()
+        partial.unlink(missing_ok=True)
+        raise
     log.info("wrote %s (%.1f MB)", out, out.stat().st_size / 1e6)
     return out
 
