@@ -9,6 +9,10 @@ shard file and appends them to the GGUF. Nothing is memory-mapped and no tensor 
 whole, so the peak resident set is the same for a 1 B and a 70 B model
 (`benchmarks/export_memory.py` measures it; tests/training/test_export_memory.py checks it).
 
+Chat template. The GGUF carries `tokenizer.chat_template`, a Jinja template of the bot's
+Alpaca format built from `bot.prompt`'s header constants, so llama-server, Ollama and LM
+Studio prompt the model the way it was trained (see `chat_template`).
+
 Checks. `check_export` compares llama.cpp on a GGUF with transformers on the checkpoint:
 next-token logits, and the token ids of the Alpaca template.
 """
@@ -23,7 +27,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-from bot.prompt import alpaca_prompt
+from bot.prompt import INPUT, INSTRUCTION, RESPONSE, alpaca_prompt
 
 log = logging.getLogger(__name__)
 
@@ -37,6 +41,70 @@ CHUNK_BYTES = 16 << 20  # float32 bytes converted at a time (a block's temporari
 class ExportError(ValueError):
     """The checkpoint cannot be exported or quantized, or an export fails its check; the
     message says why."""
+
+
+# --- chat template ----------------------------------------------------------------------
+
+
+def _jinja_str(text: str) -> str:
+    return json.dumps(text)  # a double-quoted literal Jinja (and minja) read the same way
+
+
+def chat_template() -> str:
+    """The bot's Alpaca format as a Jinja chat template (`tokenizer.chat_template`).
+
+    Built from `bot.prompt`'s header strings. Roles: ``system`` is the preamble (stripped,
+    then a blank line); ``user`` messages (and any unknown role) are the instruction block,
+    one line per message, ``name: content`` when the message has a ``name``; ``assistant``
+    messages the response block (each stripped); ``input`` an ``### Input:`` block.
+    Consecutive messages of one role share a block, joined by a newline, and blocks end with
+    a blank line, as `bot.prompt.render_chat` writes them; ``add_generation_prompt`` opens the
+    response. So for contents that `bot.prompt.neutralize` leaves as they are, the template
+    renders exactly `render_chat(messages)` (no response prefix), and for one ``user`` turn
+    (and an optional ``input``) exactly `alpaca_prompt(instruction, input)`, the training
+    format. It writes no BOS: llama.cpp's tokenizer adds it.
+    """
+    headers = {name: _jinja_str(header + "\n") for name, header in
+               (("INSTRUCTION", INSTRUCTION), ("INPUT", INPUT), ("RESPONSE", RESPONSE))}
+    template = _CHAT_TEMPLATE
+    for name, literal in headers.items():
+        template = template.replace(f"@{name}@", literal)
+    return template
+
+
+# Every tag trims the whitespace around it, so the layout below is not part of the output
+# (the same with or without trim_blocks / lstrip_blocks, as transformers and llama.cpp set).
+_CHAT_TEMPLATE = """\
+{%- set ns = namespace(role='') -%}
+{%- for message in messages -%}
+    {%- set content = message['content'] if message['content'] is string else '' -%}
+    {%- if message['role'] == 'system' -%}
+        {%- if ns.role -%}{{- '\\n\\n' -}}{%- endif -%}
+        {%- set ns.role = '' -%}
+        {%- if content | trim -%}{{- content | trim + '\\n\\n' -}}{%- endif -%}
+    {%- else -%}
+        {%- set role = message['role'] if message['role'] in ['assistant', 'input'] else 'user' -%}
+        {%- if role == ns.role -%}
+            {{- '\\n' -}}
+        {%- else -%}
+            {%- if ns.role -%}{{- '\\n\\n' -}}{%- endif -%}
+            {%- if role == 'user' -%}{{- @INSTRUCTION@ -}}
+            {%- elif role == 'input' -%}{{- @INPUT@ -}}
+            {%- else -%}{{- @RESPONSE@ -}}
+            {%- endif -%}
+        {%- endif -%}
+        {%- if role == 'user' -%}
+            {%- if message['name'] is defined and message['name'] -%}{{- message['name'] + ': ' -}}{%- endif -%}
+            {{- content -}}
+        {%- else -%}
+            {{- content | trim -}}
+        {%- endif -%}
+        {%- set ns.role = role -%}
+    {%- endif -%}
+{%- endfor -%}
+{%- if ns.role -%}{{- '\\n\\n' -}}{%- endif -%}
+{%- if add_generation_prompt -%}{{- @RESPONSE@ -}}{%- endif -%}
+"""
 
 
 # --- streaming export -------------------------------------------------------------------
@@ -190,6 +258,7 @@ def export_gguf(model_dir: Path, out: Path, outtype: str = "f16") -> Path:
     writer.add_token_types(list(types))
     special = gguf.SpecialVocab(model_dir, load_merges=False, n_vocab=len(tokens))
     special.add_special_token.setdefault("bos", True)  # Llama prompts start with BOS
+    special.chat_template = chat_template()  # the format the model was trained on, not the base's
     special.add_to_gguf(writer)
 
     # Pass 1, headers only: the tensor table.

@@ -71,3 +71,90 @@ def test_streamed_export_writes_every_tensor_exactly(tokenizer_model: Path, tmp_
     for name, want in expected.items():
         got = np.asarray(written[name].data)
         assert got.view(want.dtype).reshape(want.shape).tobytes() == want.tobytes(), name
+
+
+# --- the chat template ------------------------------------------------------------------
+
+
+def _chat(messages: list[Message], preamble: str = "", final_input: str = "") -> list[dict[str, str]]:
+    """The same turns as OpenAI-style chat messages (what llama-server & co. receive)."""
+    chat = [{"role": "system", "content": preamble}] if preamble else []
+    for m in messages:
+        chat.append({"role": "assistant", "content": m.content} if m.is_bot
+                    else {"role": "user", "name": m.author_name, "content": m.content})
+    if final_input:
+        chat.append({"role": "input", "content": final_input})
+    return chat
+
+
+ANN, BOB, BOT = ("1", "Ann"), ("2", "Bob"), ("9", "Hermes")
+CONVERSATIONS = {
+    "one person": ([Message(*ANN, "What colour is the sky?")], "", ""),
+    "group chat": ([Message(*ANN, "Hi all"), Message(*BOB, "Hello!\nTwo lines,\n\nand a gap."),
+                    Message(*BOT, "  Hello Ann and Bob.  ", is_bot=True), Message(*BOT, "How can I help?", is_bot=True),
+                    Message(*ANN, "Write a haiku about the sea.")], "You are Hermes, a helpful assistant.\n", ""),
+    "ends with the bot": ([Message(*BOT, "Welcome! Ask me anything.", is_bot=True)], "Be brief.", ""),
+    "post-history input": ([Message(*ANN, "And now?"), Message(*BOT, "Now what?", is_bot=True),
+                            Message(*BOB, "def f():\n    return 1")], " Persona text ", "Stay in character."),
+}
+
+
+@pytest.fixture(scope="module")
+def template_gguf(tiny_base: Path, tmp_path_factory: pytest.TempPathFactory) -> Path:
+    from training.export import export_gguf
+
+    return export_gguf(tiny_base, tmp_path_factory.mktemp("template") / "tiny.f16.gguf")
+
+
+def test_gguf_carries_the_alpaca_chat_template(template_gguf: Path) -> None:
+    import gguf
+    from llama_cpp import Llama
+
+    from bot.prompt import INSTRUCTION, RESPONSE
+    from training.export import chat_template
+
+    field = gguf.GGUFReader(template_gguf).get_field("tokenizer.chat_template")
+    assert field is not None and field.contents() == chat_template()
+    assert INSTRUCTION in chat_template() and RESPONSE in chat_template()
+    llm = Llama(str(template_gguf), n_ctx=64, verbose=False)  # what llama-cpp-python's server uses
+    try:
+        assert llm.metadata["tokenizer.chat_template"] == chat_template()
+        assert llm.chat_format == "chat_template.default"
+    finally:
+        llm.close()
+
+
+def _renderers(tiny_base: Path) -> dict[str, Any]:
+    """The template as plain jinja2, as transformers and as llama-cpp-python render it."""
+    import jinja2
+    from llama_cpp.llama_chat_format import Jinja2ChatFormatter
+    from transformers import AutoTokenizer
+
+    from training.export import chat_template
+
+    template = chat_template()
+    plain = jinja2.Environment(extensions=["jinja2.ext.loopcontrols"]).from_string(template)
+    formatter = Jinja2ChatFormatter(template, eos_token="</s>", bos_token="<s>")
+    tokenizer = AutoTokenizer.from_pretrained(tiny_base)
+    return {
+        "jinja2": lambda chat: plain.render(messages=chat, add_generation_prompt=True),
+        "transformers": lambda chat: tokenizer.apply_chat_template(
+            chat, chat_template=template, tokenize=False, add_generation_prompt=True),
+        "llama-cpp-python": lambda chat: formatter(messages=chat).prompt,
+    }
+
+
+@pytest.mark.parametrize("conversation", list(CONVERSATIONS))
+def test_chat_template_renders_what_the_bot_renders(tiny_base: Path, conversation: str) -> None:
+    messages, preamble, final_input = CONVERSATIONS[conversation]
+    want = render_chat(messages, preamble, final_input=final_input)
+    for renderer, render in _renderers(tiny_base).items():
+        assert render(_chat(messages, preamble, final_input)) == want, renderer
+
+
+def test_chat_template_renders_the_training_format(tiny_base: Path) -> None:
+    """One turn without a speaker name is `alpaca_prompt`, the text the model was trained on."""
+    for render in _renderers(tiny_base).values():
+        assert render([{"role": "user", "content": "Name a fruit.\n\nOne line."}]) == alpaca_prompt("Name a fruit.\n\nOne line.")
+        assert render([{"role": "user", "content": "Add the numbers."}, {"role": "input", "content": "2 and 3"}]) \
+            == alpaca_prompt("Add the numbers.", "2 and 3")
