@@ -1,6 +1,6 @@
 """GGUF export of a merged Llama checkpoint with the `gguf` package, quantization with
-llama.cpp's own `llama_model_quantize`, and a check that llama.cpp computes what
-transformers computes (next-token logits, and the token ids of the Alpaca template).
+llama.cpp's own `llama_model_quantize`, and a gate that fails an export llama.cpp does not
+compute like transformers.
 
 Memory. `export_gguf` streams: it reads the safetensors headers (names, dtypes, shapes),
 writes the GGUF header and tensor table, then converts each tensor in row blocks of at
@@ -13,17 +13,21 @@ Chat template. The GGUF carries `tokenizer.chat_template`, a Jinja template of t
 Alpaca format built from `bot.prompt`'s header constants, so llama-server, Ollama and LM
 Studio prompt the model the way it was trained (see `chat_template`).
 
-Checks. `check_export` compares llama.cpp on a GGUF with transformers on the checkpoint:
-next-token logits, and the token ids of the Alpaca template.
+Checks. `verify_exports` loads the reference (transformers, the merged checkpoint) once,
+computes its next-token logits for every probe, frees it, then loads each GGUF in turn and
+fails (`ExportError`) when llama.cpp tokenizes the template differently, when an
+unquantized file's top token differs, or when the largest logit gap exceeds the file type's
+tolerance (`LOGIT_TOLERANCES`).
 """
 
 from __future__ import annotations
 
+import gc
 import json
 import logging
 import os
-from collections.abc import Iterator, Mapping
-from dataclasses import dataclass
+from collections.abc import Iterator, Mapping, Sequence
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
@@ -35,6 +39,27 @@ QUANT_TYPES = {  # name → llama_ftype (llama.h)
     "F16": 1, "Q4_0": 2, "Q8_0": 7, "Q5_0": 8, "Q2_K": 10, "Q3_K_M": 12, "Q4_K_S": 14,
     "Q4_K_M": 15, "Q5_K_S": 16, "Q5_K_M": 17, "Q6_K": 18, "BF16": 32,
 }
+FILE_TYPES = {0: "F32", **{ftype: name for name, ftype in QUANT_TYPES.items()}}  # general.file_type → name
+UNQUANTIZED = frozenset({"F32", "F16", "BF16"})
+
+# The largest |logit(llama.cpp) − logit(transformers)| allowed for a probe's next token, per
+# file type, for a model whose next-token logits have a standard deviation (over the
+# vocabulary) of up to `CALIBRATION_SPREAD`; a model whose logits spread wider gets limits
+# wider in proportion (a weight's rounding error reaches the logits scaled like them), e.g.
+# ×7.5 for logits with a standard deviation of 3.
+# Measured on the trained tiny test model (tests/training: logits' std ≈ 0.37), the largest
+# gap over five probes: F16 0.0014 (f16 weights, f32 compute), Q8_0 0.056, Q6_K 0.077,
+# Q5_K_M 0.19, Q5_K_S 0.20, Q5_0 0.21, Q4_K_S 0.59, Q4_K_M 0.62, Q2_K 1.07, Q3_K_M 1.46.
+# The limits are 2.5× to 14× those (F16's wide margin leaves room for llama.cpp's GPU
+# kernels, which may accumulate in f16); an export that skips the q/k permutation, or one tensor scaled by 5 %, exceeds
+# them (tests/training/test_export_memory.py). Pass `tolerances=` to override per type.
+LOGIT_TOLERANCES: dict[str, float] = {
+    "F32": 0.02, "F16": 0.02, "BF16": 0.05,
+    "Q8_0": 0.15, "Q6_K": 0.3, "Q5_K_M": 0.5, "Q5_K_S": 0.6, "Q5_0": 0.6,
+    "Q4_K_M": 1.5, "Q4_K_S": 1.5, "Q4_0": 2.0, "Q3_K_M": 3.5, "Q2_K": 4.0,
+}
+CALIBRATION_SPREAD = 0.4  # std of the tiny model's next-token logits, where the limits hold as written
+
 CHUNK_BYTES = 16 << 20  # float32 bytes converted at a time (a block's temporaries: ~2× this)
 
 
@@ -331,49 +356,154 @@ def quantize(source: Path, out: Path, qtype: str = "Q4_K_M", threads: int | None
     return out
 
 
+# --- checks -----------------------------------------------------------------------------
+
+
 @dataclass
 class ExportCheck:
+    """One probe against one GGUF: llama.cpp's next-token logits against transformers'."""
+
     prompt: str
     same_token_ids: bool
     max_abs_logit_diff: float
     same_top_token: bool
+    # Reference logit of the reference's top token minus that of llama.cpp's top token
+    # (0 when they agree): how far apart two differing top tokens really are.
+    top_token_margin: float = 0.0
+    logit_spread: float = 0.0  # std of the reference's next-token logits over the vocabulary
+
+    def limit(self, tolerance: float) -> float:
+        """The largest gap allowed for this probe (see `LOGIT_TOLERANCES`)."""
+        return tolerance * max(1.0, self.logit_spread / CALIBRATION_SPREAD)
 
 
-def check_export(model_dir: Path, gguf_path: Path, prompts: list[str]) -> list[ExportCheck]:
-    """Compare llama.cpp on the GGUF with transformers on the checkpoint: token ids of each
-    probe in the Alpaca template (newlines included) and the next-token logits."""
-    import numpy as np
+@dataclass
+class FileCheck:
+    """All probes against one GGUF, and the verdict."""
+
+    path: Path
+    file_type: str  # F16, Q8_0, … (the GGUF's general.file_type)
+    tolerance: float | None  # from LOGIT_TOLERANCES (None: none known for this type)
+    checks: list[ExportCheck] = field(default_factory=list)
+
+    @property
+    def problems(self) -> list[str]:
+        problems = []
+        if self.tolerance is None:
+            problems.append(f"no logit tolerance for {self.file_type} (pass tolerances=)")
+        for c in self.checks:
+            limit = float("inf") if self.tolerance is None else c.limit(self.tolerance)
+            if not c.same_token_ids:
+                problems.append(f"{c.prompt!r}: llama.cpp tokenizes the template differently from transformers")
+            if c.max_abs_logit_diff > limit:
+                problems.append(f"{c.prompt!r}: max |Δlogit| {c.max_abs_logit_diff:.4f} exceeds the "
+                                f"{limit:.4g} allowed for {self.file_type}")
+            # An unquantized file must pick the same next token, unless the two are tied
+            # within rounding (their reference logits closer than the limit).
+            if self.file_type in UNQUANTIZED and not c.same_top_token and c.top_token_margin > limit:
+                problems.append(f"{c.prompt!r}: the top token differs (reference margin {c.top_token_margin:.4f})")
+        return problems
+
+    @property
+    def ok(self) -> bool:
+        return not self.problems
+
+
+@dataclass
+class _Reference:
+    prompt: str
+    text: str
+    ids: list[int]
+    logits: Any  # numpy float32, the next-token logits
+
+
+def _references(model_dir: Path, prompts: Sequence[str]) -> list[_Reference]:
+    """transformers' token ids and next-token logits for every probe; the model is loaded
+    once and freed before returning (so it never shares the memory with a GGUF).
+
+    In float32 everywhere, so the reference is the checkpoint's exact arithmetic and the
+    tolerances measure the GGUF alone: on a GPU box spread over the GPUs (a 70B takes
+    ~280 GB, 8×H100 hold it; what does not fit is offloaded to the CPU by accelerate)."""
     import torch
-    from llama_cpp import Llama
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
     tokenizer = AutoTokenizer.from_pretrained(model_dir)
-    # float32 on a CPU (small models, tests); bf16 spread over the GPUs for a 70B.
     cuda = torch.cuda.is_available()
     model = AutoModelForCausalLM.from_pretrained(
-        model_dir, dtype=torch.bfloat16 if cuda else torch.float32, device_map="auto" if cuda else None
+        model_dir, dtype=torch.float32, device_map="auto" if cuda else None
     ).eval()
-    llm = Llama(str(gguf_path), n_ctx=512, n_gpu_layers=-1, logits_all=True, verbose=False)
-    checks = []
+    references = []
     try:
         for probe in prompts:
             text = alpaca_prompt(probe)
-            hf_ids = tokenizer(text).input_ids
-            cpp_ids = llm.tokenize(text.encode(), add_bos=True, special=False)
+            ids = list(tokenizer(text).input_ids)
             with torch.no_grad():
-                hf_logits = model(torch.tensor([hf_ids], device=model.device)).logits[0, -1].float().cpu().numpy()
+                logits = model(torch.tensor([ids], device=model.device)).logits[0, -1].float().cpu().numpy()
+            references.append(_Reference(probe, text, ids, logits))
+    finally:
+        del model
+        gc.collect()
+        if cuda:
+            torch.cuda.empty_cache()
+    return references
+
+
+def _compare(path: Path, references: Sequence[_Reference], tolerances: Mapping[str, float]) -> FileCheck:
+    import numpy as np
+    from llama_cpp import Llama
+
+    n_ctx = max(512, max((len(r.ids) for r in references), default=0) + 8)
+    llm = Llama(str(path), n_ctx=n_ctx, n_gpu_layers=-1, logits_all=True, verbose=False)
+    try:
+        ftype = int(llm.metadata.get("general.file_type", -1))
+        file_type = FILE_TYPES.get(ftype, f"file type {ftype}")
+        result = FileCheck(path, file_type, tolerances.get(file_type))
+        for ref in references:
+            cpp_ids = llm.tokenize(ref.text.encode(), add_bos=True, special=False)
             llm.reset()
-            llm.eval(hf_ids)
-            cpp_logits = np.array(llm.scores[len(hf_ids) - 1])
-            checks.append(ExportCheck(
-                prompt=probe,
-                same_token_ids=list(hf_ids) == list(cpp_ids),
-                max_abs_logit_diff=float(np.abs(hf_logits - cpp_logits).max()),
-                same_top_token=int(hf_logits.argmax()) == int(cpp_logits.argmax()),
+            llm.eval(ref.ids)
+            cpp_logits = np.array(llm.scores[len(ref.ids) - 1], dtype=np.float32)
+            hf_top, cpp_top = int(ref.logits.argmax()), int(cpp_logits.argmax())
+            result.checks.append(ExportCheck(
+                prompt=ref.prompt,
+                same_token_ids=list(ref.ids) == list(cpp_ids),
+                max_abs_logit_diff=float(np.abs(ref.logits - cpp_logits).max()),
+                same_top_token=hf_top == cpp_top,
+                top_token_margin=float(ref.logits[hf_top] - ref.logits[cpp_top]),
+                logit_spread=float(ref.logits.std()),
             ))
     finally:
         llm.close()
-    for check in checks:
-        log.info("check %r: token ids %s, max |Δlogit| %.4f, same top token %s", check.prompt,
-                 "match" if check.same_token_ids else "DIFFER", check.max_abs_logit_diff, check.same_top_token)
-    return checks
+    for c in result.checks:
+        log.info("check %s %r: token ids %s, max |Δlogit| %.4f (allowed %.4g), same top token %s", path.name,
+                 c.prompt, "match" if c.same_token_ids else "DIFFER", c.max_abs_logit_diff,
+                 c.limit(result.tolerance) if result.tolerance is not None else float("inf"), c.same_top_token)
+    return result
+
+
+def check_exports(model_dir: Path, gguf_paths: Sequence[Path], prompts: Sequence[str],
+                  tolerances: Mapping[str, float] | None = None) -> list[FileCheck]:
+    """Compare llama.cpp on each GGUF with transformers on the checkpoint (loaded once for
+    all files): token ids of each probe in the Alpaca template (newlines included) and the
+    next-token logits. Returns one `FileCheck` per file; raises nothing about the results."""
+    tolerances = {**LOGIT_TOLERANCES, **(tolerances or {})}
+    references = _references(model_dir, prompts)
+    return [_compare(Path(path), references, tolerances) for path in gguf_paths]
+
+
+def verify_exports(model_dir: Path, gguf_paths: Sequence[Path], prompts: Sequence[str],
+                   tolerances: Mapping[str, float] | None = None) -> list[FileCheck]:
+    """`check_exports`, then `ExportError` naming every file and probe that fails: different
+    token ids, a different top token (unquantized files), or a logit gap over the file type's
+    tolerance (`LOGIT_TOLERANCES`, overridable per type)."""
+    results = check_exports(model_dir, gguf_paths, prompts, tolerances)
+    failed = [f"{r.path.name} ({r.file_type}): {problem}" for r in results for problem in r.problems]
+    if failed:
+        raise ExportError("the export does not compute what the checkpoint computes:\n  " + "\n  ".join(failed))
+    return results
+
+
+def check_export(model_dir: Path, gguf_path: Path, prompts: list[str]) -> list[ExportCheck]:
+    """One file's checks (loads the reference for this file alone: for several files use
+    `check_exports` / `verify_exports`, which load it once)."""
+    return check_exports(model_dir, [gguf_path], prompts)[0].checks

@@ -158,3 +158,100 @@ def test_chat_template_renders_the_training_format(tiny_base: Path) -> None:
         assert render([{"role": "user", "content": "Name a fruit.\n\nOne line."}]) == alpaca_prompt("Name a fruit.\n\nOne line.")
         assert render([{"role": "user", "content": "Add the numbers."}, {"role": "input", "content": "2 and 3"}]) \
             == alpaca_prompt("Add the numbers.", "2 and 3")
+
+
+# --- the logit gate ---------------------------------------------------------------------
+
+
+@pytest.fixture(scope="module")
+def exports(trained: Any, tmp_path_factory: pytest.TempPathFactory) -> dict[str, Path]:
+    from training.export import export_gguf, quantize
+    from training.merge import merge_adapter
+
+    root = tmp_path_factory.mktemp("gate")
+    merged = merge_adapter(Path(trained.base_model), trained.output_dir / "adapter", root / "merged")
+    f16 = export_gguf(merged, root / "tiny.f16.gguf")
+    return {"merged": merged, "F16": f16, **{q: quantize(f16, root / f"tiny.{q}.gguf", q) for q in ("Q8_0", "Q4_K_M")}}
+
+
+def test_verify_exports_loads_the_reference_once_and_passes_a_good_export(
+        exports: dict[str, Path], monkeypatch: pytest.MonkeyPatch) -> None:
+    import transformers
+
+    from training.export import LOGIT_TOLERANCES, verify_exports
+
+    loads = []
+    original = transformers.AutoModelForCausalLM.from_pretrained
+    monkeypatch.setattr(transformers.AutoModelForCausalLM, "from_pretrained",
+                        lambda *a, **k: loads.append(a) or original(*a, **k))
+    results = verify_exports(exports["merged"], [exports[q] for q in ("F16", "Q8_0", "Q4_K_M")], PROBES)
+    assert len(loads) == 1, "one reference model for all files"
+    assert [r.file_type for r in results] == ["F16", "Q8_0", "Q4_K_M"]
+    for r in results:
+        assert r.ok and len(r.checks) == len(PROBES)
+        assert r.tolerance == LOGIT_TOLERANCES[r.file_type]
+        assert all(c.same_token_ids and c.logit_spread < 0.4 for c in r.checks)
+    assert max(c.max_abs_logit_diff for c in results[0].checks) < 0.005  # F16: far inside its 0.02
+
+
+def _scaled_copy(source: Path, out: Path, tensor: str, factor: float) -> Path:
+    import gguf
+    import numpy as np
+
+    shutil.copy(source, out)
+    reader = gguf.GGUFReader(out, "r+")
+    data = next(t for t in reader.tensors if t.name == tensor).data
+    data[...] = (data.astype(np.float32) * factor).astype(data.dtype)
+    reader.data.flush()
+    return out
+
+
+def test_a_perturbed_tensor_fails_the_logit_gate(exports: dict[str, Path], tmp_path: Path) -> None:
+    """One projection scaled by 5 %: same token ids, same top tokens, so the old gate (token
+    ids only) passed it; the logits give it away."""
+    from training.export import ExportError, check_exports, verify_exports
+
+    bad = _scaled_copy(exports["F16"], tmp_path / "bad.f16.gguf", "blk.0.attn_v.weight", 1.05)
+    (result,) = check_exports(exports["merged"], [bad], PROBES)
+    assert all(c.same_token_ids and c.same_top_token for c in result.checks)
+    assert not result.ok and max(c.max_abs_logit_diff for c in result.checks) > 0.05
+    with pytest.raises(ExportError, match=r"bad\.f16\.gguf \(F16\).*max \|Δlogit\|"):
+        verify_exports(exports["merged"], [exports["F16"], bad], PROBES)
+
+
+def test_an_export_without_the_qk_permutation_fails(exports: dict[str, Path], tmp_path: Path,
+                                                    monkeypatch: pytest.MonkeyPatch) -> None:
+    """The classic conversion bug (q/k left in HF's rotary layout) fails the F16 file and the
+    files quantized from it, although llama.cpp tokenizes everything the same."""
+    import training.export as export
+
+    monkeypatch.setattr(export, "_permute", lambda weight, n_head: weight)
+    f16 = export.export_gguf(exports["merged"], tmp_path / "noperm.f16.gguf")
+    files = [f16, export.quantize(f16, tmp_path / "noperm.Q8_0.gguf", "Q8_0"),
+             export.quantize(f16, tmp_path / "noperm.Q4_K_M.gguf", "Q4_K_M")]
+    with pytest.raises(export.ExportError) as failure:
+        export.verify_exports(exports["merged"], files, PROBES)
+    for name in ("noperm.f16.gguf (F16)", "noperm.Q8_0.gguf (Q8_0)", "noperm.Q4_K_M.gguf (Q4_K_M)"):
+        assert name in str(failure.value)
+    assert "tokenizes" not in str(failure.value)
+
+
+def test_gate_rules() -> None:
+    """Top token: required for unquantized files unless tied within the limit; limits widen
+    with the logits' spread; an unknown file type fails."""
+    from training.export import CALIBRATION_SPREAD, ExportCheck, FileCheck
+
+    def verdict(file_type: str, tolerance: float | None, **check: Any) -> list[str]:
+        values = {"prompt": "p", "same_token_ids": True, "max_abs_logit_diff": 0.0, "same_top_token": True,
+                  "logit_spread": CALIBRATION_SPREAD, **check}
+        return FileCheck(Path("x.gguf"), file_type, tolerance, [ExportCheck(**values)]).problems
+
+    assert verdict("F16", 0.02) == []
+    assert "top token differs" in verdict("F16", 0.02, same_top_token=False, top_token_margin=0.05)[0]
+    assert verdict("F16", 0.02, same_top_token=False, top_token_margin=0.01) == []  # a tie, broken by rounding
+    assert verdict("Q4_K_M", 1.5, same_top_token=False, top_token_margin=0.5, max_abs_logit_diff=0.9) == []
+    assert verdict("Q4_K_M", 1.5, max_abs_logit_diff=1.6)
+    assert verdict("Q4_K_M", 1.5, max_abs_logit_diff=1.6, logit_spread=4 * CALIBRATION_SPREAD) == []  # limit 6
+    assert verdict("F16", 0.02, max_abs_logit_diff=0.03, logit_spread=CALIBRATION_SPREAD / 4)  # never narrower
+    assert "tokenizes the template differently" in verdict("Q8_0", 0.15, same_token_ids=False)[0]
+    assert "no logit tolerance" in verdict("file type 99", None)[0]
