@@ -12,7 +12,9 @@ from __future__ import annotations
 import hashlib
 import json
 import logging
+import os
 import random
+import shutil
 from collections.abc import Iterable, Sequence
 from dataclasses import asdict, dataclass
 from pathlib import Path
@@ -152,7 +154,13 @@ def _fingerprint(config: TrainConfig, tokenizer: Any) -> str:
 
 def prepare_dataset(config: TrainConfig, tokenizer: Any) -> tuple[Any, DataStats]:
     """Tokenize every example once (before training starts) and cache the result on disk;
-    a later run with the same data, tokenizer and settings loads the cache instead."""
+    a later run with the same data, tokenizer and settings loads the cache instead.
+
+    The cache entry is written in a private folder and renamed into place, so a reader sees a
+    whole entry or none: under several processes the main one prepares it first (see
+    training.train) and the others load it; two processes that raced anyway would each build
+    it, one rename wins and the other's copy is discarded.
+    """
     from datasets import Dataset, load_from_disk
 
     cache = config.output_dir / "data" / _fingerprint(config, tokenizer)
@@ -169,11 +177,18 @@ def prepare_dataset(config: TrainConfig, tokenizer: Any) -> tuple[Any, DataStats
         raise DataError("no example is left to train on (all empty or dropped as too long)")
     rows = pack(examples, t.seq_len, tokenizer.pad_token_id) if t.packing else examples
     stats.rows = len(rows)
-    dataset = Dataset.from_list(rows)
-    dataset.save_to_disk(str(cache / "dataset"))
-    stats_file.write_text(json.dumps(asdict(stats)))
+    staging = cache.with_name(f".{cache.name}.{os.getpid()}.tmp")
+    shutil.rmtree(staging, ignore_errors=True)
+    Dataset.from_list(rows).save_to_disk(str(staging / "dataset"))
+    (staging / "stats.json").write_text(json.dumps(asdict(stats)))
+    if cache.exists() and not stats_file.is_file():
+        shutil.rmtree(cache)  # an entry left incomplete by an older version: replace it
+    try:
+        staging.rename(cache)
+    except OSError:  # another process renamed its identical entry first
+        shutil.rmtree(staging, ignore_errors=True)
     log.info(
         "%d examples → %d rows, %d tokens (%d trained); %d cut, %d dropped as longer than %d",
         stats.examples, stats.rows, stats.tokens, stats.trained_tokens, stats.truncated, stats.dropped, t.seq_len,
     )
-    return dataset, stats
+    return load_from_disk(str(cache / "dataset")), stats
