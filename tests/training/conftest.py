@@ -41,15 +41,13 @@ def _corpus() -> str:
     return "\n".join(lines)
 
 
-@pytest.fixture(scope="session")
-def tiny_base(tmp_path_factory: pytest.TempPathFactory) -> Path:
+def build_tiny_base(root: Path) -> Path:
     """A randomly initialised Llama (hidden 256: K-quants apply) with a Llama-like
-    SentencePiece tokenizer (byte fallback, identity normalization)."""
+    SentencePiece tokenizer (byte fallback, identity normalization), written under `root`."""
     import sentencepiece as spm
     import torch
     from transformers import AutoTokenizer, LlamaConfig, LlamaForCausalLM
 
-    root = tmp_path_factory.mktemp("tiny")
     tok_dir = root / "tokenizer"
     tok_dir.mkdir()
     (root / "corpus.txt").write_text(_corpus())
@@ -77,6 +75,11 @@ def tiny_base(tmp_path_factory: pytest.TempPathFactory) -> Path:
     tokenizer.save_pretrained(base)
     shutil.copy(tok_dir / "tokenizer.model", base / "tokenizer.model")
     return base
+
+
+@pytest.fixture(scope="session")
+def tiny_base(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    return build_tiny_base(tmp_path_factory.mktemp("tiny"))
 
 
 @pytest.fixture
