@@ -20,6 +20,14 @@ the bot is connected or not (users keep talking while it is down). IDENTIFY star
 session with no replay; RESUME with the current session replays the events after `seq`,
 then RESUMED; an unknown session gets INVALID_SESSION (d=false). `close_gateway(4000)`
 drops the bot's websocket so that discord.py reconnects and resumes.
+
+Shards: an IDENTIFY with `"shard": [id, count]` opens that shard's session, one connection
+per shard at once. As on Discord, a shard's READY lists only its servers (those with
+`(guild_id >> 22) % count == id`), each followed by its GUILD_CREATE; a server's events go
+only to the shard that owns it and DMs only to shard 0; each shard's session has its own
+sequence numbers and RESUMEs on its own. Without a shard (or with [0, 1]) the one session
+gets everything. `add_guild` adds a server (GUILD3_ID falls on shard 0 of 2, GUILD_ID and
+GUILD2_ID both on shard 1).
 """
 
 from __future__ import annotations
@@ -42,6 +50,7 @@ DISCORD_EPOCH_MS = 1420070400000
 BOT_ID = 900000000000000001
 GUILD_ID = 800000000000000001
 GUILD2_ID = 800000000000000002  # a second server, owned by `stranger`
+GUILD3_ID = GUILD_ID + (1 << 22)  # not there unless added (`add_guild`); shard 0 of 2, the others 1
 PERM_ADMINISTRATOR = 1 << 3
 PERM_MANAGE_CHANNELS = 1 << 4
 PERM_DEFAULT = 0x0000000000000400 | 0x0000000000000800 | 0x0000000000010000  # view, send, history
@@ -158,6 +167,30 @@ class _Connection:
     lock: asyncio.Lock = field(default_factory=asyncio.Lock)
 
 
+def shard_of(guild_id: int | None, count: int) -> int:
+    """The shard Discord sends a server's events to; DMs (no server) go to shard 0."""
+    return 0 if guild_id is None else (guild_id >> 22) % count
+
+
+@dataclass
+class _Session:
+    """One gateway session: the bot's, or one shard's. Its events are numbered and kept for
+    RESUME whether a connection is live or not; `live` is the connection receiving them."""
+    id: str
+    shard: int = 0
+    count: int = 1
+    seq: int = 0
+    events: deque[dict[str, Any]] = field(default_factory=lambda: deque(maxlen=EVENT_BUFFER))
+    live: _Connection | None = None
+
+    def owns(self, guild_id: int | None) -> bool:
+        return shard_of(guild_id, self.count) == self.shard
+
+    def record(self, event: str, data: dict[str, Any]) -> None:
+        self.seq += 1
+        self.events.append({"op": 0, "s": self.seq, "t": event, "d": data})
+
+
 class FakeDiscord:
     """The stand-in server. `await start()`, then point the bot at `api_base`/`gateway_url`."""
 
@@ -203,16 +236,17 @@ class FakeDiscord:
         self._buckets: dict[tuple[str, str, str], Bucket] = {}
         self.faults: list[tuple[str, str, int]] = []  # every injected failure: (method, route, status)
         self._faults: list[_Fault] = []
+        self.guild_ids: list[int] = [GUILD_ID, GUILD2_ID]  # the servers the bot is in (`add_guild`)
+        self._extra_guilds: dict[int, tuple[str, User, list[User]]] = {}  # name, owner, members
         self._ws: web.WebSocketResponse | None = None  # the latest gateway websocket
-        self._live: _Connection | None = None  # the connection with a session (identified or resumed)
-        self._seq = 0
-        self._session_id: str | None = None
+        self._sockets: set[web.WebSocketResponse] = set()  # every open gateway websocket
+        self._shard_sessions: dict[int, _Session] = {}  # each shard's current session (0 unsharded)
         self._sessions = itertools.count(1)
-        self._events: deque[dict[str, Any]] = deque(maxlen=EVENT_BUFFER)
         self.identified = asyncio.Event()
         self.resumed = asyncio.Event()
         self.identifies = 0
         self.resumes = 0
+        self.shard_identifies: list[tuple[int, int]] = []  # (shard, count) of every IDENTIFY
         self._runner: web.AppRunner | None = None
         self.api_base = ""
         self.gateway_url = ""
@@ -230,6 +264,20 @@ class FakeDiscord:
         channel_id = snowflake()
         self.channels[channel_id] = self._text_channel(channel_id, name, guild_id)
         return channel_id
+
+    def add_guild(self, name: str, guild_id: int = GUILD3_ID, owner: User | None = None) -> int:
+        """Another server with the bot in it (call before the bot connects): owned by
+        `owner` (Owner by default), who is its Administrator; its members are the bot, Ann,
+        Bob and the owner. Add channels with `add_text_channel(name, guild_id)`."""
+        owner = owner or self.owner
+        owner.guild_permissions.setdefault(guild_id, PERM_DEFAULT | PERM_ADMINISTRATOR)
+        members: list[User] = []
+        for user in (self.bot_user, self.ann, self.bob, owner):
+            if all(user.id != m.id for m in members):
+                members.append(user)
+        self._extra_guilds[guild_id] = (name, owner, members)
+        self.guild_ids.append(guild_id)
+        return guild_id
 
     # ---- server lifecycle --------------------------------------------------------------
 
@@ -262,9 +310,10 @@ class FakeDiscord:
         self.gateway_url = f"ws://127.0.0.1:{port}/gateway"
 
     async def stop(self) -> None:
-        self._live = None
-        if self._ws is not None:
-            await self._ws.close()
+        for session in self._shard_sessions.values():
+            session.live = None
+        for ws in list(self._sockets):
+            await ws.close()
         if self._runner is not None:
             await self._runner.cleanup()
 
@@ -374,6 +423,7 @@ class FakeDiscord:
         ws = web.WebSocketResponse()
         await ws.prepare(request)
         self._ws = ws
+        self._sockets.add(ws)
         connection = _Connection(ws)
         await ws.send_json({"op": 10, "d": {"heartbeat_interval": 41250}})
         try:
@@ -384,73 +434,102 @@ class FakeDiscord:
                 if payload["op"] == 1:
                     await ws.send_json({"op": 11})
                 elif payload["op"] == 2:
-                    await self._identify(connection)
+                    await self._identify(connection, payload.get("d") or {})
                 elif payload["op"] == 6:
                     await self._resume(connection, payload.get("d") or {})
         finally:
-            if self._live is connection:
-                self._live = None
+            for session in self._shard_sessions.values():
+                if session.live is connection:
+                    session.live = None
+            self._sockets.discard(ws)
             if self._ws is ws:
                 self._ws = None
         return ws
 
-    async def _identify(self, connection: _Connection) -> None:
-        """A new session: READY, then each guild's GUILD_CREATE; no old events replayed."""
+    async def _identify(self, connection: _Connection, data: dict[str, Any]) -> None:
+        """A new session (of the shard IDENTIFY names): READY listing the shard's servers,
+        then each one's GUILD_CREATE; no old events replayed."""
+        shard, count = (int(n) for n in (data.get("shard") or (0, 1)))
         self.identifies += 1
-        self._session_id = f"fake-session-{next(self._sessions)}"
-        self._seq = 0
-        self._events.clear()
-        self._record_event("READY", {
-            "v": 10, "user": self.bot_user.payload, "session_id": self._session_id,
+        self.shard_identifies.append((shard, count))
+        # Another shard count: the bot was resharded; the old count's sessions are gone.
+        self._shard_sessions = {k: v for k, v in self._shard_sessions.items() if v.count == count}
+        session = _Session(f"fake-session-{next(self._sessions)}", shard, count)
+        self._shard_sessions[shard] = session
+        guilds = [guild_id for guild_id in self.guild_ids if session.owns(guild_id)]
+        ready: dict[str, Any] = {
+            "v": 10, "user": self.bot_user.payload, "session_id": session.id,
             "resume_gateway_url": self.gateway_url,
-            "guilds": [{"id": str(GUILD_ID), "unavailable": True}, {"id": str(GUILD2_ID), "unavailable": True}],
+            "guilds": [{"id": str(guild_id), "unavailable": True} for guild_id in guilds],
             "private_channels": [], "relationships": [],
             "application": {"id": str(BOT_ID), "flags": 0},
-        })
-        self._record_event("GUILD_CREATE", self._guild(GUILD_ID))
-        self._record_event("GUILD_CREATE", self._guild(GUILD2_ID))
-        self._live = connection
-        await self._flush()
+        }
+        if "shard" in data:
+            ready["shard"] = [shard, count]
+        session.record("READY", ready)
+        for guild_id in guilds:
+            session.record("GUILD_CREATE", self._guild(guild_id))
+        session.live = connection
+        await self._flush(session)
         self.identified.set()
 
     async def _resume(self, connection: _Connection, data: dict[str, Any]) -> None:
         """Replay the session's events after `seq`, then RESUMED; or INVALID_SESSION."""
         seq = int(data.get("seq") or 0)
-        oldest = self._events[0]["s"] if self._events else self._seq + 1
-        if self._session_id is None or data.get("session_id") != self._session_id or oldest > seq + 1:
+        session = next((s for s in self._shard_sessions.values() if s.id == data.get("session_id")), None)
+        oldest = (session.events[0]["s"] if session.events else session.seq + 1) if session is not None else 0
+        if session is None or oldest > seq + 1:
             await connection.ws.send_json({"op": 9, "d": False})
             return
         self.resumes += 1
-        if self._live is not None and self._live is not connection:
-            old, self._live = self._live, None
+        if session.live is not None and session.live is not connection:
+            old, session.live = session.live, None
             await old.ws.close(code=4000)
         connection.sent = seq
-        self._record_event("RESUMED", {})
-        self._live = connection
-        await self._flush()
+        session.record("RESUMED", {})
+        session.live = connection
+        await self._flush(session)
         self.resumed.set()
 
     @property
     def connected(self) -> bool:
-        """Whether the bot holds a gateway session right now (identified or resumed)."""
-        return self._live is not None and not self._live.ws.closed
+        """Whether the bot holds a gateway session right now (identified or resumed); with
+        shards, whether every shard does."""
+        sessions = self._shard_sessions.values()
+        return bool(sessions) and all(s.live is not None and not s.live.ws.closed for s in sessions)
 
-    async def close_gateway(self, code: int = 4000, resumable: bool = True) -> None:
+    def shard_connected(self, shard: int) -> bool:
+        """Whether this shard holds a gateway session right now."""
+        session = self._shard_sessions.get(shard)
+        return session is not None and session.live is not None and not session.live.ws.closed
+
+    async def close_gateway(self, code: int = 4000, resumable: bool = True, shard: int | None = None) -> None:
         """Close the bot's websocket with `code`; with 4000, discord.py reconnects and RESUMEs,
         and gets the events dispatched meanwhile (they wait in the buffer). `resumable=False`:
         Discord lost the session too, so the RESUME gets INVALID_SESSION and the bot IDENTIFYs
-        a new session without those events (it has to back-fill from channel history)."""
+        a new session without those events (it has to back-fill from channel history).
+        `shard`: only that shard's connection (default: every one)."""
         self.resumed.clear()
-        if not resumable:
-            self._session_id = None
-        live, self._live = self._live, None
-        ws = live.ws if live is not None else self._ws
-        if ws is not None and not ws.closed:
-            await ws.close(code=code)
+        sessions = [s for s in self._shard_sessions.values() if shard is None or s.shard == shard]
+        sockets = []
+        for session in sessions:
+            if not resumable:
+                del self._shard_sessions[session.shard]
+            if session.live is not None:
+                sockets.append(session.live.ws)
+                session.live = None
+        if not sockets and shard is None and self._ws is not None:
+            sockets.append(self._ws)  # a connection that has no session (yet)
+        for ws in sockets:
+            if not ws.closed:
+                await ws.close(code=code)
 
     def _guild(self, guild_id: int = GUILD_ID) -> dict[str, Any]:
         if guild_id == GUILD_ID:
             people, owner, name = (self.bot_user, self.ann, self.bob, self.mod, self.owner), self.owner, "Test Guild"
+        elif guild_id in self._extra_guilds:
+            name, owner, members = self._extra_guilds[guild_id]
+            people = tuple(members)
         else:
             people, owner, name = (self.bot_user, self.stranger, self.ann, self.owner), self.stranger, "Other Guild"
         members = [u.member(guild_id) for u in people]
@@ -470,32 +549,41 @@ class FakeDiscord:
             "system_channel_flags": 0, "joined_at": iso_now(),
         }
 
-    def _record_event(self, event: str, data: dict[str, Any]) -> None:
-        self._seq += 1
-        self._events.append({"op": 0, "s": self._seq, "t": event, "d": data})
+    @staticmethod
+    def _event_guild(event: str, data: dict[str, Any]) -> int | None:
+        """The server an event is about (which shard gets it); None for DMs."""
+        if data.get("guild_id"):
+            return int(data["guild_id"])
+        if event.startswith("GUILD_") and data.get("id"):
+            return int(data["id"])
+        return None
 
     async def _dispatch(self, event: str, data: dict[str, Any]) -> None:
-        """Give the event the session's next sequence number, keep it for RESUME, and send
-        it if the bot is connected; while it is not, the event waits in the buffer."""
-        self._record_event(event, data)
-        await self._flush()
+        """Give the event the next sequence number of the session that gets it (the bot's,
+        or the shard's that owns the server; DMs: shard 0), keep it for RESUME, and send it
+        if that session is connected; while it is not, the event waits in the buffer."""
+        guild_id = self._event_guild(event, data)
+        for session in list(self._shard_sessions.values()):
+            if session.owns(guild_id):
+                session.record(event, data)
+                await self._flush(session)
 
-    async def _flush(self) -> None:
-        """Send the live connection every buffered event it has not had yet, in order."""
-        connection = self._live
+    async def _flush(self, session: _Session) -> None:
+        """Send the session's live connection every buffered event it has not had yet, in order."""
+        connection = session.live
         if connection is None:
             return
         async with connection.lock:
-            while self._live is connection:
-                pending = [e for e in self._events if e["s"] > connection.sent]
+            while session.live is connection:
+                pending = [e for e in session.events if e["s"] > connection.sent]
                 if not pending:
                     return
                 for event in pending:
                     try:
                         await connection.ws.send_json(event)
                     except (ConnectionError, RuntimeError):
-                        if self._live is connection:  # it went away: keep buffering for RESUME
-                            self._live = None
+                        if session.live is connection:  # it went away: keep buffering for RESUME
+                            session.live = None
                         return
                     connection.sent = event["s"]
 
