@@ -1,7 +1,11 @@
 """The Discord bot: `create_bot` wires settings and the chat pipeline into a discord.py bot;
 `run` starts everything from settings (what `python -m bot` does) and shuts it down
 gracefully on SIGTERM or SIGINT: no new work, the replies under way end with their final
-state in Discord and in the store, then the gateway, the engine and the database close."""
+state in Discord and in the store, then the gateway, the engine and the database close.
+
+With SHARD_COUNT the bot is a `ShardedHermesBot` (discord.py's AutoShardedBot) running the
+shards SHARD_IDS names (all by default); see `bot.sharding` for how several processes
+share one database."""
 
 from __future__ import annotations
 
@@ -128,10 +132,28 @@ class HermesBot(commands.Bot):
             await interaction.response.send_message(message, ephemeral=True)
 
 
+class ShardedHermesBot(HermesBot, commands.AutoShardedBot):
+    """The same bot over several gateway connections, one per shard (SHARD_COUNT, SHARD_IDS).
+
+    With a shard count given, discord.py connects to the configured gateway URL directly
+    (it asks /gateway/bot only when it has to choose the count itself)."""
+
+    async def on_ready(self) -> None:
+        log.info("running shards %s of %s", ",".join(map(str, self.shard_ids or range(self.shard_count or 1))),
+                 self.shard_count)
+        await super().on_ready()
+
+
 def create_bot(settings: Settings, responder: Responder, **options: Any) -> HermesBot:
-    """The bot, pointed at the Discord API the settings name. Tests and tools build it here."""
+    """The bot, pointed at the Discord API the settings name. Tests and tools build it here.
+    Sharded (a `ShardedHermesBot`) when SHARD_COUNT is set."""
     point_discord_at(settings.discord_api_base, settings.discord_gateway_url)
-    return HermesBot(settings, responder, **options)
+    if settings.shard_count is None:
+        return HermesBot(settings, responder, **options)
+    options.setdefault("shard_count", settings.shard_count)
+    if settings.shard_ids:
+        options.setdefault("shard_ids", sorted(settings.shard_ids))
+    return ShardedHermesBot(settings, responder, **options)
 
 
 async def serve(settings: Settings) -> None:

@@ -14,6 +14,10 @@ read Discord, so nothing the bot posts can hide what people said):
    (this also covers questions that were still waiting when the bot stopped).
 Then, every `REDELIVER_SECONDS`, replies that Discord could not take in time are tried
 again.
+
+Sharded over several processes (SHARD_IDS), each process does all of this only for the
+conversations of its own shards (`bot.sharding`): the database is shared, and a question
+must be answered once.
 """
 
 from __future__ import annotations
@@ -30,6 +34,7 @@ from bot.cogs.edge import to_message
 from bot.conversation import StoredReply, utcnow
 from bot.policy import channel_of
 from bot.reply_stream import INTERRUPTED_NOTICE, Destination, sync_reply
+from bot.sharding import Shards, interrupt_streaming, owned_keys, undelivered_replies
 from bot.store import Store
 
 if TYPE_CHECKING:
@@ -46,11 +51,15 @@ class Recovery:
         self.bot = bot
         self.store = store
         self.chat = chat
+        self.shards = Shards.of(bot.settings)  # None: every conversation is this process's
         self._startup: asyncio.Task[None] | None = None
         self._redeliver: asyncio.Task[None] | None = None
 
     async def before_connect(self) -> None:
-        interrupted = await self.store.interrupt_streaming(INTERRUPTED_NOTICE)
+        if self.shards is None:
+            interrupted = await self.store.interrupt_streaming(INTERRUPTED_NOTICE)
+        else:
+            interrupted = await interrupt_streaming(self.store, self.shards, INTERRUPTED_NOTICE)
         if interrupted:
             log.info("recovery: %d replies were cut off by the last stop; marking them interrupted", interrupted)
 
@@ -86,7 +95,9 @@ class Recovery:
     async def redeliver(self) -> int:
         """Bring Discord in step with every stored final reply it does not show yet."""
         delivered = 0
-        for reply in await self.store.undelivered_replies():
+        replies = (await self.store.undelivered_replies() if self.shards is None
+                   else await undelivered_replies(self.store, self.shards))
+        for reply in replies:
             if not self.chat.accepting:
                 break
             if self.chat.is_under_way(reply.id):
@@ -115,7 +126,7 @@ class Recovery:
         )
 
     async def backfill_all(self) -> None:
-        for key in await self.store.recovery_keys():
+        for key in await self._own(await self.store.recovery_keys()):
             channel_id = channel_of(key)
             if channel_id is None or not self.chat.accepting:
                 continue
@@ -129,7 +140,7 @@ class Recovery:
 
     async def answer_unanswered(self) -> None:
         since = utcnow() - timedelta(seconds=self.bot.settings.recovery_window_seconds)
-        for key in await self.store.active_keys(since):
+        for key in await self._own(await self.store.active_keys(since)):
             channel_id = channel_of(key)
             question = await self.store.unanswered(key, since)
             if channel_id is None or question is None or question.platform_id is None or not self.chat.accepting:
@@ -138,6 +149,10 @@ class Recovery:
             log.info("recovery: answering the unanswered question %s in %s", question.platform_id, key)
             self.chat.queue_answer(Question(key, channel_id, int(question.platform_id), int(question.author_id),
                                             question.author_name, read_context=not (state.enabled or state.is_dm)))
+
+    async def _own(self, keys: list[str]) -> list[str]:
+        """The keys of conversations this process looks after (all, unless sharded)."""
+        return keys if self.shards is None else await owned_keys(self.store, self.shards, keys)
 
     async def backfill(self, key: str, channel_id: int) -> int:
         """Store what Discord has in this channel after the newest stored message."""
