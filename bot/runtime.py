@@ -8,6 +8,7 @@ from contextlib import asynccontextmanager
 from pathlib import Path
 
 from bot.engine.base import Engine
+from bot.engine.common import gpu_offload_warning
 from bot.engine.llama import LlamaConfig, LlamaEngine
 from bot.engine.scheduler import BatchConfig, BatchedEngine
 from bot.model_source import configured_model
@@ -20,7 +21,12 @@ log = logging.getLogger(__name__)
 
 
 async def start_engine(settings: Settings, model_path: Path) -> Engine:
-    """The engine the settings ask for: batched (default) or llama-cpp-python's simple one."""
+    """The engine the settings ask for: batched (default) or llama-cpp-python's simple one.
+
+    Warns first when N_GPU_LAYERS asks for GPU offload that this llama.cpp build cannot do
+    (llama.cpp would ignore it silently and run every layer on the CPU)."""
+    if warning := gpu_offload_warning(settings.n_gpu_layers):
+        log.warning("%s", warning)
     if settings.engine == "simple":
         return await LlamaEngine.start(LlamaConfig(
             model_path=model_path, n_ctx=settings.n_ctx, n_gpu_layers=settings.n_gpu_layers,

@@ -105,7 +105,7 @@ class Settings(BaseSettings):
     model_file: str = _setting(DEFAULT_MODEL_FILE, "a file name in MODEL_REPO")
     n_gpu_layers: int = _setting(-1, "an integer >= -1 (-1 = every layer on the GPU)", ge=-1)
     n_ctx: int = _integer(4096, 256)
-    n_threads: int | None = _integer(None, 1)
+    n_threads: int | None = _integer(None, 1)  # None = physical cores (a few with every layer on the GPU)
     max_new_tokens: int = _integer(512, 1)
     temperature: float = _number(0.7, 0.0, 5.0)
     top_p: float = _number(0.9, 0.0, 1.0)
@@ -126,8 +126,12 @@ class Settings(BaseSettings):
     # "batched": continuous batching, per-conversation KV slots; "simple": llama-cpp-python's
     # one-sequence Llama.
     engine: Literal["batched", "simple"] = _setting("batched", "'batched' or 'simple'")
-    n_parallel: int = _integer(0, 0)  # sequence slots of the batched engine; 0 = sized from KV memory
-    kv_ram_cache_mb: int = _integer(1024, 0)  # host RAM for conversations evicted from their slot
+    # Sequence slots of the batched engine; 0 = as many as the free GPU memory (or RAM) holds
+    # after the model and a 10% reserve, at most 16 (bot.engine.common.size_engine, logged).
+    n_parallel: int = _integer(0, 0)
+    # Host RAM for conversations evicted from their slot; unset = 8 full conversations' KV,
+    # at most a quarter of the RAM left after the model and its slots; 0 = none.
+    kv_ram_cache_mb: int | None = _integer(None, 0)
     max_queue: int = _integer(32, 1)
     history_limit: int = _integer(200, 1)
     reply_to_bots: bool = _setting(False, "true or false")

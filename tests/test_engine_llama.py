@@ -147,3 +147,79 @@ async def test_queue_answers_busy_when_full(gguf_path: Path) -> None:
             await generation.text()
     finally:
         await engine.close()
+
+
+def _tight_memory(monkeypatch: pytest.MonkeyPatch) -> None:
+    """Fake only the free-RAM reading: 1 GiB free, so the copy (0.24 GiB + its KV + a 1 GiB
+    reserve) does not fit beside the loaded model and the swap must unload it first."""
+    import dataclasses
+
+    from bot.engine import common
+
+    real = common.probe_memory
+    monkeypatch.setattr(common, "probe_memory", lambda gpu: dataclasses.replace(real(gpu), ram_free=common.GiB))
+
+
+async def test_hot_swap_that_does_not_fit_unloads_first(
+    engine: LlamaEngine, gguf_path: Path, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    before = await engine.submit(request(max_new=16)).text()
+    copy = tmp_path / "copy.gguf"
+    shutil.copy(gguf_path, copy)
+    _tight_memory(monkeypatch)
+    assert (await engine.plan_reload(str(copy))).mode == "unload"
+    running = engine.submit(request(max_new=32))
+    running_text = asyncio.create_task(running.text())
+    await asyncio.sleep(0.2)
+    swap = asyncio.create_task(engine.reload(str(copy)))
+    while not engine._parked:
+        await asyncio.sleep(0.01)
+    during = engine.submit(request(max_new=16))
+    assert during.position >= 1, "waits behind the swap"
+    old = engine._llm
+    info = await swap
+    assert info.name == "copy" and old._model.model is None, "the old model was freed"
+    assert await running_text and running.stats.stopped_by == "length", "the generation under way finished"
+    assert await during.text() == before, "answered afterwards by the new model"
+
+
+async def test_hot_swap_that_does_not_fit_loads_the_old_model_back(
+    engine: LlamaEngine, gguf_path: Path, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    before = await engine.submit(request(max_new=16)).text()
+    corrupt = tmp_path / "corrupt.gguf"
+    corrupt.write_bytes(gguf_path.read_bytes()[:4_000_000])
+    _tight_memory(monkeypatch)
+    old = engine._llm
+    swap = asyncio.create_task(engine.reload(str(corrupt)))
+    while not engine._parked:
+        await asyncio.sleep(0.01)
+    during = engine.submit(request(max_new=16))
+    with pytest.raises(ModelLoadError, match=rf"could not load corrupt.gguf.*{gguf_path.stem} was loaded back"):
+        await swap
+    assert engine._llm is not old and old._model.model is None, "really unloaded and loaded again"
+    assert engine.info.name == gguf_path.stem
+    assert await during.text() == before
+
+
+async def test_when_neither_model_loads_requests_fail_until_a_reload_works(
+    gguf_path: Path, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    from bot.engine.base import EngineError, ModelUnavailable
+
+    old = tmp_path / "old.gguf"
+    shutil.copy(gguf_path, old)
+    corrupt = tmp_path / "corrupt.gguf"
+    corrupt.write_bytes(gguf_path.read_bytes()[:4_000_000])
+    engine = await LlamaEngine.start(LlamaConfig(old, n_ctx=512, n_gpu_layers=0))
+    try:
+        old.unlink()  # still mapped while loaded; it cannot be loaded back
+        _tight_memory(monkeypatch)
+        with pytest.raises(ModelUnavailable, match="no model is loaded"):
+            await engine.reload(str(corrupt))
+        with pytest.raises(EngineError, match="no model is loaded"):
+            engine.submit(request(max_new=4))
+        assert (await engine.reload(str(gguf_path))).name == gguf_path.stem
+        assert await engine.submit(request(max_new=4)).text()
+    finally:
+        await engine.close()

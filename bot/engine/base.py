@@ -12,6 +12,7 @@ import asyncio
 import threading
 from collections.abc import AsyncIterator, Callable
 from dataclasses import dataclass, field
+from typing import Literal
 
 
 class EngineError(RuntimeError):
@@ -20,6 +21,11 @@ class EngineError(RuntimeError):
 
 class ModelLoadError(EngineError):
     """A model could not be loaded (missing, corrupt, too large); the old one keeps serving."""
+
+
+class ModelUnavailable(ModelLoadError):
+    """A swap that had to unload the old model failed, and loading the old one back failed
+    too: no model is loaded; requests fail until a `reload` succeeds."""
 
 
 class EngineBusy(EngineError):
@@ -163,6 +169,19 @@ class EngineHealth:
 
 
 @dataclass(frozen=True)
+class ReloadPlan:
+    """How `Engine.reload` will swap models (see `Engine.plan_reload`).
+
+    "beside": the new model loads next to the old one, which serves until the switch.
+    "unload": both do not fit in memory together: the old model is unloaded first, so the
+    bot is offline while the new one loads; requests wait in the queue meanwhile and are
+    answered afterwards, and the old model is loaded back if the new one fails."""
+
+    mode: Literal["beside", "unload"] = "beside"
+    detail: str = ""  # the memory arithmetic behind the choice, in words
+
+
+@dataclass(frozen=True)
 class ModelInfo:
     name: str
     path: str
@@ -186,10 +205,17 @@ class Engine(abc.ABC):
 
     @abc.abstractmethod
     async def reload(self, path: str | None = None) -> ModelInfo:
-        """Load a model beside the current one and switch when it is ready.
+        """Load a model beside the current one and switch when it is ready; or, when both do
+        not fit (see `plan_reload`), unload the current one first, requests waiting meanwhile.
 
-        On failure raise `ModelLoadError` and keep serving with the current model.
+        On failure raise `ModelLoadError` and keep serving with the current model (loaded
+        back if it had been unloaded; `ModelUnavailable` if even that failed).
         """
+
+    async def plan_reload(self, path: str | None = None) -> ReloadPlan:
+        """How `reload(path)` would swap, decided now (raises `ModelLoadError` at once for a
+        file that cannot load here at all). Engines that never unload need not override it."""
+        return ReloadPlan()
 
     @property
     def queue_depth(self) -> int:

@@ -7,6 +7,12 @@ cache and only evaluates what differs, which we measure and report in `Generatio
 
 Hot swap loads the new model in another thread beside the old one; the worker switches
 between two generations, so nothing under way is lost, and a failed load changes nothing.
+When both do not fit (`common.plan_swap`), the worker finishes the generation under way
+and parks, the old model is freed and the new one loaded (the old one again if that
+fails); requests wait in the queue meanwhile.
+
+Threads: the physical cores for one-token steps and batches alike (a few when every layer
+is on the GPU), not llama-cpp-python's default of half the cores (0.70x here).
 
 An error fails only the generation it happened in; a `common.Watchdog` restarts the worker
 should anything still end it, and reports it as stuck when it stops making progress.
@@ -23,6 +29,7 @@ from dataclasses import dataclass, replace
 from pathlib import Path
 from typing import Any
 
+from bot.engine import common
 from bot.engine.base import (
     Engine,
     EngineBusy,
@@ -33,8 +40,10 @@ from bot.engine.base import (
     GenerationStats,
     ModelInfo,
     ModelLoadError,
+    ModelUnavailable,
+    ReloadPlan,
 )
-from bot.engine.common import Watchdog, as_engine_error, check_model_file, finish_swap
+from bot.engine.common import Watchdog, as_engine_error, finish_swap
 
 log = logging.getLogger(__name__)
 
@@ -44,7 +53,7 @@ class LlamaConfig:
     model_path: Path
     n_ctx: int = 4096
     n_gpu_layers: int = -1
-    n_threads: int | None = None
+    n_threads: int | None = None  # None = physical cores (a few with every layer on the GPU)
     n_batch: int = 256
     seed: int = -1
     max_queue: int = 32
@@ -56,15 +65,19 @@ class LlamaConfig:
 
 def load_llama(config: LlamaConfig) -> Any:
     """Load a GGUF with llama.cpp, turning its failures into `ModelLoadError`."""
-    check_model_file(config.model_path, config.n_gpu_layers)
+    common.check_model_file(config.model_path, config.n_gpu_layers)
     from llama_cpp import Llama
 
+    share = common.gpu_share(common.offloading(config.n_gpu_layers), config.n_gpu_layers, None)
+    threads, threads_batch, why = common.decode_threads(config.n_threads, share)
+    log.info("simple engine: %d decode thread(s) (%s)", threads, why)
     try:
         return Llama(
             model_path=str(config.model_path),
             n_ctx=config.n_ctx,
             n_gpu_layers=config.n_gpu_layers,
-            n_threads=config.n_threads,
+            n_threads=threads,
+            n_threads_batch=threads_batch,
             n_batch=min(config.n_batch, config.n_ctx),
             seed=config.seed if config.seed >= 0 else 0xFFFFFFFF,
             swa_full=True,  # keep sliding-window models' cache whole so prefixes can be reused
@@ -85,6 +98,9 @@ class LlamaEngine(Engine):
         self._wakeup = threading.Condition()  # reentrant: submit reads queue_depth under it
         self._last_stats: GenerationStats | None = None
         self._current: Generation | None = None  # taken by the worker, not yet finished
+        self._parked = False  # an unload-then-load swap: the worker waits, the model may be gone
+        self._unavailable: ModelUnavailable | None = None  # no model could be loaded back
+        self._reloading = asyncio.Lock()
         self._closing = False
         self._watchdog = Watchdog(
             "llama-worker", self._run, self._has_work, config.stuck_seconds, config.watchdog_seconds
@@ -117,11 +133,16 @@ class LlamaEngine(Engine):
 
     def count_tokens(self, text: str) -> int:
         # Tokenizing reads only the vocabulary, never the context the worker is using.
-        return len(self._llm.tokenize(text.encode("utf-8"), add_bos=True, special=False))
+        llm = self._llm  # None during an unload-then-load swap: count as many as could be
+        if llm is None:
+            return common.token_upper_bound(text)
+        return len(llm.tokenize(text.encode("utf-8"), add_bos=True, special=False))
 
     def submit(self, request: GenerationRequest) -> Generation:
         generation = Generation(request, asyncio.get_running_loop(), dequeue=self._dequeue)
         with self._wakeup:
+            if self._unavailable is not None:
+                raise EngineError(str(self._unavailable))
             if self.queue_depth >= self._config.max_queue:
                 raise EngineBusy(
                     f"{self.queue_depth} requests are already waiting; try again in a minute"
@@ -144,16 +165,74 @@ class LlamaEngine(Engine):
         generation.stats.stopped_by = "cancelled"
         generation.finish()
 
+    def _target(self, path: str | None) -> LlamaConfig:
+        return self._config if path is None else replace(self._config, model_path=Path(path))
+
+    async def plan_reload(self, path: str | None = None) -> ReloadPlan:
+        config = self._target(path)
+        llm = self._llm
+        if llm is None:
+            return ReloadPlan("unload", "no model is loaded now")
+        kv = common.kv_bytes_per_token(_llama_cpp(), llm.model) * llm.n_ctx()
+        return await asyncio.to_thread(common.plan_swap, config.model_path, config.n_gpu_layers, kv)
+
     async def reload(self, path: str | None = None) -> ModelInfo:
-        config = self._config if path is None else replace(self._config, model_path=Path(path))
-        new_llm = await asyncio.to_thread(load_llama, config)  # the old model keeps serving
-        swap = _Swap(config, new_llm, self._loop.create_future())
-        with self._wakeup:
-            self._pending.appendleft(swap)  # right after the generation under way
-            self._wakeup.notify()
-        await swap.done
+        config = self._target(path)
+        async with self._reloading:
+            plan = await self.plan_reload(path)
+            if plan.mode == "beside":
+                new_llm = await asyncio.to_thread(load_llama, config)  # the old model keeps serving
+                swap = _Swap(config, new_llm, self._loop.create_future())
+                with self._wakeup:
+                    self._pending.appendleft(swap)  # right after the generation under way
+                    self._wakeup.notify()
+                await swap.done
+            else:
+                await self._reload_unloading(config, plan)
         log.info("now serving %s", config.model_path)
         return self.info
+
+    async def _reload_unloading(self, config: LlamaConfig, plan: ReloadPlan) -> None:
+        """Let the generation under way finish, park the worker, free the old model, load the
+        new one (the old one again if that fails); requests wait in the queue meanwhile."""
+        log.warning("hot swap by unloading (%s): offline until %s is loaded; requests wait", plan.detail, config.model_path.name)
+        if not self._parked:  # (still parked: an earlier swap could load no model at all)
+            park = _Swap(config, None, self._loop.create_future())
+            with self._wakeup:
+                self._parked = True
+                self._pending.appendleft(park)  # right after the generation under way
+                self._wakeup.notify()
+            try:
+                await park.done  # the worker is parked: it does not touch the model
+            except BaseException:
+                self._unpark()
+                raise
+        old, old_config, self._llm = self._llm, self._config, None
+        failure: BaseException | None = None
+        try:
+            if old is None:  # nothing to unload or to go back to (an earlier swap lost both)
+                llm = await asyncio.to_thread(load_llama, config)
+            else:
+                config, llm, failure = await common.unload_then_load(old, old_config, config, load_llama)
+        except ModelUnavailable as error:
+            log.critical("%s", error)
+            with self._wakeup:
+                self._unavailable = error
+                waiting = [job for job in self._pending if isinstance(job, Generation)]
+                self._pending.clear()
+            for generation in waiting:
+                generation.stats.stopped_by = "error"
+                generation.finish(EngineError(str(error)))
+            raise
+        self._llm, self._config, self._unavailable = llm, config, None
+        self._unpark()
+        if failure is not None:
+            raise ModelLoadError(f"{common.explain(failure)}; {old_config.model_path.stem} was loaded back") from failure
+
+    def _unpark(self) -> None:
+        with self._wakeup:
+            self._parked = False
+            self._wakeup.notify_all()
 
     async def close(self) -> None:
         await self._watchdog.stop()
@@ -162,11 +241,17 @@ class LlamaEngine(Engine):
             for job in self._pending:
                 if isinstance(job, Generation):
                     job.finish(EngineError("the bot is shutting down"))
+                elif not job.done.done():  # a reload waiting for the worker: it ends too
+                    job.done.set_exception(EngineError("the bot is shutting down"))
+                    if job.llm is not None:
+                        job.llm.close()
             self._pending.clear()
             self._closing = True
             self._wakeup.notify()
         await asyncio.to_thread(self._watchdog.join)
-        self._llm.close()
+        if self._llm is not None:
+            self._llm.close()
+            self._llm = None
 
     # ---- the worker thread -------------------------------------------------------------
 
@@ -198,7 +283,9 @@ class LlamaEngine(Engine):
                 job = self._take()
                 if job is None:
                     return
-                if isinstance(job, _Swap):
+                if isinstance(job, _Swap) and job.llm is None:
+                    self._park(job)
+                elif isinstance(job, _Swap):
                     old, self._llm, self._config = self._llm, job.llm, job.config
                     # Freed on the loop thread, where count_tokens may be reading its vocabulary.
                     self._loop.call_soon_threadsafe(finish_swap, old, job.done)
@@ -212,6 +299,14 @@ class LlamaEngine(Engine):
                     self._current.finish(as_engine_error(error))
                 self._current = None
 
+    def _park(self, swap: _Swap) -> None:
+        """Wait, touching nothing, while the loop side unloads and loads models."""
+        self._loop.call_soon_threadsafe(_resolve, swap.done)
+        with self._wakeup:
+            while self._parked and not self._closing:
+                self._wakeup.wait(self._config.watchdog_seconds)
+                self._watchdog.beat()
+
     def _recover(self, crash: EngineError) -> None:
         """First thing in a worker that replaces a dead one: fail what it was generating and
         forget the context's tokens (the dead one may have left them half evaluated)."""
@@ -219,7 +314,8 @@ class LlamaEngine(Engine):
         if job is not None:
             job.stats.stopped_by = "error"
             job.finish(crash)
-        self._llm.reset()
+        if self._llm is not None:
+            self._llm.reset()
 
     def _serve(self, job: Generation) -> None:
         error: EngineError | None = None
@@ -289,6 +385,20 @@ class LlamaEngine(Engine):
 
 @dataclass
 class _Swap:
+    """In the queue: switch to `llm` here; `llm` None: park here (an unload-then-load swap)."""
+
     config: LlamaConfig
     llm: Any
     done: asyncio.Future[None]
+
+
+def _resolve(done: asyncio.Future[None]) -> None:
+    if not done.done():
+        done.set_result(None)
+
+
+def _llama_cpp() -> Any:
+    """The low-level module (imported late: the bot starts before llama.cpp is needed)."""
+    import llama_cpp
+
+    return llama_cpp

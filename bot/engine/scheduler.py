@@ -13,6 +13,13 @@ host-RAM cache (`llama_state_seq_get_data`) and restored when its conversation r
 Requests wait in a bounded FIFO queue; every active sequence advances one token per step.
 An error ends only the generations it belongs to; a `common.Watchdog` restarts the thread
 should anything still end it.
+
+Sizing (`common.size_engine`, logged at load): `n_parallel=0` gives as many slots as the
+free GPU memory (or RAM) holds after the model and a reserve, at most 16; the RAM cache
+defaults to 8 full conversations; decode threads are the physical cores (a few with every
+layer on the GPU). Hot swap loads the new model beside the old one when both fit, else
+unloads the old one first: the scheduler finishes what is under way, parks, and requests
+wait in the queue until the new model (or, when it fails, the old one again) is loaded.
 """
 
 from __future__ import annotations
@@ -22,13 +29,13 @@ import codecs
 import collections
 import ctypes
 import logging
-import os
 import threading
 import time
 from dataclasses import dataclass, field, replace
 from pathlib import Path
 from typing import Any
 
+from bot.engine import common
 from bot.engine.base import (
     Engine,
     EngineBusy,
@@ -39,9 +46,11 @@ from bot.engine.base import (
     GenerationStats,
     ModelInfo,
     ModelLoadError,
+    ModelUnavailable,
+    ReloadPlan,
     deliver_all,
 )
-from bot.engine.common import Watchdog, as_engine_error, check_model_file, finish_swap
+from bot.engine.common import Watchdog, as_engine_error, finish_swap
 
 log = logging.getLogger(__name__)
 MIN_RESTORE_TOKENS = 32  # below this, re-evaluating is as cheap as restoring a saved state
@@ -52,13 +61,13 @@ FLUSH_SECONDS = 0.05  # how often streamed text is handed to the event loop
 class BatchConfig:
     model_path: Path
     n_ctx: int = 4096  # per conversation
-    n_parallel: int = 0  # sequence slots; 0 = size from the KV memory (see auto_parallel)
+    n_parallel: int = 0  # sequence slots; 0 = as many as free memory holds (common.size_engine)
     n_gpu_layers: int = -1
-    n_threads: int | None = None
+    n_threads: int | None = None  # None = physical cores (a few with every layer on the GPU)
     n_batch: int = 256  # tokens per decode step (prompt chunks + one per generation)
-    ram_cache_mb: int = 1024  # host RAM for sequence states evicted from their slot
+    ram_cache_mb: int | None = None  # host RAM for evicted sequence states; None = 8 conversations' worth
     max_queue: int = 32
-    kv_budget_mb: int = 2048  # what `n_parallel: 0` may spend on KV cache
+    max_parallel: int = common.MAX_PARALLEL  # the most slots `n_parallel=0` picks
     reuse_prefix: bool = True  # False: evaluate every prompt from scratch (benchmarks)
     stuck_seconds: float = 60.0  # work but no step for this long: /status says "stuck"
     watchdog_seconds: float = 1.0  # how often the watchdog looks at the scheduler thread
@@ -71,9 +80,11 @@ class _Llama:
         import llama_cpp
 
         self.lib = llama_cpp
-        check_model_file(config.model_path, config.n_gpu_layers)
+        common.check_model_file(config.model_path, config.n_gpu_layers)
         logging.getLogger("llama-cpp-python").setLevel(logging.ERROR)  # llama.cpp's own chatter
         llama_cpp.llama_backend_init()
+        gpu = common.offloading(config.n_gpu_layers)
+        memory = common.probe_memory(gpu)  # before loading: the model's own size is subtracted
         params = llama_cpp.llama_model_default_params()
         params.n_gpu_layers = 0x7FFFFFFF if config.n_gpu_layers < 0 else config.n_gpu_layers
         # No repacked CPU weight layouts: their kernels change with the batch size, so a
@@ -88,18 +99,26 @@ class _Llama:
             raise ModelLoadError(f"llama.cpp could not load {config.model_path.name} (corrupt or unsupported file)")
         self.vocab = llama_cpp.llama_model_get_vocab(self.model)
         self.n_vocab = llama_cpp.llama_vocab_n_tokens(self.vocab)
-        self.n_parallel = config.n_parallel or self.auto_parallel(config)
+        self.kv_per_token = common.kv_bytes_per_token(llama_cpp, self.model)
+        self.sizing = common.size_engine(
+            n_ctx=config.n_ctx, kv_per_token=self.kv_per_token, model_bytes=config.model_path.stat().st_size,
+            n_layer=llama_cpp.llama_model_n_layer(self.model), n_gpu_layers=config.n_gpu_layers, gpu=gpu,
+            memory=memory, n_parallel=config.n_parallel, ram_cache_mb=config.ram_cache_mb,
+            n_threads=config.n_threads, cap=config.max_parallel,
+        )
+        log.info("engine sizing for %s: %s [%s]", config.model_path.name, self.sizing.note, memory.describe())
+        self.n_parallel = self.sizing.n_parallel
+        self.kv_bytes = self.n_parallel * config.n_ctx * self.kv_per_token
         context = llama_cpp.llama_context_default_params()
         context.n_ctx = config.n_ctx * self.n_parallel
         context.n_batch = context.n_ubatch = config.n_batch
         context.n_seq_max = self.n_parallel
         context.kv_unified = False  # one KV stream of n_ctx cells per slot, laid out as if alone
         context.swa_full = True  # sliding-window models keep whole prefixes reusable
-        # As llama-cpp-python does: half the cores for one-token steps (memory-bound; more
-        # threads only contend), all of them for batches.
-        cores = os.cpu_count() or 1
-        context.n_threads = config.n_threads or max(1, cores // 2)
-        context.n_threads_batch = config.n_threads or cores
+        # Not llama-cpp-python's half the cores for one-token steps: measured on 2 cores,
+        # 1 thread decodes at 0.70x the speed of 2 (README, "The batching engine").
+        context.n_threads = self.sizing.n_threads
+        context.n_threads_batch = self.sizing.n_threads_batch
         self.ctx = llama_cpp.llama_init_from_model(self.model, context)
         if not self.ctx:
             llama_cpp.llama_model_free(self.model)
@@ -110,16 +129,6 @@ class _Llama:
         self.memory = llama_cpp.llama_get_memory(self.ctx)
         self.batch = llama_cpp.llama_batch_init(config.n_batch, 0, 1)
         self.n_batch = config.n_batch
-
-    def auto_parallel(self, config: BatchConfig) -> int:
-        """Slots that fit the KV budget: 2 (K and V) × layers × KV width × n_ctx × 2 bytes."""
-        lib = self.lib
-        layers = lib.llama_model_n_layer(self.model)
-        width = lib.llama_model_n_embd(self.model) * lib.llama_model_n_head_kv(self.model) // max(
-            1, lib.llama_model_n_head(self.model)
-        )
-        per_slot = 2 * layers * width * config.n_ctx * 2
-        return max(1, min(8, config.kv_budget_mb * 2**20 // max(1, per_slot)))
 
     def tokenize(self, text: str, add_bos: bool = True) -> list[int]:
         data = text.encode("utf-8")
@@ -233,6 +242,16 @@ class TextStream:
 
 
 @dataclass
+class _Swap:
+    """For the scheduler: switch to `llama` once nothing is under way; `llama` None: only
+    finish what is under way, then park (an unload-then-load swap)."""
+
+    config: BatchConfig
+    llama: _Llama | None
+    done: asyncio.Future[None]
+
+
+@dataclass
 class _Slot:
     seq: int
     conversation: str | None = None
@@ -282,7 +301,10 @@ class BatchedEngine(Engine):
         self._pending: collections.deque[Generation] = collections.deque()
         self._admitting: list[Generation] = []  # taken from the queue, not yet in a slot
         self._wakeup = threading.Condition()
-        self._swap: tuple[BatchConfig, _Llama, asyncio.Future[None]] | None = None
+        self._swap: _Swap | None = None
+        self._offline = False  # unload-then-load swap: admit nothing, the model may be gone
+        self._unavailable: ModelUnavailable | None = None  # no model could be loaded back
+        self._reloading = asyncio.Lock()
         self._closing = False
         self._last_stats: GenerationStats | None = None
         self._outbox: list[tuple[Generation, str | BaseException | None]] = []  # not yet delivered
@@ -293,6 +315,11 @@ class BatchedEngine(Engine):
         self._watchdog.start_thread()
         self._watchdog.watch(loop)
         log.info("batching engine: %d slots of %d tokens", llama.n_parallel, config.n_ctx)
+
+    @property
+    def sizing(self) -> common.Sizing | None:
+        """The loaded model's slots, RAM cache and threads (None while none is loaded)."""
+        return self._llama.sizing if self._llama is not None else None
 
     @classmethod
     async def start(cls, config: BatchConfig) -> BatchedEngine:
@@ -322,15 +349,18 @@ class BatchedEngine(Engine):
         return self._watchdog.health
 
     def count_tokens(self, text: str) -> int:
-        return len(self._llama.tokenize(text))  # reads only the vocabulary
+        llama = self._llama  # None during an unload-then-load swap: count as many as could be
+        return len(llama.tokenize(text)) if llama is not None else common.token_upper_bound(text)  # vocabulary only
 
     def submit(self, request: GenerationRequest) -> Generation:
         generation = Generation(request, asyncio.get_running_loop(), dequeue=self._dequeue)
         with self._wakeup:
+            if self._unavailable is not None:
+                raise EngineError(str(self._unavailable))
             if len(self._pending) >= self._config.max_queue:
                 raise EngineBusy(f"{len(self._pending)} requests are already waiting; try again in a minute")
             self._pending.append(generation)
-            busy = all(slot.job is not None for slot in self._slots)
+            busy = self._offline or all(slot.job is not None for slot in self._slots)
             generation.set_position(len(self._pending) if busy else 0)
             self._wakeup.notify()
         return generation
@@ -347,16 +377,76 @@ class BatchedEngine(Engine):
         generation.stats.stopped_by = "cancelled"
         generation.finish()
 
+    async def plan_reload(self, path: str | None = None) -> ReloadPlan:
+        config = self._target(path)
+        if self._llama is None:
+            return ReloadPlan("unload", "no model is loaded now")
+        return await asyncio.to_thread(common.plan_swap, config.model_path, config.n_gpu_layers, self._llama.kv_bytes)
+
+    def _target(self, path: str | None) -> BatchConfig:
+        return self._config if path is None else replace(self._config, model_path=Path(path))
+
     async def reload(self, path: str | None = None) -> ModelInfo:
-        config = self._config if path is None else replace(self._config, model_path=Path(path))
-        llama = await asyncio.to_thread(_Llama, config)  # the old model keeps serving
-        done: asyncio.Future[None] = self._loop.create_future()
-        with self._wakeup:
-            self._swap = (config, llama, done)
-            self._wakeup.notify()
-        await done
+        config = self._target(path)
+        async with self._reloading:
+            plan = await self.plan_reload(path)
+            if plan.mode == "beside":
+                llama = await asyncio.to_thread(_Llama, config)  # the old model keeps serving
+                done: asyncio.Future[None] = self._loop.create_future()
+                with self._wakeup:
+                    self._swap = _Swap(config, llama, done)
+                    self._wakeup.notify()
+                await done
+            else:
+                await self._reload_unloading(config, plan)
         log.info("now serving %s", config.model_path)
         return self.info
+
+    async def _reload_unloading(self, config: BatchConfig, plan: ReloadPlan) -> None:
+        """Finish what is under way, park the scheduler, free the old model, load the new one
+        (the old one again if that fails); requests wait in the queue meanwhile."""
+        log.warning("hot swap by unloading (%s): offline until %s is loaded; requests wait", plan.detail, config.model_path.name)
+        drained: asyncio.Future[None] = self._loop.create_future()
+        with self._wakeup:
+            self._offline = True  # nothing more is admitted
+            self._swap = _Swap(config, None, drained)
+            self._wakeup.notify()
+        try:
+            await drained  # the scheduler is parked: it touches neither the model nor the slots
+        except BaseException:
+            with self._wakeup:
+                self._offline = False
+                self._wakeup.notify()
+            raise
+        old, old_config = self._llama, self._config
+        self._llama = None  # count_tokens counts without a vocabulary meanwhile
+        self._ram.clear()  # saved states belong to the old model
+        failure: BaseException | None = None
+        try:
+            if old is None:  # nothing to unload or to go back to (an earlier swap lost both);
+                llama = await asyncio.to_thread(_Llama, config)  # failing, `_unavailable` stays
+            else:
+                config, llama, failure = await common.unload_then_load(old, old_config, config, _Llama)
+        except ModelUnavailable as error:
+            self._no_model(error)
+            raise
+        with self._wakeup:
+            self._llama, self._config, self._unavailable = llama, config, None
+            self._slots = [_Slot(seq) for seq in range(llama.n_parallel)]
+            self._offline = False
+            self._wakeup.notify()
+        if failure is not None:
+            raise ModelLoadError(f"{common.explain(failure)}; {old_config.model_path.stem} was loaded back") from failure
+
+    def _no_model(self, error: ModelUnavailable) -> None:
+        """Neither model could be loaded: fail what waits, refuse what comes, until a reload works."""
+        log.critical("%s", error)
+        with self._wakeup:
+            self._unavailable = error
+            waiting, self._pending = list(self._pending), collections.deque()
+        for generation in waiting:
+            generation.stats.stopped_by = "error"
+            generation.put(EngineError(str(error)))
 
     async def close(self) -> None:
         await self._watchdog.stop()
@@ -366,9 +456,17 @@ class BatchedEngine(Engine):
             for generation in self._pending:
                 generation.put(EngineError("the bot is shutting down"))
             self._pending.clear()
+            swap, self._swap = self._swap, None
             self._wakeup.notify()
         await asyncio.to_thread(self._watchdog.join)
-        self._llama.close()
+        if swap is not None:  # a reload waiting for the scheduler: it ends too
+            if swap.llama is not None:
+                swap.llama.close()
+            if not swap.done.done():
+                swap.done.set_exception(EngineError("the bot is shutting down"))
+        if self._llama is not None:
+            self._llama.close()
+            self._llama = None
 
     # ---- the scheduler thread ---------------------------------------------------------
 
@@ -385,7 +483,10 @@ class BatchedEngine(Engine):
         while True:
             self._watchdog.beat()
             with self._wakeup:
-                while not self._closing and not self._pending and not self._active() and self._swap is None:
+                # Parked while offline (an unload-then-load swap) with nothing under way.
+                while not self._closing and not self._active() and self._swap is None and (
+                    not self._pending or self._offline
+                ):
                     self._wakeup.wait(self._config.watchdog_seconds)
                     self._watchdog.beat()
                 if self._closing:
@@ -396,7 +497,7 @@ class BatchedEngine(Engine):
                 if self._swap is not None and not self._active():
                     self._do_swap()
                     continue
-                if self._swap is None:
+                if self._swap is None and not self._offline:
                     self._admitting = self._take_admissible()
             try:
                 self._admit()
@@ -449,12 +550,17 @@ class BatchedEngine(Engine):
             self._flushed = now
 
     def _do_swap(self) -> None:
+        """Under the lock, nothing under way: switch models, or (no new model) just report
+        that the scheduler is parked."""
         assert self._swap is not None
-        config, llama, done = self._swap
-        old, self._llama, self._config, self._swap = self._llama, llama, config, None
-        self._slots = [_Slot(seq) for seq in range(llama.n_parallel)]
+        swap, self._swap = self._swap, None
+        if swap.llama is None:
+            self._loop.call_soon_threadsafe(_resolve, swap.done)
+            return
+        old, self._llama, self._config = self._llama, swap.llama, swap.config
+        self._slots = [_Slot(seq) for seq in range(swap.llama.n_parallel)]
         self._ram.clear()  # saved states belong to the old model
-        self._loop.call_soon_threadsafe(finish_swap, old, done)
+        self._loop.call_soon_threadsafe(finish_swap, old, swap.done)
 
     def _take_admissible(self) -> list[Generation]:
         """Under the lock: as many waiting requests as there are free slots (FIFO)."""
@@ -530,7 +636,8 @@ class BatchedEngine(Engine):
 
     def _evict(self, slot: _Slot) -> None:
         """Move an idle slot's sequence to the RAM cache (if it is worth keeping), then clear it."""
-        if slot.conversation and len(slot.tokens) >= MIN_RESTORE_TOKENS and self._config.ram_cache_mb > 0:
+        budget = self._llama.sizing.ram_cache_mb * 2**20
+        if slot.conversation and len(slot.tokens) >= MIN_RESTORE_TOKENS and budget > 0:
             try:
                 state = self._llama.save(slot.seq)
             except Exception as error:  # MemoryError, mostly: that conversation re-evaluates later
@@ -539,14 +646,14 @@ class BatchedEngine(Engine):
             else:
                 self._ram[slot.conversation] = (list(slot.tokens), state)
                 self._ram.move_to_end(slot.conversation)
-                budget = self._config.ram_cache_mb * 2**20
                 while sum(len(s) for _, s in self._ram.values()) > budget:
                     self._ram.popitem(last=False)
         self._reset_slot(slot)
 
     def _reset_slot(self, slot: _Slot) -> None:
         slot.tokens, slot.conversation = [], None
-        self._llama.forget(slot.seq)
+        if self._llama is not None:  # None: unloaded for a swap, the slots are replaced after it
+            self._llama.forget(slot.seq)
 
     def _step(self) -> None:
         """One scheduling step: a token for every generating sequence in one llama_decode,
@@ -636,3 +743,8 @@ class BatchedEngine(Engine):
         self._last_stats = stats
         self._outbox.append((job.generation, error))
         self._llama.lib.llama_sampler_free(job.sampler)
+
+
+def _resolve(done: asyncio.Future[None]) -> None:
+    if not done.done():
+        done.set_result(None)
