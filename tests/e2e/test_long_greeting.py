@@ -8,7 +8,7 @@ import re
 from bot.replies import DISCORD_LIMIT, split_message
 from tests.card_files import png_card, v3_card
 from tests.e2e.conftest import StartBot
-from tests.e2e.fake_discord import wait_for
+from tests.e2e.fake_discord import GUILD_ID, wait_for
 from tests.e2e.test_conversations import stored
 
 # About 7000 characters: pings that must not ping anyone, prose, a code block with a
@@ -39,7 +39,7 @@ async def test_a_long_greeting_is_posted_whole_in_parts(start_bot: StartBot) -> 
     imported = len(d.followups)
 
     chosen = await d.slash(d.mod, d.general, "persona", sub="set", options={"name": "long-greeter"})
-    greeting = h.bot.responder.personas["long-greeter"].greeting("Mod", 0)
+    greeting = h.bot.responder.personas[f"g{GUILD_ID}/long-greeter"].greeting("Mod", 0)
     expected = split_message(greeting)
     assert len(greeting) > 3 * DISCORD_LIMIT and len(expected) >= 4
     await wait_for(lambda: chosen.response_type == 4 and len(d.followups) - imported == len(expected) - 1)
