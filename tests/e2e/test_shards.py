@@ -10,6 +10,7 @@ add GUILD3_ID, on shard 0, where DMs belong too."""
 from __future__ import annotations
 
 import asyncio
+import re
 import threading
 from pathlib import Path
 from typing import Any
@@ -20,6 +21,7 @@ from discord.ext import commands
 from bot import migrate
 from bot.app import ShardedHermesBot
 from bot.reply_stream import INTERRUPTED_NOTICE
+from bot.settings import SettingsError, load_settings
 from bot.sharding import Shards, shard_of
 from bot.store import Store
 from tests.e2e.conftest import Harness, StartBot
@@ -42,7 +44,7 @@ def database_url(request: pytest.FixtureRequest, tmp_path: Path) -> str:
     return str(request.getfixturevalue("postgres_url"))
 
 
-@pytest.fixture(autouse=True)
+@pytest.fixture
 async def migrated(database_url: str, monkeypatch: pytest.MonkeyPatch) -> None:
     """The shared database exists before the instances start (two processes starting on a
     fresh database would both migrate it at once). Both instances live in this one process,
@@ -75,7 +77,18 @@ async def start_both(start_bot: StartBot, shard0_replies: int = 0, shard1_replie
     engines[1].say(*[SHARD1] * shard1_replies)
     shard0, shard1 = await asyncio.gather(*(start_bot(engine, SHARD_COUNT="2", SHARD_IDS=str(shard))
                                             for shard, engine in enumerate(engines)))
+    for h in (shard0, shard1):
+        # The start-up recovery has read the database: a question sent now is answered live
+        # only. (Sent while it reads, one could be queued twice in its lane, sharded or not:
+        # the recovery would find it stored, not yet answered, while its live answer begins.)
+        await wait_for(lambda h=h: recovered(h))
     return shard0, shard1
+
+
+def recovered(h: Harness) -> bool:
+    chat = h.bot.get_cog("Chat")
+    startup = getattr(getattr(chat, "recovery", None), "_startup", None)
+    return startup is not None and startup.done()
 
 
 def answers(d: FakeDiscord, questions: dict[int, int]) -> dict[int, list[str]]:
@@ -95,8 +108,23 @@ def test_the_servers_fall_on_different_shards() -> None:
     assert shard1.owns(GUILD_ID) and not shard1.owns(GUILD3_ID) and not shard1.owns(None)
 
 
+def test_shard_settings() -> None:
+    def shards(**env: str) -> Shards | None:
+        return Shards.of(load_settings(env, dotenv_path=None))
+
+    assert shards() is None and shards(SHARD_COUNT="2") is None, "not sharded, or every shard: no split"
+    assert shards(SHARD_COUNT="2", SHARD_IDS="0, 1") is None
+    assert shards(SHARD_COUNT="3", SHARD_IDS="2,0") == Shards(3, frozenset({0, 2}))
+    for env, error in (({"SHARD_IDS": "1"}, "SHARD_IDS needs SHARD_COUNT"),
+                       ({"SHARD_COUNT": "2", "SHARD_IDS": "2"}, "SHARD_IDS=2: expected ids below SHARD_COUNT=2"),
+                       ({"SHARD_COUNT": "2", "SHARD_IDS": "one"}, "'one' is not a shard id"),
+                       ({"SHARD_COUNT": "0"}, "SHARD_COUNT=0: expected an integer >= 1")):
+        with pytest.raises(SettingsError, match=re.escape(error)):
+            load_settings(env, dotenv_path=None)
+
+
 async def test_each_server_and_dm_is_answered_once_by_its_shards_instance(
-        fake_discord: FakeDiscord, start_bot: StartBot) -> None:
+        fake_discord: FakeDiscord, start_bot: StartBot, migrated: None) -> None:
     d = fake_discord
     third = add_third_guild(d)
     h0, h1 = await start_both(start_bot, 3, 2)
@@ -132,7 +160,7 @@ async def test_each_server_and_dm_is_answered_once_by_its_shards_instance(
     assert len(h1.engine.prompts) == 2
 
 
-async def test_a_shard_resumes_on_its_own(fake_discord: FakeDiscord, start_bot: StartBot) -> None:
+async def test_a_shard_resumes_on_its_own(fake_discord: FakeDiscord, start_bot: StartBot, migrated: None) -> None:
     d = fake_discord
     third = add_third_guild(d)
     h0, h1 = await start_both(start_bot, 1, 1)
@@ -147,7 +175,7 @@ async def test_a_shard_resumes_on_its_own(fake_discord: FakeDiscord, start_bot: 
 
 
 async def test_after_both_restart_a_question_sent_meanwhile_is_answered_once(
-        fake_discord: FakeDiscord, start_bot: StartBot) -> None:
+        fake_discord: FakeDiscord, start_bot: StartBot, migrated: None) -> None:
     d = fake_discord
     third = add_third_guild(d)
     h0, h1 = await start_both(start_bot, 2, 1)
@@ -180,7 +208,7 @@ async def test_after_both_restart_a_question_sent_meanwhile_is_answered_once(
 
 
 async def test_an_instance_starting_leaves_the_other_instances_reply_streaming(
-        fake_discord: FakeDiscord, start_bot: StartBot) -> None:
+        fake_discord: FakeDiscord, start_bot: StartBot, migrated: None) -> None:
     """At start an instance marks `interrupted` the replies its last run left streaming: only
     its own shards' ones, never a reply the other instance is writing right now."""
     d = fake_discord
