@@ -23,6 +23,7 @@ MAX_JOBS = 4  # waiting jobs per conversation (one of them at most a coalesced a
 class _Lane:
     jobs: deque[tuple[int | None, Job]] = field(default_factory=deque)  # (answer's order or None, job)
     worker: asyncio.Task[None] | None = None
+    answering: int | None = None  # the order of the answer running now
 
 
 class ChannelQueue:
@@ -35,6 +36,8 @@ class ChannelQueue:
         """Queue an answer to the question numbered `order` (its message id): an answer
         already waiting in this lane answers the newer of the two questions (coalesced)."""
         lane = self._lanes.setdefault(key, _Lane())
+        if lane.answering is not None and order <= lane.answering:
+            return  # the answer being written already covers it (e.g. found again by recovery)
         for index, (waiting, _) in enumerate(lane.jobs):
             if waiting is not None:
                 if order > waiting:
@@ -54,10 +57,6 @@ class ChannelQueue:
         self._run(key, lane)
         return True
 
-    def busy(self, key: str) -> bool:
-        lane = self._lanes.get(key)
-        return lane is not None and lane.worker is not None
-
     def _run(self, key: str, lane: _Lane) -> None:
         if lane.worker is None and not self._closed:
             lane.worker = asyncio.create_task(self._drain(key, lane), name=f"lane {key}")
@@ -65,13 +64,13 @@ class ChannelQueue:
     async def _drain(self, key: str, lane: _Lane) -> None:
         try:
             while lane.jobs and not self._closed:
-                _, job = lane.jobs.popleft()
+                lane.answering, job = lane.jobs.popleft()
                 try:
                     await job()
                 except Exception:
                     log.exception("%s: a job failed", key)
         finally:
-            lane.worker = None
+            lane.worker, lane.answering = None, None
             if not lane.jobs and self._lanes.get(key) is lane:
                 del self._lanes[key]
 

@@ -79,7 +79,8 @@ async def test_only_what_addresses_the_bot_is_kept_outside_enabled_channels(
 async def test_retention_deletes_old_messages(start_bot: StartBot, database_url: str) -> None:
     h = await start_bot()
     old = Message("1", "Ann", "from long ago", platform_id="1", created_at=datetime.now(UTC) - timedelta(days=40))
-    new = Message("1", "Ann", "from today", platform_id="2")
+    # An hour old: kept, and too old for the restart to answer it.
+    new = Message("1", "Ann", "from today", platform_id="2", created_at=datetime.now(UTC) - timedelta(hours=1))
     await h.store.add_message("discord:1", old)
     await h.store.add_message("discord:1", new)
     await h.bot.close()
