@@ -20,11 +20,18 @@ from bot.store import Store
 log = logging.getLogger(__name__)
 
 
-async def start_engine(settings: Settings, model_path: Path) -> Engine:
-    """The engine the settings ask for: batched (default) or llama-cpp-python's simple one.
+async def start_engine(settings: Settings, model_path: Path | None) -> Engine:
+    """The engine the settings ask for: batched (default), llama-cpp-python's simple one, or
+    a fleet of llama-servers (remote; `model_path`, if any, is read for its vocabulary only).
 
     Warns first when N_GPU_LAYERS asks for GPU offload that this llama.cpp build cannot do
     (llama.cpp would ignore it silently and run every layer on the CPU)."""
+    if settings.engine == "remote":
+        from bot.engine.remote import RemoteEngine
+
+        return await RemoteEngine.start(settings.llama_server_urls, n_ctx=settings.n_ctx,
+                                        max_queue=settings.max_queue, tokenizer_path=model_path)
+    assert model_path is not None
     if warning := gpu_offload_warning(settings.n_gpu_layers):
         log.warning("%s", warning)
     if settings.engine == "simple":
@@ -45,8 +52,13 @@ async def open_runtime(settings: Settings) -> AsyncIterator[Responder]:
     store = await Store.open(settings.database_url)
     try:
         personas = merge_imported(load_personas(settings.personas_dir), await store.imported_personas())
-        model_path = configured_model(settings)
-        log.info("loading %s (this can take a while for large models)", model_path)
+        if settings.engine == "remote":  # the servers hold the model; never download it here
+            model_path = settings.model_path
+            log.info("serving through %d llama-server(s): %s", len(settings.llama_server_urls),
+                     ", ".join(settings.llama_server_urls))
+        else:
+            model_path = configured_model(settings)
+            log.info("loading %s (this can take a while for large models)", model_path)
         engine = await start_engine(settings, model_path)
         try:
             yield Responder(settings, store, engine, personas)

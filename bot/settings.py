@@ -125,7 +125,11 @@ class Settings(BaseSettings):
     )
     # "batched": continuous batching, per-conversation KV slots; "simple": llama-cpp-python's
     # one-sequence Llama.
-    engine: Literal["batched", "simple"] = _setting("batched", "'batched' or 'simple'")
+    # "remote": a fleet of llama.cpp servers (LLAMA_SERVER_URLS) with conversation affinity.
+    engine: Literal["batched", "simple", "remote"] = _setting("batched", "'batched', 'simple' or 'remote'")
+    llama_server_urls: Annotated[tuple[str, ...], NoDecode] = _setting(
+        (), "comma-separated llama-server base URLs, http(s)://host:port"
+    )
     # Sequence slots of the batched engine; 0 = as many as the free GPU memory (or RAM) holds
     # after the model and a 10% reserve, at most 16 (bot.engine.common.size_engine, logged).
     n_parallel: int = _integer(0, 0)
@@ -257,6 +261,21 @@ class Settings(BaseSettings):
             repos.add(part)
         return frozenset(repos)
 
+    @field_validator("llama_server_urls", mode="before")
+    @classmethod
+    def _server_urls(cls, value: Any) -> Any:
+        if not isinstance(value, str):
+            return value
+        urls = []
+        for part in value.split(","):
+            part = part.strip().rstrip("/")
+            if not part:
+                continue
+            if not part.startswith(("http://", "https://")) or " " in part:
+                raise ValueError(f"{part!r} is not a server URL; expected http(s)://host:port, comma-separated")
+            urls.append(part)
+        return tuple(urls)
+
     @field_validator("admin_user_ids", "allowed_guild_ids", mode="before")
     @classmethod
     def _ids(cls, value: Any) -> Any:
@@ -302,6 +321,8 @@ class Settings(BaseSettings):
                 f"MAX_NEW_TOKENS={self.max_new_tokens}: expected less than half of "
                 f"N_CTX={self.n_ctx}, so that the conversation still fits in the prompt"
             )
+        if self.engine == "remote" and not self.llama_server_urls:
+            raise ValueError("ENGINE=remote needs LLAMA_SERVER_URLS: the llama-server base URLs, comma-separated")
         return self
 
     @field_validator("shard_ids", mode="before")

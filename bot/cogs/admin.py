@@ -14,6 +14,7 @@ from discord.ext import commands
 
 from bot.cogs.edge import interaction_may_manage
 from bot.engine.base import ModelLoadError
+from bot.engine.remote import RemoteEngine
 from bot.model_source import (
     HubFile,
     available_models,
@@ -28,6 +29,12 @@ if TYPE_CHECKING:
     from bot.app import HermesBot
 
 log = logging.getLogger(__name__)
+
+
+def _server_line(server: dict[str, object]) -> str:
+    state = "up" if server["healthy"] else f"**down** {server['down_seconds']} s ({server['error']})"
+    return (f"- `{server['url']}` {state}: {server['busy']}/{server['slots']} slots busy, "
+            f"{server['conversations']} conversations, {server['tokens_per_second']} tokens/s lately")
 
 
 def _uptime(seconds: float) -> str:
@@ -85,7 +92,9 @@ class Admin(commands.Cog):
             f"**Last generation:** {speed}",
             f"**Uptime:** {_uptime(time.monotonic() - self.started)}",
         ]
-        await interaction.response.send_message("\n".join(lines), ephemeral=True)
+        if isinstance(engine, RemoteEngine):
+            lines += [_server_line(server) for server in engine.servers()]
+        await interaction.response.send_message("\n".join(lines)[:2000], ephemeral=True)
 
     @channel.command(name="enable", description="Answer every message in this channel or thread")
     async def channel_enable(self, interaction: discord.Interaction) -> None:
@@ -122,6 +131,15 @@ class Admin(commands.Cog):
             return
         if self.bot.stopping:
             await interaction.response.send_message("The bot is shutting down; reload after the restart.", ephemeral=True)
+            return
+        engine = self.bot.responder.engine
+        if isinstance(engine, RemoteEngine):
+            served = "\n".join(f"- {row['url']}: `{row['model'] or 'unknown'}`" for row in engine.servers())
+            await interaction.response.send_message(
+                "The model is served by the llama-server fleet (`ENGINE=remote`): change it on the servers "
+                f"(restart each with `-m NEW.gguf`); the bot follows. Now serving:\n{served}"[:2000],
+                ephemeral=True,
+            )
             return
         if wait := self.bot.reload_cooldown.take(interaction.user.id, time.monotonic()):
             await interaction.response.send_message(f"Slow down: you can reload again in {wait:.0f} s.", ephemeral=True)
