@@ -35,7 +35,7 @@ async def test_sigterm_with_eight_replies_in_flight(
         await bot.start_and_wait(d, timeout=180)
         questions = {c: await d.user_says(d.ann, c, ASK, mention_bot=c != d.dm) for c in channels}
         # Every reply is under way: two generate (two slots), six wait in the queue.
-        await wait_for(lambda: all(live_stop_buttons(d, c) for c in channels), timeout=120)
+        await wait_for(lambda: all(live_stop_buttons(d, c) for c in channels), timeout=300)
         assert any(not m["content"].startswith("*(queued") for c in channels for m in d.bot_messages(c))
         started = time.monotonic()
         bot.terminate()
@@ -74,7 +74,7 @@ async def test_kill_9_mid_reply_then_start_again(
         question = await d.user_says(d.ann, d.dm, ASK)
         reply_id = int((await wait_for(lambda: d.replies_to(question), timeout=60))[0]["id"])
         # Killed once the reply runs over two Discord messages (recovery must mend both).
-        await wait_for(lambda: len(d.bot_messages(d.dm)) >= 2, timeout=120)
+        await wait_for(lambda: len(d.bot_messages(d.dm)) >= 2, timeout=300)  # slow on a loaded machine
         shown_at_kill = d.messages[reply_id]["content"]
         bot.kill()
         parts = sorted(int(m["id"]) for m in d.bot_messages(d.dm) if int(m["id"]) >= reply_id)
