@@ -110,7 +110,7 @@ def test_values_are_normalised() -> None:
         ("DATABASE_URL", "hermes.db", "DATABASE_URL='hermes.db': expected an SQLAlchemy async URL"),
         ("MAX_NEW_TOKENS", "3000", "MAX_NEW_TOKENS=3000: expected less than half of N_CTX=4096"),
         ("MAX_NEW_TOKENS", "0", "MAX_NEW_TOKENS=0: expected an integer >= 1"),
-        ("ENGINE", "vllm", "ENGINE='vllm': expected 'batched' or 'simple'"),
+        ("ENGINE", "vllm", "ENGINE='vllm': expected 'batched', 'simple' or 'remote'"),
         ("N_PARALLEL", "-2", "N_PARALLEL=-2: expected an integer >= 0"),
         ("N_THREADS", "0", "N_THREADS=0: expected an integer >= 1"),
         ("REPLY_TO_BOTS", "maybe", "REPLY_TO_BOTS='maybe': expected true or false"),
@@ -235,3 +235,13 @@ def test_python_m_bot_with_a_bad_log_level_exits_2_in_one_line(tmp_path: Path) -
     assert lines[0].startswith("error: LOG_LEVEL='verbose': expected one of DEBUG, INFO")
     assert "Traceback" not in result.stderr
     assert TOKEN not in result.stderr
+
+
+def test_remote_engine_needs_server_urls() -> None:
+    with pytest.raises(SettingsError, match="ENGINE=remote needs LLAMA_SERVER_URLS"):
+        load_settings({"ENGINE": "remote"}, dotenv_path=None)
+    with pytest.raises(SettingsError, match="LLAMA_SERVER_URLS"):
+        load_settings({"ENGINE": "remote", "LLAMA_SERVER_URLS": "gpu1:8080"}, dotenv_path=None)
+    settings = load_settings({"ENGINE": "remote", "LLAMA_SERVER_URLS": "http://gpu1:8080/, http://gpu2:8080"},
+                             dotenv_path=None)
+    assert settings.llama_server_urls == ("http://gpu1:8080", "http://gpu2:8080")

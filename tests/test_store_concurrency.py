@@ -96,11 +96,13 @@ async def test_two_stores_race_first_messages_on_postgres(postgres_url: str) -> 
         await second.close()
 
 
-async def _select_then_insert(self: Store, session: AsyncSession, key: str, is_dm: bool = False) -> ConversationRow:
+async def _select_then_insert(
+    self: Store, session: AsyncSession, key: str, is_dm: bool = False, guild_id: str | None = None
+) -> ConversationRow:
     """The get-or-create that the race tests must catch: look, then insert if absent."""
     row = await session.scalar(select(ConversationRow).where(ConversationRow.key == key))
     if row is None:
-        row = ConversationRow(key=key, enabled=False, is_dm=is_dm, created_at=utcnow())
+        row = ConversationRow(key=key, enabled=False, is_dm=is_dm, guild_id=guild_id, created_at=utcnow())
         session.add(row)
         await session.flush()
     return row
