@@ -177,3 +177,24 @@ def test_auto_parallel_is_capped_and_logged(gguf_path: Path) -> None:
         assert small.sizing.ram_cache_mb == 8 * 18  # 8 conversations of 1024 tokens × 18 KiB
     finally:
         small.close()
+
+
+def test_greedy_argmax_picks_what_llama_cpps_greedy_sampler_picks(gguf_path: Path) -> None:
+    """The fast path for temperature 0 without penalties (numpy argmax over the logits)
+    against llama.cpp's greedy sampler chain, token after token of a real generation."""
+    from bot.engine.scheduler import _Llama
+
+    llama = _Llama(BatchConfig(gguf_path, n_ctx=512, n_gpu_layers=0, n_parallel=1))
+    chain = llama.sampler(request(PROMPTS[0]))
+    try:
+        tokens = llama.tokenize(PROMPTS[0])
+        llama.decode([(t, i, 0, i == len(tokens) - 1) for i, t in enumerate(tokens)])
+        index = len(tokens) - 1
+        for position in range(len(tokens), len(tokens) + 24):
+            fast = llama.argmax(index)
+            assert fast == llama.lib.llama_sampler_sample(chain, llama.ctx, index)
+            llama.decode([(fast, position, 0, True)])
+            index = 0
+    finally:
+        llama.lib.llama_sampler_free(chain)
+        llama.close()

