@@ -149,6 +149,26 @@ async def test_hot_swap_keeps_every_slot_serving(batched: BatchedEngine, gguf_pa
     assert await batched.submit(request(PROMPTS[0], 4)).text()
 
 
+async def test_new_conversations_take_adjacent_slots(gguf_path: Path) -> None:
+    """llama.cpp attends over every KV stream between the lowest and the highest sequence
+    of a batch: requests with nothing to reuse go next to the busy ones, not to the least
+    recently used slots wherever they are."""
+    engine = await start(gguf_path, n_parallel=8)
+    try:
+        for slot, used in zip(engine._slots, [0, 5, 1, 6, 2, 7, 3, 8], strict=True):
+            slot.last_used = used  # least recently used first: slots 0, 2, 4, 6 (span 6)
+        generations = [engine.submit(request(p, 24)) for p in PROMPTS[:4]]
+        streams = [aiter(g) for g in generations]
+        for stream in streams:
+            await anext(stream)  # all four are generating
+        assert sorted(s.seq for s in engine._slots if s.job is not None) == [0, 1, 2, 3]
+        for stream in streams:
+            async for _ in stream:
+                pass
+    finally:
+        await engine.close()
+
+
 async def test_event_loop_stays_responsive(batched: BatchedEngine) -> None:
     loop = asyncio.get_running_loop()
     worst = 0.0

@@ -614,12 +614,28 @@ class BatchedEngine(Engine):
         if slot is None:
             slot = max(free, key=lambda s: (_common_prefix(s.tokens, tokens), -s.last_used))
             if _common_prefix(slot.tokens, tokens) < MIN_RESTORE_TOKENS:
-                slot = min(free, key=lambda s: s.last_used)  # least recently used
+                slot = self._compact_slot(free)
         try:
             self._prepare(slot, generation, tokens)
         except Exception:
             self._reset_slot(slot)  # half prepared: start it afresh next time
             raise
+
+    def _compact_slot(self, free: list[_Slot]) -> _Slot:
+        """A free slot for a request with no prefix to reuse: the one that keeps the busy
+        sequence ids closest together, the least recently used among equals.
+
+        With one KV stream per slot, llama.cpp attends over every stream from the lowest
+        to the highest sequence id in a batch (`llama_kv_cache::get_k`: s0..s1): 4
+        conversations in slots 0, 2, 5 and 7 cost 8 streams of attention. Measured here,
+        4 scattered ones decoded 87 tokens/s, 4 in slots 0-3 115 (llama-batched-bench: 117)."""
+        busy = [slot.seq for slot in self._slots if slot.job is not None]
+
+        def span(slot: _Slot) -> int:
+            ids = [*busy, slot.seq]
+            return max(ids) - min(ids)
+
+        return min(free, key=lambda s: (span(s), s.last_used))
 
     def _prepare(self, slot: _Slot, generation: Generation, tokens: list[int]) -> None:
         """Bring the slot's sequence to the longest usable prefix of `tokens`, then start."""
