@@ -12,7 +12,7 @@ and parks, the old model is freed and the new one loaded (the old one again if t
 fails); requests wait in the queue meanwhile.
 
 Threads: the physical cores for one-token steps and batches alike (a few when every layer
-is on the GPU), not llama-cpp-python's default of half the cores (0.70x here).
+is on the GPU), not llama-cpp-python's default of half the cores (0.70-0.94x here).
 
 An error fails only the generation it happened in; a `common.Watchdog` restarts the worker
 should anything still end it, and reports it as stuck when it stops making progress.
