@@ -7,6 +7,7 @@ then once the gateway is ready, in this order (nothing is posted before the back
 read Discord, so nothing the bot posts can hide what people said):
 2. enabled channels and DMs are back-filled from Discord (see 4);
 3. every reply whose final state Discord does not show yet gets it: Stop removed,
+   parts that a crash posted before their ids were stored adopted (not sent twice),
    Regenerate live, the notice shown, missing parts sent (`sync_reply`);
 4. (back-fill) with what was said while the bot was down (`channel.history(after=the
    newest stored message of a person)`); then, in every conversation active within
@@ -31,7 +32,7 @@ import discord
 
 from bot.answering import Question
 from bot.cogs.edge import to_message
-from bot.conversation import StoredReply, utcnow
+from bot.conversation import INTERRUPTED, StoredReply, utcnow
 from bot.policy import channel_of
 from bot.reply_stream import INTERRUPTED_NOTICE, Destination, sync_reply
 from bot.sharding import Shards, interrupt_streaming, owned_keys, undelivered_replies
@@ -44,6 +45,7 @@ if TYPE_CHECKING:
 log = logging.getLogger(__name__)
 REDELIVER_SECONDS = 10.0
 BACKFILL_LIMIT = 500  # messages read back per conversation at most
+ORPHAN_LOOKAHEAD = 20  # messages read after an interrupted reply, looking for its unknown parts
 
 
 class Recovery:
@@ -78,6 +80,7 @@ class Recovery:
     async def _recover(self) -> None:
         try:
             await self.backfill_all()
+            await self.adopt_orphans()
             await self.redeliver()
             await self.answer_unanswered()
         except Exception:
@@ -114,6 +117,54 @@ class Recovery:
         if delivered:
             log.info("delivered %d stored replies that Discord had not shown", delivered)
         return delivered
+
+    async def adopt_orphans(self) -> int:
+        """A crash between Discord taking a new part of a reply and the store recording
+        its id leaves that part in Discord, unknown: it would keep a live Stop button and
+        be posted again. Read the channel after the reply's last known part and adopt the
+        bot's messages there that nothing stored holds."""
+        adopted = 0
+        replies = (await self.store.undelivered_replies() if self.shards is None
+                   else await undelivered_replies(self.store, self.shards))
+        for reply in replies:
+            if reply.status != INTERRUPTED or not self.chat.accepting:
+                continue
+            to = self._destination(reply)
+            if to is None:
+                continue
+            try:
+                found = await self._orphans_of(reply, to)
+            except (discord.HTTPException, OSError) as error:
+                log.warning("cannot read back after reply %d (%s)", reply.id, error)
+                continue
+            if found:
+                log.info("recovery: reply %d had %d part(s) in Discord that the crash kept from the store",
+                         reply.id, len(found))
+                await self.store.update_reply(reply.id, reply.content, [*reply.part_ids, *found])
+                adopted += len(found)
+        return adopted
+
+    async def _orphans_of(self, reply: StoredReply, to: Destination) -> list[str]:
+        """The unknown bot messages right after the reply's last stored part (or after its
+        question, when no part was stored): the first part is the one answering the question."""
+        anchor = reply.part_ids[-1] if reply.part_ids else reply.reply_to
+        me = self.bot.user
+        if anchor is None or me is None:
+            return []
+        found: list[str] = []
+        channel = self.bot.get_partial_messageable(int(channel_of(reply.key) or 0))
+        async for message in channel.history(after=discord.Object(int(anchor)), limit=ORPHAN_LOOKAHEAD,
+                                             oldest_first=True):
+            if message.author.id != me.id:
+                continue
+            if await self.store.holds_part(reply.key, str(message.id)):
+                break  # a later reply's: nothing of this one comes after it
+            answers = message.reference.message_id if message.reference else None
+            first = not reply.part_ids and not found
+            if (first and answers != to.question_id) or (not first and answers is not None):
+                break
+            found.append(str(message.id))
+        return found
 
     def _destination(self, reply: StoredReply) -> Destination | None:
         channel_id = channel_of(reply.key)

@@ -171,19 +171,26 @@ class ReplyStream:
 
     async def show(self, text: str, notice: str | None = None) -> None:
         """Show the text so far (and a notice such as the queue position), Stop live; the
-        store holds exactly what Discord shows. If Discord stays down, the text is still
-        stored and showing resumes with the final state."""
+        store holds what Discord shows (and may be one step ahead of it). If Discord stays
+        down, the text is still stored and showing resumes with the final state."""
         assert self.reply_id is not None, "begin() first"
         self.text = text
-        if not self.undelivered:
-            try:
-                await self.writer.put(split_message(display(text, notice)), running=True)
-            except (discord.HTTPException, OSError) as error:
-                if isinstance(error, discord.HTTPException) and not (is_transient(error) or is_gone(error)):
-                    raise
-                log.warning("Discord is not taking reply %d (%s); it goes on in the store", self.reply_id, error)
-                self.undelivered = True
+        # Stored before it is shown: a crash in between never leaves Discord showing text
+        # that history lacks. A part's id is known only once Discord took it: stored next
+        # (a crash in that window leaves an orphan part that recovery adopts).
         await self.store.update_reply(self.reply_id, text, [str(i) for i in self.writer.part_ids])
+        if self.undelivered:
+            return
+        parts_before = len(self.writer.part_ids)
+        try:
+            await self.writer.put(split_message(display(text, notice)), running=True)
+        except (discord.HTTPException, OSError) as error:
+            if isinstance(error, discord.HTTPException) and not (is_transient(error) or is_gone(error)):
+                raise
+            log.warning("Discord is not taking reply %d (%s); it goes on in the store", self.reply_id, error)
+            self.undelivered = True
+        if len(self.writer.part_ids) != parts_before:
+            await self.store.update_reply(self.reply_id, text, [str(i) for i in self.writer.part_ids])
 
     async def finish(self, stopped: bool = False) -> bool:
         return await self._final(STOPPED if stopped else DONE, STOPPED_NOTICE if stopped else None)

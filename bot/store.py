@@ -533,6 +533,19 @@ class Store:
             )
         return _to_reply(row, key) if row else None
 
+    async def holds_part(self, key: str, platform_id: str) -> bool:
+        """Whether a Discord message is stored in this conversation: as a message, or as
+        any part of a reply."""
+        async with self._sessions() as session:
+            found = await session.scalar(
+                select(MessageRow.id)
+                .join(ConversationRow, ConversationRow.id == MessageRow.conversation_id)
+                .where(ConversationRow.key == key,
+                       or_(MessageRow.platform_id == platform_id, MessageRow.part_ids.contains(f'"{platform_id}"')))
+                .limit(1)
+            )
+        return found is not None
+
     async def interrupt_streaming(self, notice: str) -> int:
         """At start: replies a crash left `streaming` are `interrupted` (and Discord is to
         be brought in step). How many there were."""

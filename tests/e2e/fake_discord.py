@@ -976,6 +976,24 @@ class FakeDiscord:
         webhook_id = webhook_id or self._webhook_ids.setdefault(name, snowflake())
         return await self.user_says(User(webhook_id, name, bot=True), channel_id, content, webhook_id=webhook_id)
 
+    def bot_posted(self, channel_id: int, content: str, reply_to: int | None = None,
+                   stop_for: int | None = None) -> int:
+        """A message the bot posted just before it was killed (no event: the bot is down).
+        `reply_to` makes it a reply; `stop_for` gives it the live Stop and Regenerate buttons
+        of a reply written for that user."""
+        extra: dict[str, Any] = {}
+        if reply_to is not None:
+            extra = {"type": 19, "message_reference": {"message_id": str(reply_to), "channel_id": str(channel_id)},
+                     "referenced_message": self.messages[reply_to]}
+        if stop_for is not None:
+            extra["components"] = [{"type": 1, "components": [
+                {"type": 2, "style": 4, "label": "Stop", "custom_id": f"hermes:stop:{stop_for}"},
+                {"type": 2, "style": 2, "label": "Regenerate", "custom_id": f"hermes:regen:{stop_for}"},
+            ]}]
+        message = self._message(channel_id, self.bot_user, content, **extra)
+        self._store(message)
+        return int(message["id"])
+
     async def user_edits(self, message_id: int, content: str) -> None:
         message = {**self.messages[message_id], "content": content, "edited_timestamp": iso_now()}
         self._store(message)

@@ -7,7 +7,9 @@ from __future__ import annotations
 
 import asyncio
 import time
+from collections.abc import Callable
 from pathlib import Path
+from typing import Any
 
 import pytest
 
@@ -19,6 +21,17 @@ from tests.e2e.nothing_lost import assert_nothing_lost, live_stop_buttons, rows
 pytestmark = pytest.mark.llama
 LONG = {"MAX_NEW_TOKENS": "700", "N_CTX": "2048", "TEMPERATURE": "0", "REPEAT_PENALTY": "1.0"}
 ASK = "Write a very long story about a lighthouse keeper, in many paragraphs."
+
+
+async def wait_for_reply(store: Store, channel_id: int, question: int, done: Callable[[Any], bool]) -> Any:
+    """The stored reply to `question` once `done(reply)` holds (60 s at most)."""
+    deadline = time.monotonic() + 60
+    while True:
+        found = [r for r in await rows(store, channel_id) if r.reply_to == str(question) and done(r)]
+        if found:
+            return found[0]
+        assert time.monotonic() < deadline, f"the reply to {question} never reached the expected state"
+        await asyncio.sleep(0.2)
 
 
 def components(d: FakeDiscord, message_id: int) -> list[str]:
@@ -86,7 +99,15 @@ async def test_kill_9_mid_reply_then_start_again(
         await bot.start_and_wait(d, timeout=180)
         # The cut reply: final in Discord (Stop gone, Regenerate live, marked interrupted).
         await wait_for(lambda: components(d, reply_id) == ["Regenerate"], timeout=60)
-        await wait_for(lambda: "interrupted" in d.messages[parts[-1]]["content"], timeout=30)
+        store = await Store.open(database_url, migrate=False)
+        try:
+            cut = await wait_for_reply(store, d.dm, question, lambda r: not r.undelivered)
+        finally:
+            await store.close()
+        # Every part Discord took before the kill is the reply's (none orphaned, none doubled),
+        # even one whose id the kill kept from the store; the notice closes the last part.
+        assert parts == [int(p) for p in cut.part_ids][:len(parts)], (parts, cut.part_ids)
+        assert "interrupted" in d.messages[int(cut.part_ids[-1])]["content"]
         assert "interrupted" not in d.messages[reply_id]["content"], "the notice closes the last part"
         # The message sent while the bot was down is back-filled and answered, once.
         answer = (await wait_for(lambda: d.replies_to(missed), timeout=120))[0]

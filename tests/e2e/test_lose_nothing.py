@@ -259,3 +259,42 @@ async def test_a_reply_deleted_while_it_streams_keeps_no_text(start_bot: StartBo
         assert time.monotonic() < deadline
         await asyncio.sleep(0.1)
     assert done[0].deleted and done[0].content == "", "the deleted reply's text is not stored again"
+
+
+async def _crash_left(h, d, question_text: str, shown: list[str], stored_parts: int) -> tuple[int, list[int]]:  # type: ignore[no-untyped-def]
+    """What a kill -9 leaves when Discord took a reply's parts but the store holds only the
+    first `stored_parts` of their ids: the question stored, the reply `streaming`."""
+    from bot.conversation import Message
+
+    question = await d.user_says(d.ann, d.dm, question_text)
+    key = f"discord:{d.dm}"
+    await h.store.add_message(key, Message(str(d.ann.id), "Ann", question_text, platform_id=str(question)), is_dm=True)
+    reply_id = await h.store.begin_reply(key, author_id=str(d.bot_user.id), author_name="Hermes",
+                                         reply_to=str(question), requester_id=str(d.ann.id))
+    parts = [d.bot_posted(d.dm, shown[0], reply_to=question, stop_for=d.ann.id)]
+    parts += [d.bot_posted(d.dm, text) for text in shown[1:]]
+    await h.store.update_reply(reply_id, "\n".join(shown), [str(p) for p in parts[:stored_parts]])
+    return question, parts
+
+
+@pytest.mark.parametrize("stored_parts", [0, 1])
+async def test_parts_posted_just_before_a_crash_are_adopted_not_posted_again(start_bot: StartBot,
+                                                                             stored_parts: int) -> None:
+    """kill -9 between Discord taking a part and the store recording its id: recovery finds
+    the part in the channel and makes it final (no second copy, no live Stop button)."""
+    h = await start_bot()
+    d = h.discord
+    await h.bot.close()
+    first_part = "A" * 1990
+    question, parts = await _crash_left(h, d, "a long story", [first_part, "B" * 300], stored_parts)
+    meanwhile = await d.user_says(d.ann, d.dm, "still there?")
+    h2 = await start_bot()
+    h2.engine.say("yes, back")
+    await wait_for(lambda: d.replies_to(meanwhile), timeout=30)
+    stored = await assert_nothing_lost(d, h2.store, {d.dm: [question, meanwhile]}, timeout=30)
+    cut = next(r for r in stored[d.dm] if r.reply_to == str(question))
+    assert [int(p) for p in cut.part_ids] == parts, "the orphan parts are the reply's, in order"
+    assert len(d.replies_to(question)) == 1, "no second copy of the first part"
+    assert not [m for m in d.bot_messages(d.dm) if int(m["id"]) > parts[-1] and "B" * 50 in m["content"]]
+    assert "interrupted" in d.messages[parts[-1]]["content"]
+    assert [c["label"] for row in d.messages[parts[0]]["components"] for c in row["components"]] == ["Regenerate"]
