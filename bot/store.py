@@ -100,6 +100,20 @@ class ConversationRow(Base):
     is_dm: Mapped[bool] = mapped_column(Boolean, default=False, server_default=false())
     guild_id: Mapped[str | None] = mapped_column(String(32), index=True)  # the Discord server, if any
     created_at: Mapped[datetime] = mapped_column(DateTime(timezone=True), default=utcnow)
+    # Roleplay (migration 0006). A scene: who answers when no character is named.
+    scene_strategy: Mapped[str | None] = mapped_column(String(16))  # natural | list | random
+    # When to speak, for messages that do not address the bot.
+    reply_chance: Mapped[int | None] = mapped_column(Integer)  # percent
+    follow_up_seconds: Mapped[int | None] = mapped_column(Integer)
+    name_trigger: Mapped[bool] = mapped_column(Boolean, default=False, server_default=false())
+    training_export: Mapped[bool] = mapped_column(Boolean, default=False, server_default=false())
+    # The author's note: inserted `author_note_depth` messages from the end, every N turns.
+    author_note: Mapped[str | None] = mapped_column(CleanText)
+    author_note_depth: Mapped[int | None] = mapped_column(Integer)
+    author_note_every: Mapped[int | None] = mapped_column(Integer)
+    # The rolling summary of the turns up to and including message row `memory_until`.
+    memory: Mapped[str | None] = mapped_column(CleanText)
+    memory_until: Mapped[int | None] = mapped_column(Id)
 
 
 class MessageRow(Base):
@@ -131,6 +145,47 @@ class MessageRow(Base):
     part_ids: Mapped[str | None] = mapped_column(Text)  # JSON list of Discord message ids
     notice: Mapped[str | None] = mapped_column(CleanText)
     undelivered: Mapped[bool] = mapped_column(Boolean, default=False, server_default=false())
+    persona: Mapped[str | None] = mapped_column(String(200))  # bot messages: the character that spoke
+    attachments: Mapped[str | None] = mapped_column(CleanText)  # text read from attached files
+    swipe: Mapped[int | None] = mapped_column(Integer)  # replies: the alternative shown (reply_alternatives)
+
+
+class SceneMemberRow(Base):
+    """A character of a channel's scene, in the order people listed them."""
+
+    __tablename__ = "scene_members"
+    __table_args__ = (UniqueConstraint("conversation_id", "persona", name="uq_scene_members_conversation_persona"),)
+
+    id: Mapped[int] = mapped_column(Id, primary_key=True, autoincrement=True)
+    conversation_id: Mapped[int] = mapped_column(Id, ForeignKey("conversations.id", ondelete="CASCADE"))
+    persona: Mapped[str] = mapped_column(String(200))
+    position: Mapped[int] = mapped_column(Integer)
+
+
+class ReplyAlternativeRow(Base):
+    """One swipe of a reply: the texts it had; `messages.swipe` says which is shown."""
+
+    __tablename__ = "reply_alternatives"
+    __table_args__ = (UniqueConstraint("message_id", "position", name="uq_reply_alternatives_message_position"),)
+
+    id: Mapped[int] = mapped_column(Id, primary_key=True, autoincrement=True)
+    message_id: Mapped[int] = mapped_column(Id, ForeignKey("messages.id", ondelete="CASCADE"))
+    position: Mapped[int] = mapped_column(Integer)
+    content: Mapped[str] = mapped_column(CleanText)
+    created_at: Mapped[datetime] = mapped_column(DateTime(timezone=True), default=utcnow)
+
+
+class UserPersonaRow(Base):
+    """Who a person plays (`/me set`): per server, or everywhere (guild_id "")."""
+
+    __tablename__ = "user_personas"
+    __table_args__ = (UniqueConstraint("user_id", "guild_id", name="uq_user_personas_user_guild"),)
+
+    id: Mapped[int] = mapped_column(Id, primary_key=True, autoincrement=True)
+    user_id: Mapped[str] = mapped_column(String(64))
+    guild_id: Mapped[str] = mapped_column(String(32))
+    description: Mapped[str] = mapped_column(CleanText)
+    updated_at: Mapped[datetime] = mapped_column(DateTime(timezone=True), default=utcnow)
 
 
 class ImportedPersonaRow(Base):

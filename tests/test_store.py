@@ -21,9 +21,16 @@ def test_upgrade_and_downgrade_on_a_real_file(database_url: str) -> None:
     with sqlite3.connect(sqlite_path(database_url)) as db:
         tables = {r[0] for r in db.execute("select name from sqlite_master where type='table'")}
         indexes = {r[0] for r in db.execute("select name from sqlite_master where type='index'")}
-        assert db.execute("select version_num from alembic_version").fetchone() == ("0005",)
+        assert db.execute("select version_num from alembic_version").fetchone() == ("0006",)
         message_columns = {r[1] for r in db.execute("pragma table_info(messages)")}
-    assert {"conversations", "messages", "imported_personas"} <= tables
+    assert {"conversations", "messages", "imported_personas", "scene_members", "reply_alternatives",
+            "user_personas"} <= tables
+    assert {"persona", "attachments", "swipe"} <= message_columns
+    migrate.downgrade(database_url, "0005")
+    with sqlite3.connect(sqlite_path(database_url)) as db:
+        tables = {r[0] for r in db.execute("select name from sqlite_master where type='table'")}
+        assert "swipe" not in {r[1] for r in db.execute("pragma table_info(messages)")}
+    assert "scene_members" not in tables and "user_personas" not in tables
     assert {"ix_messages_conversation_id_id", "ix_messages_reply_status", "ix_messages_undelivered"} <= indexes
     assert {"reply_status", "part_ids", "notice", "undelivered", "reply_to", "requester_id"} <= message_columns
     migrate.downgrade(database_url, "0002")
