@@ -11,6 +11,8 @@ from bot.store import Base, create_engine
 
 config = context.config
 target_metadata = Base.metadata
+# Processes migrating one PostgreSQL database at once take turns (see bot.migrate).
+MIGRATION_LOCK_ID = 0x4E52_4D49_4752  # an arbitrary constant of this project
 
 
 def _run(connection: Connection) -> None:
@@ -20,6 +22,10 @@ def _run(connection: Connection) -> None:
         render_as_batch=connection.dialect.name == "sqlite",
     )
     with context.begin_transaction():
+        if connection.dialect.name == "postgresql":
+            # Held to the end of the transaction, which (transactional DDL) holds every
+            # migration: the next process then reads the version this one wrote.
+            connection.exec_driver_sql(f"SELECT pg_advisory_xact_lock({MIGRATION_LOCK_ID})")
         context.run_migrations()
 
 
