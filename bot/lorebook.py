@@ -8,6 +8,20 @@ entries are ordered by `insertion_order`; when they exceed `token_budget`, the l
 `priority` ones are dropped first. `position` puts an entry before or after the
 character's description.
 
+Recursion (SillyTavern's "recursive scanning", on when the book's `recursive_scanning` is
+true): after the first scan of the conversation, the contents of the entries just
+activated are scanned too, and entries they mention activate in a next step, and so on
+until a step activates nothing new or `max_recursion_steps` steps have run (the book's
+`extensions.max_recursion_steps`; 0 = no limit but the number of entries, since each entry
+activates at most once, so a cycle ends). As in SillyTavern, per entry (in its
+`extensions`): `exclude_recursion` — only the conversation can activate it, never another
+entry; `prevent_recursion` — its content activates nothing; `delay_until_recursion` (true
+or a level 1, 2, …) — only other entries' contents can activate it, level by level (level
+2 opens once level 1 finds nothing more). The budget is filled step by step (an entry
+found directly wins over one found through another's content; within a step the highest
+`priority` first); once an entry does not fit, recursion stops, and only entries that made
+it in are scanned for the next step.
+
 Every field is type-checked (`entry_from_dict`): numbers must be JSON numbers, flags
 true/false, keys lists of text. A bad entry is skipped with a log line naming the card and
 the entry, never a crash, so one typo in a card cannot stop the bot from starting.
@@ -39,6 +53,9 @@ class LoreEntry:
     insertion_order: int = 0
     priority: int = 0
     position: str = "before_char"  # or "after_char"
+    exclude_recursion: bool = False  # never activated by another entry's content
+    prevent_recursion: bool = False  # its content activates no other entry
+    delay_until_recursion: int = 0  # > 0: activated only by other entries, at this level
 
     def matches(self, text: str) -> bool:
         if not self.enabled:
@@ -59,25 +76,64 @@ class Lorebook:
     scan_depth: int = DEFAULT_SCAN_DEPTH
     token_budget: int = DEFAULT_TOKEN_BUDGET
     skipped: tuple[str, ...] = ()  # entries (and settings) dropped for a wrong type, and why
+    recursive: bool = False  # the book's `recursive_scanning`
+    max_recursion_steps: int = 0  # scan steps in all, the first included; 0: no limit
 
     def activate(
         self, recent_texts: Sequence[str], count_tokens: Callable[[str], int]
     ) -> tuple[list[str], list[str]]:
         """The contents to insert (before the description, after it) for this conversation."""
-        window = "\n".join(recent_texts[-self.scan_depth :]) if self.scan_depth > 0 else ""
-        active = [e for e in self.entries if e.matches(window)]
-        # Keep the highest priorities that fit the budget, then restore insertion order.
-        kept: list[LoreEntry] = []
-        used = 0
-        for entry in sorted(active, key=lambda e: (-e.priority, e.insertion_order)):
-            cost = count_tokens(entry.content)
-            if used + cost <= self.token_budget:
-                kept.append(entry)
-                used += cost
+        kept = self.activated(recent_texts, count_tokens)
         kept.sort(key=lambda e: e.insertion_order)
         before = [e.content for e in kept if e.position != "after_char"]
         after = [e.content for e in kept if e.position == "after_char"]
         return before, after
+
+    def activated(self, recent_texts: Sequence[str], count_tokens: Callable[[str], int]) -> list[LoreEntry]:
+        """The entries that make it into the prompt, in the order they were activated: the
+        first scan, then (when the book recurses) each recursion step (see the module doc)."""
+        window = "\n".join(recent_texts[-self.scan_depth :]) if self.scan_depth > 0 else ""
+        levels = sorted({e.delay_until_recursion for e in self.entries if e.delay_until_recursion > 0})
+        level = levels.pop(0) if levels else 0
+        limit = self.max_recursion_steps or len(self.entries) + len(levels) + 2
+        kept: list[LoreEntry] = []
+        decided: set[int] = set()  # entries activated (kept or over budget): at most once each
+        used = 0
+        recursed = ""  # the contents later steps scan, besides the conversation
+        step = 0
+        while step < limit:
+            step += 1
+            recursion = step > 1
+            text = window + "\n" + recursed if recursion else window
+            found = [
+                (index, entry) for index, entry in enumerate(self.entries)
+                if index not in decided
+                and (recursion or not entry.delay_until_recursion)
+                and not (recursion and entry.exclude_recursion)
+                and entry.delay_until_recursion <= level
+                and entry.matches(text)
+            ]
+            overflow = False
+            new_text: list[str] = []
+            for index, entry in sorted(found, key=lambda f: (-f[1].priority, f[1].insertion_order)):
+                decided.add(index)
+                cost = count_tokens(entry.content)
+                if used + cost > self.token_budget:
+                    overflow = True
+                    continue
+                kept.append(entry)
+                used += cost
+                if not entry.prevent_recursion and entry.content:
+                    new_text.append(entry.content)
+            if not self.recursive or overflow:
+                break
+            if new_text:
+                recursed += "\n" + "\n".join(new_text)
+            elif levels:
+                level = levels.pop(0)  # nothing new at this level: open the next one
+            else:
+                break
+        return kept
 
 
 class LoreError(ValueError):
@@ -148,6 +204,7 @@ def entry_from_dict(raw: Any) -> LoreEntry:
         position = "before_char"
     elif position not in _POSITIONS:
         raise LoreError(f"position must be 'before_char' or 'after_char', not {_show(position)}")
+    extensions = _extensions(raw)
     return LoreEntry(
         keys=_keys(raw, "keys"),
         content=content or "",
@@ -159,7 +216,24 @@ def entry_from_dict(raw: Any) -> LoreEntry:
         insertion_order=_number(raw, "insertion_order", 0, -_MAX_ORDER, _MAX_ORDER),
         priority=_number(raw, "priority", 0, -_MAX_ORDER, _MAX_ORDER),
         position=position,
+        exclude_recursion=_flag(extensions, "exclude_recursion", False),
+        prevent_recursion=_flag(extensions, "prevent_recursion", False),
+        delay_until_recursion=_delay_level(extensions),
     )
+
+
+def _extensions(raw: Mapping[str, Any]) -> Mapping[str, Any]:
+    """The free-form `extensions` object (anything else there is ignored, as it always was)."""
+    value = raw.get("extensions")
+    return value if isinstance(value, Mapping) else {}
+
+
+def _delay_level(extensions: Mapping[str, Any]) -> int:
+    """`delay_until_recursion`: false/true (level 1) or a level number (SillyTavern)."""
+    value = extensions.get("delay_until_recursion")
+    if isinstance(value, bool) or value is None:
+        return int(bool(value))
+    return _number(extensions, "delay_until_recursion", 0, 0, _MAX_ORDER)
 
 
 def _entry_label(index: int, raw: Any) -> str:
@@ -198,4 +272,16 @@ def lorebook_from_dict(book: Mapping[str, Any], origin: str = "a lorebook") -> L
             log.warning("%s: lorebook %s; using %d", origin, error, default)
             skipped.append(f"{error} (using {default})")
             settings[key] = default
-    return Lorebook(entries=tuple(entries), skipped=tuple(skipped), **settings)
+    recursive = book.get("recursive_scanning")
+    if recursive is not None and not isinstance(recursive, bool):
+        log.warning("%s: lorebook recursive_scanning must be true or false; not recursing", origin)
+        skipped.append("recursive_scanning must be true or false (not recursing)")
+        recursive = False
+    try:
+        steps = _number(_extensions(book), "max_recursion_steps", 0, 0, _MAX_SCAN_DEPTH)
+    except LoreError as error:
+        log.warning("%s: lorebook %s; no step limit", origin, error)
+        skipped.append(f"{error} (no step limit)")
+        steps = 0
+    return Lorebook(entries=tuple(entries), skipped=tuple(skipped), recursive=bool(recursive),
+                    max_recursion_steps=steps, **settings)

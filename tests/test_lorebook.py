@@ -196,3 +196,111 @@ def test_bad_book_settings_fall_back_to_their_defaults(settings: dict[str, Any],
     book = lorebook_from_dict(LOREBOOK | settings, "card.json")
     assert (book.scan_depth, book.token_budget) == expected
     assert len(book.entries) == len(LOREBOOK["entries"])
+
+
+# ---- recursion (SillyTavern's recursive scanning) -------------------------------------------
+
+def _entry(keys: list[str], content: str, order: int, **extensions: Any) -> dict[str, Any]:
+    return {"keys": keys, "content": content, "enabled": True, "insertion_order": order,
+            "extensions": extensions}
+
+
+def _book(*entries: dict[str, Any], recursive: bool = True, steps: int | None = None,
+          budget: int = 500) -> Lorebook:
+    raw: dict[str, Any] = {"entries": list(entries), "scan_depth": 5, "token_budget": budget,
+                           "recursive_scanning": recursive}
+    if steps is not None:
+        raw["extensions"] = {"max_recursion_steps": steps}
+    return lorebook_from_dict(raw)
+
+
+CHAIN = (_entry(["castle"], "The castle belongs to the duke.", 1),
+         _entry(["duke"], "The duke keeps a dragon.", 2),
+         _entry(["dragon"], "The dragon sleeps under the lake.", 3),
+         _entry(["lake"], "The lake is frozen.", 4))
+
+
+def test_recursion_follows_a_chain_of_entries_only_when_the_book_recurses() -> None:
+    assert active("tell me about the castle", book=_book(*CHAIN))[0] == [
+        "The castle belongs to the duke.", "The duke keeps a dragon.",
+        "The dragon sleeps under the lake.", "The lake is frozen."]
+    assert active("tell me about the castle", book=_book(*CHAIN, recursive=False))[0] == [
+        "The castle belongs to the duke."]
+    assert BOOK.recursive is False  # a book without recursive_scanning keeps the old behaviour
+
+
+def test_max_recursion_steps_counts_the_first_scan() -> None:
+    # SillyTavern: the loop stops once `steps` scans ran; 1 = the conversation only.
+    assert active("castle", book=_book(*CHAIN, steps=1))[0] == ["The castle belongs to the duke."]
+    assert active("castle", book=_book(*CHAIN, steps=2))[0] == [
+        "The castle belongs to the duke.", "The duke keeps a dragon."]
+    assert len(active("castle", book=_book(*CHAIN, steps=3))[0]) == 3
+
+
+def test_a_cycle_terminates_and_each_entry_is_inserted_once() -> None:
+    cycle = (_entry(["alpha"], "alpha mentions beta", 1), _entry(["beta"], "beta mentions gamma", 2),
+             _entry(["gamma"], "gamma mentions alpha and beta", 3))
+    before, _ = active("alpha", book=_book(*cycle))
+    assert before == ["alpha mentions beta", "beta mentions gamma", "gamma mentions alpha and beta"]
+    tokens = 0
+
+    def counting(text: str) -> int:
+        nonlocal tokens
+        tokens += 1
+        return word_tokens(text)
+
+    _book(*cycle).activate(["alpha"], counting)
+    assert tokens == 3  # each entry weighed once: no pass re-activates one
+
+
+def test_exclude_prevent_and_delay_until_recursion() -> None:
+    book = _book(
+        _entry(["castle"], "The castle belongs to the duke.", 1),
+        _entry(["duke"], "The duke keeps a dragon.", 2, exclude_recursion=True),
+        _entry(["castle"], "Guards say the castle hides a ghost.", 3, prevent_recursion=True),
+        _entry(["ghost"], "The ghost is the old king.", 4),
+        _entry(["castle"], "Rumour: the castle is cursed.", 5, delay_until_recursion=True),
+    )
+    before, _ = active("the castle", book=book)
+    # exclude_recursion: the duke comes only from the conversation, not from the castle entry.
+    assert "The duke keeps a dragon." not in before
+    assert "The duke keeps a dragon." in active("the castle and the duke", book=book)[0]
+    # prevent_recursion: the guards' text mentions the ghost but activates nothing.
+    assert "Guards say the castle hides a ghost." in before and "The ghost is the old king." not in before
+    # delay_until_recursion: "castle" is in the chat, yet the entry waits for a recursion step,
+    # where the castle entry's content (castle… duke) mentions it again.
+    assert "Rumour: the castle is cursed." in before
+    assert "Rumour: the castle is cursed." not in active("castle", book=_book(
+        _entry(["castle"], "Rumour: the castle is cursed.", 5, delay_until_recursion=True)))[0]
+
+
+def test_delay_levels_open_one_after_another() -> None:
+    book = _book(
+        _entry(["castle"], "The castle has a tower.", 1),
+        _entry(["tower"], "Level two: the tower is haunted.", 2, delay_until_recursion=2),
+        _entry(["tower"], "Level one: the tower is tall.", 3, delay_until_recursion=1),
+    )
+    assert active("castle", book=book)[0] == [
+        "The castle has a tower.", "Level two: the tower is haunted.", "Level one: the tower is tall."]
+    # With 2 steps only level 1 is reached.
+    limited = _book(*[_entry(["castle"], "The castle has a tower.", 1),
+                      _entry(["tower"], "Level two: the tower is haunted.", 2, delay_until_recursion=2),
+                      _entry(["tower"], "Level one: the tower is tall.", 3, delay_until_recursion=1)], steps=2)
+    assert "Level two: the tower is haunted." not in active("castle", book=limited)[0]
+
+
+def test_direct_matches_win_the_budget_and_overflow_stops_recursion() -> None:
+    book = _book(_entry(["castle"], "The castle belongs to the duke.", 2),
+                 _entry(["duke"], "The duke keeps a dragon in the dungeon below.", 1),
+                 _entry(["moat"], "The moat.", 3),
+                 budget=word_tokens("The castle belongs to the duke.") + word_tokens("The moat.") + 1)
+    before, _ = active("castle and moat", book=book)
+    assert before == ["The castle belongs to the duke.", "The moat."]
+
+
+def test_recursion_settings_of_the_wrong_type_are_ignored_with_a_note() -> None:
+    book = lorebook_from_dict({"entries": list(CHAIN), "recursive_scanning": "yes",
+                               "extensions": {"max_recursion_steps": "many"}})
+    assert book.recursive is False and book.max_recursion_steps == 0
+    assert any("recursive_scanning" in s for s in book.skipped)
+    assert any("max_recursion_steps" in s for s in book.skipped)
