@@ -10,6 +10,13 @@ is served with exactly `application/json`. Tests play users through `user_says`,
 did from `messages`, `history` (every content a message had), `rate_limited`, `requests`
 and `faults`.
 
+Channel webhooks as on Discord: created (name, avatar as a data URI) only with the bot's
+Manage Webhooks in that server (else 403 50013; `take_manage_webhooks`), at most 15 per
+channel (30007), listed, fetched and deleted (`remove_webhook`: a moderator deletes one);
+executing one posts a message whose author is the webhook under the `username` given
+(author.bot, `webhook_id`, `application_id`), with MESSAGE_CREATE; its messages are edited
+and deleted through the webhook's token (`webhook_messages` reads them).
+
 Outages: `fail_next` / `fail_for` answer matching requests with 5xx (bodies as Discord's
 edge sends them) or cut the connection (status 0), without handling them. A reply to a
 deleted or unknown message fails with 50035 unless `fail_if_not_exists` is false, as on
@@ -33,6 +40,8 @@ GUILD2_ID both on shard 1).
 from __future__ import annotations
 
 import asyncio
+import base64
+import hashlib
 import itertools
 import json
 import re
@@ -53,6 +62,8 @@ GUILD2_ID = 800000000000000002  # a second server, owned by `stranger`
 GUILD3_ID = GUILD_ID + (1 << 22)  # not there unless added (`add_guild`); shard 0 of 2, the others 1
 PERM_ADMINISTRATOR = 1 << 3
 PERM_MANAGE_CHANNELS = 1 << 4
+PERM_MANAGE_WEBHOOKS = 1 << 29
+MAX_CHANNEL_WEBHOOKS = 15
 PERM_DEFAULT = 0x0000000000000400 | 0x0000000000000800 | 0x0000000000010000  # view, send, history
 MESSAGE_LIMIT = 2000
 INTERACTION_DEADLINE = 3.0
@@ -195,7 +206,7 @@ class FakeDiscord:
     """The stand-in server. `await start()`, then point the bot at `api_base`/`gateway_url`."""
 
     def __init__(self) -> None:
-        self.bot_user = User(BOT_ID, "Hermes", bot=True)
+        self.bot_user = User(BOT_ID, "Hermes", bot=True, permissions=PERM_DEFAULT | PERM_MANAGE_WEBHOOKS)
         self.ann = User(100000000000000001, "Ann")
         self.bob = User(100000000000000002, "Bob")
         self.mod = User(100000000000000003, "Mod", permissions=PERM_DEFAULT | PERM_MANAGE_CHANNELS)
@@ -233,6 +244,8 @@ class FakeDiscord:
         self.attachments: dict[int, bytes] = {}
         self.left_guilds: list[int] = []  # servers the bot left (DELETE /users/@me/guilds/{id})
         self._webhook_ids: dict[str, int] = {}
+        self.webhooks: dict[int, dict[str, Any]] = {}  # channel webhooks (POST /channels/{id}/webhooks)
+        self.webhook_avatars: dict[int, bytes] = {}  # their avatars as uploaded (decoded data URIs)
         self._buckets: dict[tuple[str, str, str], Bucket] = {}
         self.faults: list[tuple[str, str, int]] = []  # every injected failure: (method, route, status)
         self._faults: list[_Fault] = []
@@ -300,6 +313,12 @@ class FakeDiscord:
         app.router.add_get(f"{api}/webhooks/{{app}}/{{token}}/messages/@original", self._get_original)
         app.router.add_patch(f"{api}/webhooks/{{app}}/{{token}}/messages/@original", self._edit_original)
         app.router.add_post(f"{api}/webhooks/{{app}}/{{token}}", self._followup)
+        app.router.add_post(f"{api}/channels/{{channel}}/webhooks", self._create_webhook)
+        app.router.add_get(f"{api}/channels/{{channel}}/webhooks", self._channel_webhooks)
+        app.router.add_get(f"{api}/webhooks/{{webhook}}", self._get_webhook)
+        app.router.add_delete(f"{api}/webhooks/{{webhook}}", self._delete_webhook)
+        app.router.add_patch(f"{api}/webhooks/{{app}}/{{token}}/messages/{{message}}", self._edit_webhook_message)
+        app.router.add_delete(f"{api}/webhooks/{{app}}/{{token}}/messages/{{message}}", self._delete_webhook_message)
         app.router.add_get("/attachments/{id}/{filename}", self._attachment)
         self._runner = web.AppRunner(app)
         await self._runner.setup()
@@ -935,6 +954,8 @@ class FakeDiscord:
         return self._json(message)
 
     async def _followup(self, request: web.Request) -> web.Response:
+        if int(request.match_info["app"]) in self.webhooks:  # the same route executes channel webhooks
+            return await self._execute_webhook(request)
         interaction = self._interaction_by_token(request.match_info["token"])
         if interaction is None:
             return self._error(404, 10015, "Unknown Webhook")
@@ -946,6 +967,164 @@ class FakeDiscord:
         self._store(message)
         self.followups.append(message)
         return self._json(message)
+
+    # ---- channel webhooks ---------------------------------------------------------------
+
+    def _webhook_payload(self, webhook: dict[str, Any], with_token: bool = True) -> dict[str, Any]:
+        payload = {k: v for k, v in webhook.items() if with_token or k != "token"}
+        payload["user"] = self.bot_user.payload
+        return payload
+
+    def _may_manage_webhooks(self, channel_id: int) -> bool:
+        guild_id = self.channels[channel_id].get("guild_id")
+        return guild_id is not None and bool(self.bot_user.permissions_in(int(guild_id)) & PERM_MANAGE_WEBHOOKS)
+
+    def take_manage_webhooks(self, guild_id: int = GUILD_ID) -> None:
+        """A server admin takes Manage Webhooks away from the bot (the API answers 403 50013)."""
+        if guild_id == GUILD_ID:
+            self.bot_user.permissions &= ~PERM_MANAGE_WEBHOOKS
+        else:
+            permissions = self.bot_user.permissions_in(guild_id)
+            self.bot_user.guild_permissions[guild_id] = permissions & ~PERM_MANAGE_WEBHOOKS
+
+    def remove_webhook(self, webhook_id: int) -> None:
+        """A moderator deletes a webhook in the channel settings (its messages stay)."""
+        del self.webhooks[webhook_id]
+
+    def channel_webhooks(self, channel_id: int) -> list[dict[str, Any]]:
+        return [w for w in self.webhooks.values() if w["channel_id"] == str(channel_id)]
+
+    def webhook_messages(self, channel_id: int) -> list[dict[str, Any]]:
+        """Messages webhooks posted in a channel (not deleted), oldest first."""
+        return sorted((m for mid, m in self.messages.items() if int(m["channel_id"]) == channel_id
+                       and m.get("webhook_id") and mid not in self.deleted), key=lambda m: int(m["id"]))
+
+    async def _create_webhook(self, request: web.Request) -> web.Response:
+        channel_id = int(request.match_info["channel"])
+        if channel_id not in self.channels:
+            return self._error(404, 10003, "Unknown Channel")
+        if not self._may_manage_webhooks(channel_id):
+            return self._error(403, 50013, "Missing Permissions")
+        if len(self.channel_webhooks(channel_id)) >= MAX_CHANNEL_WEBHOOKS:
+            return self._error(400, 30007, "Maximum number of webhooks reached (15)")
+        body = await self._body(request)
+        name = body.get("name") or ""
+        if not 1 <= len(name) <= 80 or "discord" in name.lower() or "clyde" in name.lower():
+            return self._json({"code": 50035, "message": "Invalid Form Body",
+                               "errors": {"name": {"_errors": [{"code": "BASE_TYPE_BAD_LENGTH",
+                                                                "message": "Invalid webhook name"}]}}}, 400)
+        webhook_id = snowflake()
+        avatar = None
+        if body.get("avatar"):
+            data_uri = body["avatar"]
+            if not re.match(r"^data:image/(png|jpeg|gif|webp);base64,", data_uri):
+                return self._error(400, 50035, "Invalid Form Body")
+            self.webhook_avatars[webhook_id] = base64.b64decode(data_uri.split(",", 1)[1])
+            avatar = hashlib.md5(self.webhook_avatars[webhook_id]).hexdigest()
+        channel = self.channels[channel_id]
+        self.webhooks[webhook_id] = {
+            "id": str(webhook_id), "type": 1, "channel_id": str(channel_id), "guild_id": channel.get("guild_id"),
+            "name": name, "avatar": avatar, "token": f"webhook-token-{next(_ids)}", "application_id": str(BOT_ID),
+        }
+        return self._json(self._webhook_payload(self.webhooks[webhook_id]))
+
+    async def _channel_webhooks(self, request: web.Request) -> web.Response:
+        channel_id = int(request.match_info["channel"])
+        if channel_id not in self.channels:
+            return self._error(404, 10003, "Unknown Channel")
+        if not self._may_manage_webhooks(channel_id):
+            return self._error(403, 50013, "Missing Permissions")
+        return self._json([self._webhook_payload(w) for w in self.channel_webhooks(channel_id)])
+
+    async def _get_webhook(self, request: web.Request) -> web.Response:
+        webhook = self.webhooks.get(int(request.match_info["webhook"]))
+        if webhook is None:
+            return self._error(404, 10015, "Unknown Webhook")
+        return self._json(self._webhook_payload(webhook))
+
+    async def _delete_webhook(self, request: web.Request) -> web.Response:
+        webhook_id = int(request.match_info["webhook"])
+        if webhook_id not in self.webhooks:
+            return self._error(404, 10015, "Unknown Webhook")
+        if not self._may_manage_webhooks(int(self.webhooks[webhook_id]["channel_id"])):
+            return self._error(403, 50013, "Missing Permissions")
+        self.remove_webhook(webhook_id)
+        return web.Response(status=204)
+
+    def _webhook_of(self, request: web.Request) -> dict[str, Any] | None:
+        webhook = self.webhooks.get(int(request.match_info["app"]))
+        return webhook if webhook is not None and webhook["token"] == request.match_info["token"] else None
+
+    async def _execute_webhook(self, request: web.Request) -> web.Response:
+        """POST /webhooks/{id}/{token}[?wait=true]: a message authored by the webhook, under
+        the `username` given (else the webhook's name); components only for webhooks an
+        application owns (all of these: the bot created them)."""
+        webhook = self._webhook_of(request)
+        if webhook is None:
+            return self._error(404, 10015, "Unknown Webhook")
+        webhook_id = int(webhook["id"])
+        headers, limited = self._limit("POST", "/webhooks/{id}/{id}", str(webhook_id))
+        if limited:
+            return limited
+        body = await self._body(request)
+        if (error := self._check_content(body, creating=True)) is not None:
+            return error
+        channel_id = int(webhook["channel_id"])
+        author = {"id": str(webhook_id), "username": body.get("username") or webhook["name"],
+                  "avatar": webhook["avatar"], "discriminator": "0000", "bot": True, "public_flags": 0,
+                  "global_name": None}
+        message = self._message(channel_id, self.bot_user, body.get("content") or "", webhook_id=str(webhook_id),
+                                application_id=webhook["application_id"], components=body.get("components", []))
+        message.pop("member", None)
+        message["author"] = author
+        if body.get("avatar_url"):
+            message["avatar_url"] = body["avatar_url"]
+        self._resolve_mentions(message, body.get("allowed_mentions"), None)
+        self._store(message)
+        await self._dispatch("MESSAGE_CREATE", message)
+        if request.query.get("wait", "false").lower() not in ("true", "1"):
+            return web.Response(status=204, headers=headers)
+        return self._json(message, headers=headers)
+
+    def _webhook_message(self, request: web.Request, webhook: dict[str, Any]) -> dict[str, Any] | None:
+        message_id = int(request.match_info["message"])
+        message = self.messages.get(message_id)
+        if message is None or message_id in self.deleted or message.get("webhook_id") != webhook["id"]:
+            return None
+        return message
+
+    async def _edit_webhook_message(self, request: web.Request) -> web.Response:
+        webhook = self._webhook_of(request)
+        if webhook is None:
+            return self._error(404, 10015, "Unknown Webhook")
+        headers, limited = self._limit("PATCH", "/webhooks/{id}/{id}/messages/{id}", webhook["id"])
+        if limited:
+            return limited
+        message = self._webhook_message(request, webhook)
+        if message is None:
+            return self._error(404, 10008, "Unknown Message")
+        body = await self._body(request)
+        if (error := self._check_content(body, creating=False)) is not None:
+            return error
+        updated = {**message, "edited_timestamp": iso_now()}
+        for key in ("content", "components"):
+            if key in body:
+                updated[key] = body[key]
+        self._resolve_mentions(updated, body.get("allowed_mentions"), None)
+        self._store(updated)
+        await self._dispatch("MESSAGE_UPDATE", updated)
+        return self._json(updated, headers=headers)
+
+    async def _delete_webhook_message(self, request: web.Request) -> web.Response:
+        webhook = self._webhook_of(request)
+        if webhook is None:
+            return self._error(404, 10015, "Unknown Webhook")
+        message = self._webhook_message(request, webhook)
+        if message is None:
+            return self._error(404, 10008, "Unknown Message")
+        self.deleted.add(int(message["id"]))
+        await self._dispatch("MESSAGE_DELETE", self._delete_event(int(message["id"])))
+        return web.Response(status=204)
 
     # ---- playing users -----------------------------------------------------------------
 

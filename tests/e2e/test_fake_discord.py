@@ -20,6 +20,8 @@ from tests.e2e.bot_process import BotProcess, bot_env
 from tests.e2e.fake_discord import BOT_ID, GUILD2_ID, GUILD_ID, FakeDiscord, wait_for
 
 SEND = "/channels/{id}/messages"
+PNG_1PX = bytes.fromhex("89504e470d0a1a0a0000000d4948445200000001000000010806000000"
+                        "1f15c4890000000d49444154789c6360000002000154a24f5d0000000049454e44ae426082")
 EDIT = "/channels/{id}/messages/{id}"
 
 
@@ -283,6 +285,39 @@ async def test_webhook_messages_look_like_discord_s(fake_discord: FakeDiscord, c
     assert hook.author.name == "GitHub" and hook.author.id == hook.webhook_id
     assert relayed.webhook_id == 555 and relayed.author.name == "Bob" and relayed.author.bot
     assert isinstance(relayed.author, discord.User)  # not a guild member
+
+
+async def test_channel_webhooks_are_created_executed_edited_and_refused_like_discord_s(
+        fake_discord: FakeDiscord, client: Client) -> None:
+    d = fake_discord
+    general = channel(client, d.general)
+    hook = await general.create_webhook(name="Captain Vex", avatar=PNG_1PX)
+    assert d.webhook_avatars[hook.id] == PNG_1PX and hook.token
+    assert [w.id for w in await general.webhooks()] == [hook.id]
+    sent = await hook.send("Ahoy.", username="Captain Vex", wait=True)
+    assert sent.webhook_id == hook.id and sent.author.name == "Captain Vex" and sent.author.bot
+    received = await wait_for(lambda: [m for m in client.received if m.id == sent.id])
+    assert received[0].webhook_id == hook.id and received[0].application_id == BOT_ID
+    await hook.edit_message(sent.id, content="Ahoy, crew.")
+    assert d.messages[sent.id]["content"] == "Ahoy, crew." and d.history[sent.id] == ["Ahoy.", "Ahoy, crew."]
+    await hook.delete_message(sent.id)
+    assert sent.id in d.deleted
+    d.fail_next("POST", "/webhooks/{id}/{token}", 503)  # discord.py's webhook adapter retries 5xx itself
+    again = await hook.send("again", wait=True)
+    assert d.faults == [("POST", "/webhooks/{id}/{id}", 503)] and d.messages[again.id]["content"] == "again"
+    d.remove_webhook(hook.id)
+    with pytest.raises(discord.NotFound) as gone:
+        await hook.send("gone", wait=True)
+    assert gone.value.code == 10015
+    for i in range(15):
+        await general.create_webhook(name=f"hook {i}")
+    with pytest.raises(discord.HTTPException) as full:
+        await general.create_webhook(name="one too many")
+    assert full.value.code == 30007
+    d.take_manage_webhooks()
+    with pytest.raises(discord.Forbidden) as refused:
+        await channel(client, d.random).create_webhook(name="Marlowe")
+    assert refused.value.code == 50013
 
 
 # ---- the real bot process ------------------------------------------------------------------
