@@ -5,6 +5,7 @@ and the model.
     hermes-bot chat [--persona NAME] talk to the model in the terminal, no Discord needed
     hermes-bot db upgrade|downgrade REV|current
     hermes-bot download              fetch MODEL_REPO/MODEL_FILE into the hub cache
+    hermes-bot export-dataset OUT.jsonl  opted-in channels → Alpaca records for hermes-train
 """
 
 from __future__ import annotations
@@ -13,7 +14,9 @@ import argparse
 import asyncio
 import logging
 import sys
-from collections.abc import Sequence
+from collections.abc import Callable, Iterator, Sequence
+from contextlib import contextmanager
+from pathlib import Path
 
 from bot.settings import Settings, SettingsError, load_settings
 
@@ -35,6 +38,10 @@ def _parser() -> argparse.ArgumentParser:
     down.add_argument("revision", help="e.g. -1, or base")
     db_commands.add_parser("current", help="show the database's revision")
     commands.add_parser("download", help="download the configured model into the hub cache")
+    export = commands.add_parser("export-dataset", help="write opted-in channels as Alpaca records (JSON Lines)")
+    export.add_argument("out", type=Path, help="the .jsonl file to write")
+    export.add_argument("--tokenizer", type=Path,
+                        help="a .gguf whose vocabulary counts tokens (default: MODEL_PATH if set, else an estimate)")
     return parser
 
 
@@ -49,6 +56,47 @@ async def _chat(settings: Settings, persona: str | None, session: str) -> None:
                 raise SettingsError(f"--persona {persona!r}: not found in {settings.personas_dir}")
             await responder.store.set_persona(f"terminal:{session}", found)
         await chat(responder, session=session)
+
+
+async def _export_dataset(settings: Settings, out: Path, tokenizer: Path | None) -> None:
+    from bot.dataset_export import PromptLimits, export_dataset
+    from bot.personas import load_personas, merge_imported
+    from bot.store import Store
+
+    count_tokens, close = _token_counter(tokenizer or settings.model_path)
+    store = await Store.open(settings.database_url)
+    try:
+        personas = merge_imported(load_personas(settings.personas_dir), await store.imported_personas())
+        limits = PromptLimits(settings.n_ctx, settings.max_new_tokens, settings.history_limit)
+        with _progress() as progress:
+            stats = await export_dataset(store, personas, out, count_tokens, limits, progress)
+    finally:
+        await store.close()
+        close()
+    print(f"{out}: {stats.records} records from {stats.conversations} conversations")
+
+
+def _token_counter(gguf: Path | None) -> tuple[Callable[[str], int], Callable[[], None]]:
+    """The model's own token count (its GGUF vocabulary), else about four characters a token."""
+    if gguf is not None and gguf.is_file():
+        from bot.engine.remote import _VocabTokenizer
+
+        vocab = _VocabTokenizer(gguf)
+        return lambda text: len(vocab.tokenize(text)), vocab.close
+    log.warning("no tokenizer (--tokenizer or MODEL_PATH): token counts are estimated at 4 characters a token")
+    return lambda text: len(text) // 4 + 2, lambda: None
+
+
+@contextmanager
+def _progress() -> Iterator[Callable[[int], object]]:
+    """A records counter on the terminal (tqdm, when installed), else nothing."""
+    try:
+        from tqdm import tqdm
+    except ImportError:
+        yield lambda n: None
+        return
+    with tqdm(unit=" records", disable=not sys.stderr.isatty()) as bar:
+        yield bar.update
 
 
 def main(argv: Sequence[str] | None = None) -> int:
@@ -76,6 +124,8 @@ def main(argv: Sequence[str] | None = None) -> int:
                 migrate.downgrade(settings.database_url, args.revision)
             else:
                 migrate.current(settings.database_url)
+        elif args.command == "export-dataset":
+            asyncio.run(_export_dataset(settings, args.out, args.tokenizer))
         elif args.command == "download":
             from bot.model_source import configured_model
 

@@ -675,3 +675,48 @@ class Store:
         if newest is None or newest.is_bot or _aware(newest.created_at) < since:
             return None
         return _to_message(newest)
+
+    # ---- training export: /channel training-export, `hermes-bot export-dataset` ----------
+
+    async def set_training_export(self, key: str, on: bool) -> None:
+        """Opt a channel in (or out) of the training dataset export."""
+
+        async def work(session: AsyncSession) -> None:
+            (await self._conversation(session, key)).training_export = on
+
+        await self._write(work)
+
+    async def training_export_conversations(self) -> list[tuple[int, str, str | None, int | None]]:
+        """The opted-in conversations: (id, key, persona, forget_before_id), oldest first."""
+        async with self._sessions() as session:
+            rows = (await session.execute(
+                select(ConversationRow.id, ConversationRow.key, ConversationRow.persona,
+                       ConversationRow.forget_before_id)
+                .where(ConversationRow.training_export).order_by(ConversationRow.id)
+            )).all()
+        return [(row[0], row[1], row[2], row[3]) for row in rows]
+
+    async def conversation_people(self, conversation_id: int) -> list[tuple[str, str]]:
+        """Every (author id, display name) of the people (not the bot) stored in a
+        conversation, hidden rows included, in order of first appearance."""
+        async with self._sessions() as session:
+            rows = (await session.execute(
+                select(MessageRow.author_id, MessageRow.author_name, func.min(MessageRow.id).label("first"))
+                .where(MessageRow.conversation_id == conversation_id, MessageRow.is_bot.is_(False))
+                .group_by(MessageRow.author_id, MessageRow.author_name).order_by("first")
+            )).all()
+        return [(row[0], row[1]) for row in rows]
+
+    async def export_turns(
+        self, conversation_id: int, after_id: int, limit: int
+    ) -> list[tuple[int, Message, str | None, str | None]]:
+        """The next `limit` messages after row `after_id` that a prompt may show (not
+        deleted, no empty bot turn), oldest first: (row id, message, reply status, persona)."""
+        async with self._sessions() as session:
+            rows = (await session.scalars(
+                select(MessageRow)
+                .where(MessageRow.conversation_id == conversation_id, MessageRow.id > after_id,
+                       MessageRow.deleted_at.is_(None), not_(and_(MessageRow.is_bot, MessageRow.content == "")))
+                .order_by(MessageRow.id).limit(limit)
+            )).all()
+        return [(row.id, _to_message(row), row.reply_status, row.persona) for row in rows]

@@ -1,6 +1,9 @@
 """Alpaca instruction data: load, mix, render with the bot's template, tokenize once, cache.
 
-Each record has `instruction`, optional `input`, and `output`. The prompt is rendered by
+Each record has `instruction`, optional `input`, and `output`, and may have a `preamble`:
+text that goes before the instruction as it is (a persona's preamble and the turns before
+the first instruction, as `hermes-bot export-dataset` writes them from the bot's chats).
+The prompt is rendered by
 `bot.prompt.alpaca_prompt` — the same code the bot serves with — and its tokens are
 masked out of the loss (label -100); the response and EOS are trained. Examples longer
 than `seq_len` are cut (or dropped) and counted. With packing, several examples share a
@@ -67,7 +70,11 @@ def load_records(spec: DatasetSpec) -> list[dict[str, str]]:
             record.get("output"), str
         ):
             raise DataError(f"{spec.path}: record {index} needs text 'instruction' and 'output' fields")
+        if not isinstance(record.get("preamble") or "", str):
+            raise DataError(f"{spec.path}: record {index}: 'preamble' must be text")
         cleaned.append({"instruction": record["instruction"], "input": record.get("input") or "", "output": record["output"]})
+        if record.get("preamble"):
+            cleaned[-1]["preamble"] = record["preamble"]
     return cleaned
 
 
@@ -83,6 +90,11 @@ def mix(parts: Sequence[tuple[list[dict[str, str]], float]], seed: int) -> list[
     return mixed
 
 
+def record_prompt(record: dict[str, str]) -> str:
+    """The text a record's output follows: its preamble, if any, then the Alpaca turn."""
+    return record.get("preamble", "") + alpaca_prompt(record["instruction"], record["input"] or None)
+
+
 def tokenize_example(
     tokenizer: Any, record: dict[str, str], seq_len: int, overlength: str, stats: DataStats
 ) -> dict[str, list[int]] | None:
@@ -91,7 +103,7 @@ def tokenize_example(
     The whole text is tokenized at once, as the model will see it when serving, and the
     prompt/response boundary is found from character offsets.
     """
-    prompt = alpaca_prompt(record["instruction"], record["input"] or None)
+    prompt = record_prompt(record)
     encoded = tokenizer(prompt + record["output"], add_special_tokens=True, return_offsets_mapping=True)
     tokens = list(encoded["input_ids"])
     starts = [start for start, _ in encoded["offset_mapping"]]

@@ -115,6 +115,23 @@ class Admin(commands.Cog):
             "I will answer every message here." if enabled else "I will only answer mentions and replies here."
         )
 
+    @channel.command(name="training-export", description="Let this channel's chats become training data (or not)")
+    @app_commands.describe(state="on: `hermes-bot export-dataset` includes this channel, pseudonymized")
+    @app_commands.choices(state=[app_commands.Choice(name="on", value="on"), app_commands.Choice(name="off", value="off")])
+    async def channel_training_export(self, interaction: discord.Interaction, state: app_commands.Choice[str]) -> None:
+        if not interaction_may_manage(interaction, self.bot.settings.admin_user_ids):
+            await interaction.response.send_message(
+                "You need the Manage Channels permission (or bot admin rights) for this.", ephemeral=True
+            )
+            return
+        on = state.value == "on"
+        await self.bot.responder.store.set_training_export(conversation_key(interaction.channel_id or 0), on)
+        await interaction.response.send_message(
+            "This channel's conversations will be part of the training dataset export (names and ids pseudonymized; "
+            "deleted and forgotten messages left out)." if on
+            else "This channel's conversations are no longer exported as training data."
+        )
+
     @app_commands.command(name="reload-model", description="Bot owners: load another model (or reload this one)")
     @app_commands.describe(model="a .gguf under MODELS_DIR, or owner/repo/file.gguf from the hub")
     @app_commands.default_permissions(administrator=True)  # hidden from ordinary members
