@@ -11,6 +11,7 @@ import asyncio
 import collections
 import contextlib
 import logging
+import random
 from collections.abc import AsyncIterator
 from dataclasses import dataclass
 
@@ -21,8 +22,10 @@ from bot.conversation import INTERRUPTED, Message, StoredReply
 from bot.engine.base import EngineError, Generation
 from bot.prompt import PromptTooLong
 from bot.replies import EditThrottle, queue_notice
-from bot.reply_stream import INTERRUPTED_NOTICE, Destination, ReplyStream
+from bot.reply_stream import INTERRUPTED_NOTICE, Destination, Poster, ReplyStream
 from bot.responder import Responder
+from bot.scenes import Member, choose_speakers
+from bot.webhooks import WebhookDirectory
 
 log = logging.getLogger(__name__)
 QUEUE_REFRESH_SECONDS = 2.0  # how often a queued reply's place in the queue is refreshed
@@ -41,6 +44,8 @@ class Question:
     author_id: int
     author_name: str
     read_context: bool = False  # read the chat before the question from Discord (not stored)
+    text: str = ""  # what it says (a scene: who is named)
+    replied_to: int | None = None  # the message it replies to (a scene: a character's)
 
 
 @dataclass
@@ -50,8 +55,11 @@ class _UnderWay:
 
 
 class Answerer:
-    def __init__(self, responder: Responder, bot_user_id: int, retry_seconds: float, edit_interval: float = 1.0) -> None:
+    def __init__(self, responder: Responder, bot_user_id: int, retry_seconds: float, edit_interval: float = 1.0,
+                 webhooks: WebhookDirectory | None = None) -> None:
         self.responder = responder
+        self.webhooks = webhooks  # scene characters post through them
+        self.rng = random.Random()  # a scene's `random` strategy
         self.store = responder.store
         self.bot_user_id = bot_user_id
         self.retry_seconds = retry_seconds
@@ -73,12 +81,44 @@ class Answerer:
         return sum(u.stream.to.requester_id == requester_id for u in self._under_way.values())
 
     async def answer(self, question: Question, channel: discord.abc.Messageable,
-                     previous: StoredReply | None = None) -> None:
-        """Write the answer (with `previous`, in place of that reply)."""
-        persona = await self.responder.conversation_persona(question.key)
-        to = Destination(channel, question.message_id, question.author_id)
+                     previous: StoredReply | None = None, continuing: bool = False) -> None:
+        """Write the answer (with `previous`, in place of that reply; `continuing`: after
+        that reply's text, extending it). In a scene, each character who answers (see
+        `bot.scenes`) writes its own reply, through its webhook; `previous` keeps its character."""
+        for persona_key in await self._cast(question, previous):
+            if self.shutting_down:
+                break  # the question stays stored: answered after the restart
+            await self._answer_as(question, channel, previous, continuing, persona_key)
+
+    async def _cast(self, question: Question, previous: StoredReply | None) -> list[str | None]:
+        """The scene characters who answer (persona keys); [None]: the conversation's persona."""
+        if previous is not None:
+            return [previous.persona]
+        keys, strategy = await self.store.scene(question.key)
+        members = [Member(k, self.responder.personas[k].name) for k in keys if k in self.responder.personas]
+        if not members:
+            return [None]
+        replied = (await self.store.part_persona(question.key, str(question.replied_to))
+                   if question.replied_to else None)
+        recent = await self.store.scene_speakers(question.key)
+        return [m.key for m in choose_speakers(question.text, members, strategy, recent, self.rng, replied)]
+
+    def _poster(self, channel: discord.abc.Messageable, channel_id: int, persona_key: str | None,
+                name: str) -> Poster | None:
+        if persona_key is None or self.webhooks is None:
+            return None
+        return self.webhooks.poster(channel, channel_id, persona_key, name)
+
+    async def _answer_as(self, question: Question, channel: discord.abc.Messageable, previous: StoredReply | None,
+                         continuing: bool, persona_key: str | None) -> None:
+        if previous is not None:  # it waited in the lane: a swipe may have changed its text or parts
+            previous = await self.store.reply(previous.id) or previous
+        persona = (self.responder.persona(persona_key) if persona_key is not None
+                   else await self.responder.conversation_persona(question.key))
+        to = Destination(channel, question.message_id, question.author_id,
+                         self._poster(channel, question.channel_id, persona_key, persona.name))
         stream = ReplyStream(self.store, question.key, to, str(self.bot_user_id), persona.name,
-                             self.retry_seconds, previous)
+                             self.retry_seconds, previous, continuing, persona=persona_key)
         await stream.begin()
         assert stream.reply_id is not None
         under_way = self._under_way[stream.reply_id] = _UnderWay(stream)
@@ -87,7 +127,9 @@ class Answerer:
                 context = await self._context(question, channel) if question.read_context else []
                 try:
                     reply = await self.responder.start_reply(question.key, speaker=question.author_name,
-                                                             context=context)
+                                                             context=context,
+                                                             continue_reply=previous if continuing else None,
+                                                             persona=persona if persona_key is not None else None)
                 except (EngineError, PromptTooLong) as error:
                     log.warning("cannot answer in %s: %s", question.key, error)
                     await stream.fail(f"I can't answer right now: {error}")
@@ -149,7 +191,7 @@ class Answerer:
         finally:
             if follower is not None:
                 follower.cancel()
-        stream.text = text
+        stream.text = stream.base + text
         await asyncio.sleep(throttle.wait_time(loop.time()))
         throttle.mark(loop.time())
         if error is not None and not self.shutting_down:

@@ -59,16 +59,24 @@ class HermesBot(commands.Bot):
 
     async def setup_hook(self) -> None:
         from bot.cogs.admin import Admin
-        from bot.cogs.buttons import RegenerateButton, StopButton
+        from bot.cogs.buttons import ContinueButton, RegenerateButton, StopButton, SwipeButton
         from bot.cogs.chat import Chat
+        from bot.cogs.me import Me
+        from bot.cogs.memory import Memory
         from bot.cogs.personas import Personas
+        from bot.cogs.scenes import Scenes
+        from bot.cogs.swipes import Swipes
 
         chat = Chat(self)
         await chat.recovery.before_connect()
         await self.add_cog(chat)
         await self.add_cog(Admin(self))
         await self.add_cog(Personas(self))
-        self.add_dynamic_items(StopButton, RegenerateButton)
+        await self.add_cog(Scenes(self))
+        await self.add_cog(Me(self))
+        await self.add_cog(Memory(self))
+        await self.add_cog(Swipes(self))
+        self.add_dynamic_items(StopButton, RegenerateButton, SwipeButton, ContinueButton)
         synced = await self.tree.sync()
         log.info("registered %d slash commands", len(synced))
 

@@ -175,6 +175,12 @@ def alpaca_prompt(instruction: str, input: str | None = None) -> str:
     return text + f"{RESPONSE}\n"
 
 
+def transcript(messages: Sequence[Message]) -> str:
+    """Messages as a record to read (e.g. what a memory summary is made of): one speaker
+    line each, under the instruction block's rules, whoever wrote them."""
+    return "\n".join(f"{clean_name(m.author_name)}: {_continued(m.content)}" for m in messages)
+
+
 def _instruction_block(messages: Sequence[Message]) -> str:
     lines = "\n".join(f"{clean_name(m.author_name)}: {_continued(m.content)}" for m in messages)
     return f"{INSTRUCTION}\n{lines}\n\n"
@@ -186,36 +192,65 @@ def _response_block(messages: Sequence[Message], prefix: str) -> str:
 
 
 def render_chat(
-    messages: Sequence[Message], preamble: str = "", response_prefix: str = "", final_input: str = ""
+    messages: Sequence[Message], preamble: str = "", response_prefix: str = "", final_input: str = "",
+    continue_last: bool = False, notes: Sequence[tuple[int, str]] = (),
 ) -> str:
     """Render a chat: preamble, then alternating instruction/response blocks, then the
     open response header. Every response starts with `response_prefix` (e.g. a
     character's "Name: "), the past ones and the one the model is about to write.
     `final_input` (e.g. a persona's post-history instructions) goes in an `### Input:`
-    block right before that last header."""
+    block right before that last header.
+
+    `continue_last` (Continue): the chat ends with the bot's messages, and their response
+    is left open — the prompt ends with their text, no new turn after it, so the model
+    writes on where the reply stopped (`final_input` comes before that response).
+
+    `notes` (an author's note, a card's depth prompt): `(depth, text)`, each an `### Input:`
+    block `depth` messages from the end (0: after the last one; SillyTavern's "in-chat @
+    depth"), splitting the block it falls in; its text neutralized like the preamble."""
     response_prefix = clean_prefix(response_prefix)
     parts: list[str] = []
     if preamble.strip():
         parts.append(neutralize(preamble.strip()) + "\n\n")
+    at = _notes_at(notes, len(messages))
     group: list[Message] = []
-    for message in messages:
-        if group and group[-1].is_bot != message.is_bot:
+    for index, message in enumerate(messages):
+        if group and (group[-1].is_bot != message.is_bot or index in at):
             parts.append(
                 _response_block(group, response_prefix)
                 if group[-1].is_bot
                 else _instruction_block(group)
             )
             group = []
+        parts.extend(at.get(index, ()))
         group.append(message)
+    parts_after = at.get(len(messages), [])
+    if continue_last and messages:  # (no messages: the preamble alone, as build_prompt measures it)
+        if not group[-1].is_bot:
+            raise ValueError("only a chat that ends with the bot can be continued")
+        parts.extend(parts_after)
+        if final_input.strip():
+            parts.append(f"{INPUT}\n{neutralize(final_input.strip())}\n\n")
+        return "".join(parts) + _response_block(group, response_prefix).removesuffix("\n\n")
     if group and not group[-1].is_bot:
         parts.append(_instruction_block(group))
     elif group:
         # The chat ends with the bot: it answers again (e.g. a greeting, then a prompt).
         parts.append(_response_block(group, response_prefix))
+    parts.extend(parts_after)
     if final_input.strip():
         parts.append(f"{INPUT}\n{neutralize(final_input.strip())}\n\n")
     parts.append(f"{RESPONSE}\n{response_prefix}")
     return "".join(parts)
+
+
+def _notes_at(notes: Sequence[tuple[int, str]], count: int) -> dict[int, list[str]]:
+    """`(depth, text)` notes as `### Input:` blocks by the index of the message they precede."""
+    at: dict[int, list[str]] = {}
+    for depth, text in notes:
+        if text.strip():
+            at.setdefault(max(0, count - max(0, depth)), []).append(f"{INPUT}\n{neutralize(text.strip())}\n\n")
+    return at
 
 
 def stop_sequences(messages: Sequence[Message], max_names: int = 16) -> tuple[str, ...]:
@@ -263,8 +298,11 @@ def build_prompt(
     preamble: str = "",
     response_prefix: str = "",
     final_input: str = "",
+    continue_last: bool = False,
+    notes: Sequence[tuple[int, str]] = (),
 ) -> BuiltPrompt:
-    """The prompt for answering the newest message of `history`, within the context.
+    """The prompt for answering the newest message of `history`, within the context
+    (`continue_last`: for writing on after it, the newest being the bot's; see `render_chat`).
 
     Guarantees ``count_tokens(result.text) + max_new_tokens <= n_ctx``. The oldest whole
     messages are dropped first; the kept messages are a contiguous, newest suffix of the
@@ -278,7 +316,7 @@ def build_prompt(
         raise PromptTooLong(f"MAX_NEW_TOKENS={max_new_tokens} leaves no room in N_CTX={n_ctx}")
 
     def render(messages: Sequence[Message], pre: str = preamble) -> str:
-        return render_chat(messages, pre, response_prefix, final_input)
+        return render_chat(messages, pre, response_prefix, final_input, continue_last, notes)
 
     def fits(text: str) -> bool:
         return count_tokens(text) <= budget
@@ -300,6 +338,8 @@ def build_prompt(
             low = mid + 1
     kept = history[starts[low]:] if low < len(starts) else []
 
+    if not kept and history and continue_last:
+        raise PromptTooLong("the reply to continue no longer fits in the context; press Regenerate")
     if not kept and history:
         # Not even the newest message fits whole: cut its content.
         newest = history[-1]

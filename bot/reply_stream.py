@@ -14,9 +14,11 @@ notice under a reply is for people and never stored as the bot's words.
 
 from __future__ import annotations
 
+import functools
 import logging
 from collections.abc import Sequence
 from dataclasses import dataclass
+from typing import Any, Protocol
 
 import discord
 
@@ -25,6 +27,7 @@ from bot.conversation import DONE, FAILED, INTERRUPTED, STOPPED, StoredReply
 from bot.delivery import is_gone, is_transient, retried
 from bot.replies import EMPTY_REPLY, split_message
 from bot.store import Store
+from bot.swipes import SwipeView
 
 log = logging.getLogger(__name__)
 NO_PINGS = discord.AllowedMentions.none()
@@ -44,13 +47,44 @@ def display(text: str, notice: str | None) -> str:
     return text or EMPTY_REPLY
 
 
+class Poster(Protocol):
+    """Who posts a reply's parts: the bot itself (`ChannelPoster`), or a scene character's
+    webhook (`bot.webhooks.WebhookPoster`). Each call is one Discord request (retried by
+    the caller); `extra` holds the view, and for the first part the reply reference."""
+
+    async def send(self, content: str, **extra: Any) -> int: ...
+
+    async def edit(self, message_id: int, content: str, **extra: Any) -> None: ...
+
+    async def delete(self, message_id: int) -> None: ...
+
+
+class ChannelPoster:
+    """The bot's own messages in the channel."""
+
+    def __init__(self, channel: discord.abc.Messageable) -> None:
+        self.channel = channel
+
+    async def send(self, content: str, **extra: Any) -> int:
+        return (await self.channel.send(content, allowed_mentions=NO_PINGS, **extra)).id
+
+    async def edit(self, message_id: int, content: str, **extra: Any) -> None:
+        message = self.channel.get_partial_message(message_id)  # type: ignore[attr-defined]
+        await message.edit(content=content, allowed_mentions=NO_PINGS, **extra)
+
+    async def delete(self, message_id: int) -> None:
+        await self.channel.get_partial_message(message_id).delete()  # type: ignore[attr-defined]
+
+
 @dataclass(frozen=True)
 class Destination:
-    """Where a reply goes: a channel, the question it answers, who asked."""
+    """Where a reply goes: a channel, the question it answers, who asked; `poster`: who
+    posts it there (default: the bot itself)."""
 
     channel: discord.abc.Messageable
     question_id: int | None
     requester_id: int
+    poster: Poster | None = None
 
 
 class PartWriter:
@@ -60,15 +94,19 @@ class PartWriter:
 
     def __init__(self, to: Destination, part_ids: Sequence[int], retry_seconds: float) -> None:
         self.to = to
+        self.poster = to.poster or ChannelPoster(to.channel)
         self.part_ids = list(part_ids)
         self.shown: list[str | None] = [None] * len(self.part_ids)
         self.running: bool | None = None  # the buttons the first part shows (None: unknown)
+        self.swipes: SwipeView | None = None  # the reply's alternatives, for the final buttons
+        self._swipes_shown: SwipeView | None = None
         self.retry_seconds = retry_seconds
 
     async def put(self, parts: list[str], running: bool) -> None:
         for index, part in enumerate(parts):
             if index < len(self.part_ids):
-                if self.shown[index] != part or (index == 0 and self.running != running):
+                buttons_changed = index == 0 and (self.running, self._swipes_shown) != (running, self.swipes)
+                if self.shown[index] != part or buttons_changed:
                     await self._edit(index, part, running)
             else:
                 await self._send(index, part, running)
@@ -76,29 +114,28 @@ class PartWriter:
     async def trim(self, count: int) -> None:
         """Delete the parts past the first `count` (a final reply shorter than before)."""
         for message_id in self.part_ids[count:]:
-            message = self.to.channel.get_partial_message(message_id)  # type: ignore[attr-defined]
             try:
-                await retried(message.delete, "delete a surplus part", self.retry_seconds)
+                await retried(functools.partial(self.poster.delete, message_id), "delete a surplus part",
+                              self.retry_seconds)
             except discord.NotFound:
                 pass
         del self.part_ids[count:], self.shown[count:]
 
     async def _edit(self, index: int, part: str, running: bool) -> None:
-        message = self.to.channel.get_partial_message(self.part_ids[index])  # type: ignore[attr-defined]
-        extra = {"view": controls(self.to.requester_id, running)} if index == 0 else {}
+        message_id = self.part_ids[index]
+        extra = {"view": controls(self.to.requester_id, running, self.swipes)} if index == 0 else {}
         try:
-            await retried(lambda: message.edit(content=part, allowed_mentions=NO_PINGS, **extra), "edit a reply",
-                          self.retry_seconds)
+            await retried(lambda: self.poster.edit(message_id, part, **extra), "edit a reply", self.retry_seconds)
         except discord.NotFound:
-            log.info("part %d of a reply was deleted in Discord; not editing it again", message.id)
+            log.info("part %d of a reply was deleted in Discord; not editing it again", message_id)
         self.shown[index] = part
         if index == 0:
-            self.running = running
+            self.running, self._swipes_shown = running, self.swipes
 
     async def _send(self, index: int, part: str, running: bool) -> None:
         extra: dict[str, object] = {}
         if index == 0:
-            extra["view"] = controls(self.to.requester_id, running)
+            extra["view"] = controls(self.to.requester_id, running, self.swipes)
             if self.to.question_id is not None:
                 # Still a reply when the question was deleted meanwhile: Discord sends it plain.
                 extra["reference"] = discord.MessageReference(
@@ -106,12 +143,11 @@ class PartWriter:
                     fail_if_not_exists=False,
                 )
                 extra["mention_author"] = False
-        message = await retried(lambda: self.to.channel.send(part, allowed_mentions=NO_PINGS, **extra),
-                                "send a reply", self.retry_seconds)
-        self.part_ids.append(message.id)
+        message_id = await retried(lambda: self.poster.send(part, **extra), "send a reply", self.retry_seconds)
+        self.part_ids.append(message_id)
         self.shown.append(part)
         if index == 0:
-            self.running = running
+            self.running, self._swipes_shown = running, self.swipes
 
 
 async def sync_reply(store: Store, reply: StoredReply, to: Destination, retry_seconds: float,
@@ -119,6 +155,7 @@ async def sync_reply(store: Store, reply: StoredReply, to: Destination, retry_se
     """Make Discord show a stored reply's final state, then mark it delivered. False when
     Discord could not be reached in time: it stays undelivered, to be tried again."""
     writer = writer or PartWriter(to, [int(i) for i in reply.part_ids], retry_seconds)
+    writer.swipes = await store.swipe_view(reply.id)
     parts = split_message(display(reply.content, reply.notice))
     try:
         await writer.put(parts, running=False)
@@ -138,11 +175,15 @@ async def sync_reply(store: Store, reply: StoredReply, to: Destination, retry_se
 
 class ReplyStream:
     """One reply while it is written: `begin`, `show` as text arrives, then one of
-    `finish` (done or stopped), `fail` or `interrupt`."""
+    `finish` (done or stopped), `fail` or `interrupt`. With `previous`, that reply is
+    written again (Regenerate; its text is kept as an alternative), or with `continuing`
+    written on: its text stays in front of what `show` is given (`base`)."""
 
     def __init__(self, store: Store, key: str, to: Destination, author_id: str, author_name: str,
-                 retry_seconds: float, previous: StoredReply | None = None) -> None:
+                 retry_seconds: float, previous: StoredReply | None = None, continuing: bool = False,
+                 persona: str | None = None) -> None:
         self.store = store
+        self.persona = persona  # the scene character that speaks (stored with the reply)
         self.key = key
         self.to = to
         self.author_id = author_id
@@ -151,7 +192,9 @@ class ReplyStream:
         self.previous = previous
         self.writer = PartWriter(to, [int(i) for i in previous.part_ids] if previous else [], retry_seconds)
         self.reply_id: int | None = previous.id if previous else None
-        self.text = ""
+        self.continuing = continuing and previous is not None
+        self.base = previous.content.strip() if previous is not None and self.continuing else ""
+        self.text = self.base
         self.undelivered = False  # Discord stopped taking this reply's edits
 
     @property
@@ -159,14 +202,18 @@ class ReplyStream:
         return self.writer.part_ids[0] if self.writer.part_ids else None
 
     async def begin(self) -> None:
-        """Store the reply as `streaming` (regenerating: the same row, emptied)."""
+        """Store the reply as `streaming` (regenerating: the same row, emptied; continuing:
+        the same row, its text kept)."""
+        if self.previous is not None and self.continuing:
+            await self.store.resume_reply(self.previous.id)
+            return
         if self.previous is not None:
             await self.store.restart_reply(self.previous.id, self.author_name)
             return
         self.reply_id = await self.store.begin_reply(
             self.key, author_id=self.author_id, author_name=self.author_name,
             reply_to=str(self.to.question_id) if self.to.question_id else None,
-            requester_id=str(self.to.requester_id),
+            requester_id=str(self.to.requester_id), persona=self.persona,
         )
 
     async def show(self, text: str, notice: str | None = None) -> None:
@@ -174,6 +221,7 @@ class ReplyStream:
         store holds what Discord shows (and may be one step ahead of it). If Discord stays
         down, the text is still stored and showing resumes with the final state."""
         assert self.reply_id is not None, "begin() first"
+        text = self.base + text
         self.text = text
         # Stored before it is shown: a crash in between never leaves Discord showing text
         # that history lacks. A part's id is known only once Discord took it: stored next

@@ -10,12 +10,18 @@ import logging
 from collections.abc import Sequence
 from dataclasses import dataclass
 
-from bot.conversation import Message
+from bot.attachments import with_attachments
+from bot.author_note import note_insertions
+from bot.conversation import Message, StoredReply
 from bot.engine.base import Engine, Generation, GenerationRequest, SamplingParams
+from bot.memory import MemoryKeeper, context_after_memory, with_memory
 from bot.personas import DEFAULT_PERSONA, Persona, preamble_user, short_key, visible_in
-from bot.prompt import BuiltPrompt, build_prompt
+from bot.prompt import BuiltPrompt, PromptTooLong, build_prompt
+from bot.scenes import as_seen_by
 from bot.settings import Settings
 from bot.store import Store
+from bot.swipes import history_to_continue
+from bot.user_personas import user_persona_lines
 
 log = logging.getLogger(__name__)
 # The most characters one token of the prompt is assumed to take when the history is first
@@ -63,6 +69,7 @@ class Responder:
         self.store = store
         self.engine = engine
         self.personas = personas
+        self.memory = MemoryKeeper(store, engine, settings.memory_summary_words, seed=settings.seed)
 
     def visible_personas(self, scope: str | None) -> dict[str, Persona]:
         """The shipped personas and the ones imported in `scope` (None: shipped only)."""
@@ -83,17 +90,35 @@ class Responder:
     async def conversation_persona(self, key: str) -> Persona:
         return self.persona((await self.store.state(key)).persona)
 
-    async def start_reply(self, key: str, speaker: str, context: Sequence[Message] = ()) -> Reply:
+    async def start_reply(self, key: str, speaker: str, context: Sequence[Message] = (),
+                          continue_reply: StoredReply | None = None, persona: Persona | None = None) -> Reply:
         """Build the prompt from the stored history and queue its generation.
 
         `speaker` is the display name of the person being answered (for `{{user}}` in the
         post-history instructions; in the preamble only while they are alone in the
         history, see `bot.personas.preamble_user`);
         `context`: messages read from the platform around the question but not stored
-        (merged into the history by their platform ids).
+        (merged into the history by their platform ids);
+        `continue_reply` (Continue): the model writes on after that reply's text, in a prompt
+        of the history up to it (`bot.swipes.history_to_continue`);
+        `persona`: the scene character that answers (else the conversation's persona); the
+        other characters' lines are then speaker lines (`bot.scenes.as_seen_by`).
         """
-        persona = await self.conversation_persona(key)
-        history = with_context(await self.store.recent_messages(key, self.settings.history_limit), context)
+        in_scene = persona is not None
+        persona = persona or await self.conversation_persona(key)
+        # Long memory and the author's note (bot.memory, bot.author_note): the turns the
+        # summary covers are not rendered again.
+        memory, note, user_turns = await self.store.prompt_extras(key)
+        stored = await self.store.recent_messages(key, self.settings.history_limit, after_id=memory.until)
+        history = with_context(stored, context_after_memory(context, stored, memory))
+        available = len(history)
+        if continue_reply is not None:
+            cut = history_to_continue(history, continue_reply.part_ids[0]) if continue_reply.part_ids else None
+            if cut is None:
+                raise PromptTooLong("the reply to continue is no longer in the history")
+            history = cut
+        if in_scene:
+            history = as_seen_by(history, persona.name)
         n_ctx = self.engine.info.n_ctx
         history = newest_within(history, (n_ctx - self.settings.max_new_tokens) * MAX_CHARS_PER_TOKEN)
         lore_before: list[str] = []
@@ -102,18 +127,28 @@ class Responder:
             lore_before, lore_after = persona.lorebook.activate(
                 [m.content for m in history], self.engine.count_tokens
             )
+        # Who the people present play (/me), after the character's definitions as in
+        # SillyTavern's story string; their attached files follow their messages.
+        budget = n_ctx - self.settings.max_new_tokens
+        described = await self.store.user_personas_in(key, [m.author_id for m in history if not m.is_bot])
+        lore_after = [*lore_after, "\n".join(user_persona_lines(history, described, persona.name, max_chars=budget))]
+        history = with_attachments(history, self.engine.count_tokens, budget // 2)
         prompt = build_prompt(
             history,
             self.engine.count_tokens,
             n_ctx=n_ctx,
             max_new_tokens=self.settings.max_new_tokens,
             # {{user}} in the preamble never depends on who is answered (prefix reuse in groups).
-            preamble=persona.preamble(
+            preamble=with_memory(persona.preamble(
                 preamble_user(speaker, (m.author_name for m in history if not m.is_bot)), lore_before, lore_after
-            ),
+            ), memory.summary),
             response_prefix=persona.response_prefix(),
             final_input=persona.post_history(speaker),
+            continue_last=continue_reply is not None,
+            notes=note_insertions(note, persona, speaker, user_turns),
         )
+        if continue_reply is None and (len(prompt.messages) < available or len(stored) >= self.settings.history_limit):
+            self.memory.overflowed(key, len(prompt.messages))
         if prompt.truncated:
             log.info("conversation %s: the prompt was cut to fit the context", key)
         request = GenerationRequest(

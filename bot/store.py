@@ -32,6 +32,7 @@ from sqlalchemy import (
     ForeignKey,
     Index,
     Integer,
+    LargeBinary,
     String,
     Text,
     TypeDecorator,
@@ -54,10 +55,16 @@ from sqlalchemy.exc import OperationalError
 from sqlalchemy.ext.asyncio import AsyncEngine, AsyncSession, async_sessionmaker, create_async_engine
 from sqlalchemy.orm import DeclarativeBase, Mapped, mapped_column
 
-from bot.conversation import FINAL_STATES, STREAMING, ConversationState, Message, StoredReply, utcnow
+from bot.author_note import DEFAULT_DEPTH as DEFAULT_NOTE_DEPTH
+from bot.author_note import DEFAULT_EVERY as DEFAULT_NOTE_EVERY
+from bot.author_note import AuthorNote
+from bot.conversation import DONE, FINAL_STATES, STREAMING, ConversationState, Message, StoredReply, utcnow
+from bot.memory import MemoryState
+from bot.swipes import SwipeView, plan_regeneration
 
 log = logging.getLogger(__name__)
 T = TypeVar("T")
+MAX_AVATAR_BYTES = 1024 * 1024  # an imported card's image kept as its avatar (Discord's limit is 8 MB)
 LOCK_WAIT_SECONDS = 30.0  # how long a write waits for another process's lock (then again, retried)
 # SQLite only autoincrements an INTEGER PRIMARY KEY; elsewhere ids are 64-bit.
 Id = BigInteger().with_variant(Integer, "sqlite")
@@ -197,6 +204,7 @@ class ImportedPersonaRow(Base):
     filename: Mapped[str] = mapped_column(String(200))
     imported_by: Mapped[str] = mapped_column(String(64))
     created_at: Mapped[datetime] = mapped_column(DateTime(timezone=True), default=utcnow)
+    avatar: Mapped[bytes | None] = mapped_column(LargeBinary)  # a PNG card's image (webhook avatar in scenes)
 
 
 def _aware(value: datetime) -> datetime:
@@ -212,6 +220,7 @@ def _to_message(row: MessageRow) -> Message:
         is_bot=row.is_bot,
         platform_id=row.platform_id,
         created_at=_aware(row.created_at),
+        attachments=row.attachments or "",
     )
 
 
@@ -227,6 +236,7 @@ def _to_reply(row: MessageRow, key: str) -> StoredReply:
         requester_id=row.requester_id,
         notice=row.notice,
         undelivered=row.undelivered,
+        persona=row.persona,
     )
 
 
@@ -239,6 +249,7 @@ def _message_values(conversation_id: int, message: Message) -> dict[str, Any]:
         "is_bot": message.is_bot,
         "content": message.content,
         "created_at": message.created_at,
+        "attachments": message.attachments or None,
     }
 
 
@@ -353,7 +364,9 @@ class Store:
             row = await session.scalar(select(ConversationRow).where(ConversationRow.key == key))
         if row is None:
             return ConversationState(key=key)
-        return ConversationState(key=key, persona=row.persona, enabled=row.enabled, known=True, is_dm=row.is_dm)
+        return ConversationState(key=key, persona=row.persona, enabled=row.enabled, known=True, is_dm=row.is_dm,
+                                 reply_chance=row.reply_chance or 0, follow_up_seconds=row.follow_up_seconds or 0,
+                                 name_trigger=row.name_trigger)
 
     async def add_message(self, key: str, message: Message, is_dm: bool = False, guild_id: str | None = None) -> bool:
         """Store a message; False if a message with that platform id is already stored."""
@@ -369,8 +382,9 @@ class Store:
 
         return await self._write(work)
 
-    async def recent_messages(self, key: str, limit: int) -> list[Message]:
-        """The newest `limit` visible messages after the forget point, oldest first.
+    async def recent_messages(self, key: str, limit: int, after_id: int | None = None) -> list[Message]:
+        """The newest `limit` visible messages after the forget point (and after row
+        `after_id`: the turns a memory summary covers), oldest first.
 
         One bounded range scan of the (conversation_id, id) index: the cost does not grow
         with the number of messages stored. Replies with no text yet (just begun, or that
@@ -394,6 +408,8 @@ class Store:
             )
             if conversation.forget_before_id is not None:
                 query = query.where(MessageRow.id > conversation.forget_before_id)
+            if after_id is not None:
+                query = query.where(MessageRow.id > after_id)
             rows = (await session.scalars(query)).all()
         return [_to_message(row) for row in reversed(rows)]
 
@@ -404,12 +420,21 @@ class Store:
     async def delete_message(self, key: str, platform_id: str) -> bool:
         """A message deleted in Discord: its text is erased; a tombstone without text (ids
         and time) remains, so it never reaches a prompt again."""
-        return await self._update_message(key, platform_id, content="", notice=None, deleted_at=utcnow())
+        erased = await self._update_message(key, platform_id, content="", notice=None, attachments=None,
+                                            deleted_at=utcnow())
+        await self._drop_alternatives(key, platform_id)
+        await self._forget_memory_of_message(key, platform_id)
+        return erased
 
     # ---- privacy: deleting for good -----------------------------------------------------
 
-    async def forget_author(self, key: str, author_id: str) -> int:
-        """Delete every message of one person in a conversation (/forget)."""
+    async def forget_author(self, key: str, author_id: str, guild_id: str | None = None) -> int:
+        """Delete every message of one person in a conversation (/forget), and who they
+        play there (`/me`: the description for `guild_id`, by default the conversation's
+        server; "" (a DM): their global default)."""
+        await self._delete_user_personas(UserPersonaRow.user_id == author_id,
+                                         UserPersonaRow.guild_id == (self._guild_of(key) if guild_id is None
+                                                                     else guild_id))
         return await self._delete_messages(
             MessageRow.conversation_id == self._conversation_id(key), MessageRow.author_id == author_id
         )
@@ -427,7 +452,9 @@ class Store:
         return await self._delete_conversations(ConversationRow.key == key)
 
     async def purge_guild(self, guild_id: str) -> int:
-        """The bot left (or was removed from) a server: every conversation of it goes."""
+        """The bot left (or was removed from) a server: every conversation of it goes, and
+        the descriptions people set there (`/me`)."""
+        await self._delete_user_personas(UserPersonaRow.guild_id == guild_id)
         return await self._delete_conversations(ConversationRow.guild_id == guild_id)
 
     @staticmethod
@@ -435,7 +462,13 @@ class Store:
         return select(ConversationRow.id).where(ConversationRow.key == key).scalar_subquery()
 
     async def _delete_messages(self, *conditions: Any) -> int:
+        """Delete messages for good; the memory summaries of their conversations go too
+        (rebuilt without them), so no deleted word survives in one."""
+
         async def work(session: AsyncSession) -> int:
+            touched = select(MessageRow.conversation_id).where(*conditions).distinct()
+            await session.execute(update(ConversationRow).where(ConversationRow.id.in_(touched))
+                                  .values(memory=None, memory_until=None))
             return int((await session.execute(delete(MessageRow).where(*conditions))).rowcount)
 
         return await self._write(work)
@@ -474,6 +507,7 @@ class Store:
                 select(func.max(MessageRow.id)).where(MessageRow.conversation_id == conversation.id)
             )
             conversation.forget_before_id = newest
+            conversation.memory = conversation.memory_until = None
 
         await self._write(work)
 
@@ -489,8 +523,10 @@ class Store:
 
         await self._write(work)
 
-    async def save_imported_persona(self, key: str, card: dict[str, Any], filename: str, user_id: str) -> None:
-        """Store (or replace) an imported character card under `key`."""
+    async def save_imported_persona(self, key: str, card: dict[str, Any], filename: str, user_id: str,
+                                    avatar: bytes | None = None) -> None:
+        """Store (or replace) an imported character card under `key`, with its image (a PNG
+        card's bytes, at most `MAX_AVATAR_BYTES`, else none)."""
 
         async def work(session: AsyncSession) -> None:
             row = await session.scalar(select(ImportedPersonaRow).where(ImportedPersonaRow.key == key))
@@ -498,6 +534,7 @@ class Store:
                 row = ImportedPersonaRow(key=key)
                 session.add(row)
             row.card, row.filename, row.imported_by = json.dumps(card), filename[:200], user_id
+            row.avatar = avatar if avatar is not None and len(avatar) <= MAX_AVATAR_BYTES else None
 
         await self._write(work)
 
@@ -515,7 +552,8 @@ class Store:
     # ---- replies: their lifecycle (bot.reply_stream drives it) -------------------------
 
     async def begin_reply(
-        self, key: str, *, author_id: str, author_name: str, reply_to: str | None, requester_id: str | None
+        self, key: str, *, author_id: str, author_name: str, reply_to: str | None, requester_id: str | None,
+        persona: str | None = None,
     ) -> int:
         """A new reply, `streaming`, with no text yet; its row id."""
 
@@ -524,7 +562,7 @@ class Store:
             row = MessageRow(
                 conversation_id=conversation.id, author_id=author_id, author_name=author_name, is_bot=True,
                 content="", created_at=utcnow(), reply_status=STREAMING, reply_to=reply_to,
-                requester_id=requester_id, part_ids="[]", undelivered=False,
+                requester_id=requester_id, part_ids="[]", undelivered=False, persona=persona,
             )
             session.add(row)
             await session.flush()
@@ -533,10 +571,15 @@ class Store:
         return await self._write(work)
 
     async def restart_reply(self, reply_id: int, author_name: str) -> None:
-        """Regenerate: the reply streams again from nothing, in the same Discord parts."""
-        await self._update_reply(
-            reply_id, content="", reply_status=STREAMING, notice=None, author_name=author_name, deleted_at=None
-        )
+        """Regenerate: the reply streams again from nothing, in the same Discord parts; the
+        text it showed is kept as an alternative first, in the same transaction (swipes)."""
+
+        async def work(session: AsyncSession) -> None:
+            await self._keep_alternative(session, reply_id)
+            await session.execute(update(MessageRow).where(MessageRow.id == reply_id).values(
+                content="", reply_status=STREAMING, notice=None, author_name=author_name, deleted_at=None))
+
+        await self._write(work)
 
     async def update_reply(self, reply_id: int, content: str, part_ids: Sequence[str]) -> None:
         """What Discord shows now: the model's text so far, in these parts."""
@@ -720,3 +763,346 @@ class Store:
                 .order_by(MessageRow.id).limit(limit)
             )).all()
         return [(row.id, _to_message(row), row.reply_status, row.persona) for row in rows]
+
+    # ---- swipes: a reply's alternatives, Continue (rules in bot.swipes) ------------------
+
+    async def swipe_view(self, reply_id: int) -> SwipeView:
+        """The alternatives of a reply, as the buttons show them."""
+        async with self._sessions() as session:
+            shown = await session.scalar(select(MessageRow.swipe).where(MessageRow.id == reply_id))
+            saved = await session.scalars(
+                select(ReplyAlternativeRow.position).where(ReplyAlternativeRow.message_id == reply_id))
+            return SwipeView.of(list(saved), shown)
+
+    async def alternatives(self, reply_id: int) -> list[str]:
+        """The texts of a reply's alternatives in order, the shown one as it is now."""
+        async with self._sessions() as session:
+            row = await session.get(MessageRow, reply_id)
+            if row is None:
+                return []
+            saved = {a.position: a.content for a in await session.scalars(
+                select(ReplyAlternativeRow).where(ReplyAlternativeRow.message_id == reply_id))}
+        view = SwipeView.of(list(saved), row.swipe)
+        return [row.content if position == view.shown else saved[position] for position in view.positions]
+
+    async def swipe_reply(self, reply_id: int, step: int) -> tuple[StoredReply, SwipeView] | None:
+        """Show the alternative `step` (-1, +1) away: the shown text is saved at its position
+        first, then it becomes the reply's content (the one in history), final and to be
+        delivered. None past either end (or no such reply)."""
+
+        async def work(session: AsyncSession) -> tuple[StoredReply, SwipeView] | None:
+            found = (await session.execute(
+                select(MessageRow, ConversationRow.key)
+                .join(ConversationRow, ConversationRow.id == MessageRow.conversation_id)
+                .where(MessageRow.id == reply_id)
+            )).first()
+            if found is None:
+                return None
+            row, key = found
+            saved = {a.position: a for a in await session.scalars(
+                select(ReplyAlternativeRow).where(ReplyAlternativeRow.message_id == reply_id))}
+            view = SwipeView.of(list(saved), row.swipe)
+            target = view.neighbour(step)
+            if target is None:
+                return None
+            positions = view.positions
+            if row.content.strip():
+                await self._save_alternative(session, row, view.shown, saved.get(view.shown))
+            else:  # a try that wrote nothing is not kept as an alternative
+                await session.execute(delete(ReplyAlternativeRow).where(
+                    ReplyAlternativeRow.message_id == reply_id, ReplyAlternativeRow.position == view.shown))
+                positions = tuple(p for p in positions if p != view.shown)
+            row.content, row.swipe = saved[target].content, target
+            row.reply_status, row.notice, row.undelivered = DONE, None, True
+            await session.flush()
+            return _to_reply(row, key), SwipeView(positions, target)
+
+        return await self._write(work)
+
+    async def latest_reply(self, key: str) -> StoredReply | None:
+        """The conversation's newest reply of the bot that is not deleted (the only one
+        that can be swiped or continued)."""
+        async with self._sessions() as session:
+            row = await session.scalar(
+                select(MessageRow).where(MessageRow.conversation_id == self._conversation_id(key),
+                                         MessageRow.reply_status.is_not(None), MessageRow.deleted_at.is_(None))
+                .order_by(MessageRow.id.desc()).limit(1)
+            )
+        return _to_reply(row, key) if row else None
+
+    async def resume_reply(self, reply_id: int) -> None:
+        """Continue: the reply streams again, its text kept, more to be added after it."""
+        await self._update_reply(reply_id, reply_status=STREAMING, notice=None)
+
+    async def _keep_alternative(self, session: AsyncSession, reply_id: int) -> None:
+        """Regenerate: save the shown text as an alternative (within the limit) and make
+        the position of the one about to be written the shown one."""
+        row = await session.get(MessageRow, reply_id)
+        if row is None:
+            return
+        saved = {a.position: a for a in await session.scalars(
+            select(ReplyAlternativeRow).where(ReplyAlternativeRow.message_id == reply_id))}
+        plan = plan_regeneration(SwipeView.of(list(saved), row.swipe), row.content)
+        if plan.save_at is not None:
+            await self._save_alternative(session, row, plan.save_at, saved.get(plan.save_at))
+        if plan.drop:
+            await session.execute(delete(ReplyAlternativeRow).where(
+                ReplyAlternativeRow.message_id == reply_id, ReplyAlternativeRow.position.in_(plan.drop)))
+        row.swipe = plan.new_position
+
+    @staticmethod
+    async def _save_alternative(session: AsyncSession, row: MessageRow, position: int,
+                                existing: ReplyAlternativeRow | None) -> None:
+        if existing is not None:
+            existing.content = row.content
+        else:
+            session.add(ReplyAlternativeRow(message_id=row.id, position=position, content=row.content,
+                                            created_at=utcnow()))
+            await session.flush()
+
+    async def _drop_alternatives(self, key: str, platform_id: str) -> None:
+        """A reply deleted in Discord: its alternatives are erased with its text."""
+
+        async def work(session: AsyncSession) -> None:
+            ids = select(MessageRow.id).where(MessageRow.conversation_id == self._conversation_id(key),
+                                              MessageRow.platform_id == platform_id).scalar_subquery()
+            await session.execute(delete(ReplyAlternativeRow).where(ReplyAlternativeRow.message_id.in_(ids)))
+
+        await self._write(work)
+
+    # ---- people: user personas (/me), attachments, when to speak ------------------------
+
+    async def set_user_persona(self, user_id: str, guild_id: str, description: str) -> None:
+        """Who a person plays in a server (`guild_id` "": everywhere, their default)."""
+
+        async def work(session: AsyncSession) -> None:
+            await session.execute(
+                self._insert(UserPersonaRow)
+                .values(user_id=user_id, guild_id=guild_id, description=description, updated_at=utcnow())
+                .on_conflict_do_update(index_elements=["user_id", "guild_id"],
+                                       set_={"description": description, "updated_at": utcnow()})
+            )
+
+        await self._write(work)
+
+    async def user_persona(self, user_id: str, guild_id: str) -> tuple[str, str] | None:
+        """The description that applies to a person in a server (theirs there, else their
+        default) and the guild id it was set for ("" for the default); None if neither."""
+        async with self._sessions() as session:
+            rows = (await session.scalars(
+                select(UserPersonaRow).where(UserPersonaRow.user_id == user_id,
+                                             UserPersonaRow.guild_id.in_({guild_id, ""}))
+            )).all()
+        row = min(rows, key=lambda r: r.guild_id == "", default=None)  # the server's first
+        return (row.description, row.guild_id) if row else None
+
+    async def clear_user_persona(self, user_id: str, guild_id: str) -> bool:
+        """Delete a person's description for a server ("" : their default); False if none."""
+        return bool(await self._delete_user_personas(UserPersonaRow.user_id == user_id,
+                                                     UserPersonaRow.guild_id == guild_id))
+
+    async def user_personas_in(self, key: str, user_ids: Sequence[str]) -> dict[str, str]:
+        """user id → the description that applies in this conversation's server (or, in a
+        DM, the default), for the people asked about who have one."""
+        if not user_ids:
+            return {}
+        async with self._sessions() as session:
+            rows = (await session.scalars(
+                select(UserPersonaRow).where(UserPersonaRow.user_id.in_(set(user_ids)),
+                                             UserPersonaRow.guild_id.in_([self._guild_of(key), ""]))
+            )).all()
+        chosen: dict[str, str] = {}
+        for row in sorted(rows, key=lambda r: r.guild_id != ""):  # defaults, then the server's
+            chosen[row.user_id] = row.description
+        return chosen
+
+    async def set_attachments(self, key: str, platform_id: str, text: str) -> bool:
+        """What was read from a stored message's attached files; False if it is not stored."""
+        return await self._update_message(key, platform_id, attachments=text or None)
+
+    async def set_speaking(self, key: str, reply_chance: int, follow_up_seconds: int, name_trigger: bool) -> None:
+        """When the bot speaks unaddressed in a channel (`/channel speak`)."""
+
+        async def work(session: AsyncSession) -> None:
+            row = await self._conversation(session, key)
+            row.reply_chance, row.follow_up_seconds, row.name_trigger = reply_chance, follow_up_seconds, name_trigger
+
+        await self._write(work)
+
+    @staticmethod
+    def _guild_of(key: str) -> Any:
+        """The conversation's server id ("" for a DM), as a subquery."""
+        return (select(func.coalesce(ConversationRow.guild_id, ""))
+                .where(ConversationRow.key == key).scalar_subquery())
+
+    async def _delete_user_personas(self, *conditions: Any) -> int:
+        async def work(session: AsyncSession) -> int:
+            return int((await session.execute(delete(UserPersonaRow).where(*conditions))).rowcount)
+
+        return await self._write(work)
+
+    # ---- scenes: several characters in a channel (rules in bot.scenes) -------------------
+
+    async def scene(self, key: str) -> tuple[list[str], str | None]:
+        """A conversation's scene: its characters' persona keys in listed order, and its
+        strategy (None: the default)."""
+        async with self._sessions() as session:
+            conversation = await session.scalar(select(ConversationRow).where(ConversationRow.key == key))
+            if conversation is None:
+                return [], None
+            members = await session.scalars(
+                select(SceneMemberRow.persona).where(SceneMemberRow.conversation_id == conversation.id)
+                .order_by(SceneMemberRow.position, SceneMemberRow.id)
+            )
+            return list(members), conversation.scene_strategy
+
+    async def add_scene_member(self, key: str, persona: str, guild_id: str | None, limit: int) -> bool:
+        """Add a character at the end of the scene; False if it is there already or the
+        scene has `limit` characters."""
+
+        async def work(session: AsyncSession) -> bool:
+            conversation = await self._conversation(session, key, guild_id=guild_id)
+            members = (await session.scalars(
+                select(SceneMemberRow).where(SceneMemberRow.conversation_id == conversation.id))).all()
+            if len(members) >= limit or any(m.persona == persona for m in members):
+                return False
+            position = max((m.position for m in members), default=-1) + 1
+            session.add(SceneMemberRow(conversation_id=conversation.id, persona=persona, position=position))
+            return True
+
+        return await self._write(work)
+
+    async def remove_scene_member(self, key: str, persona: str) -> bool:
+        async def work(session: AsyncSession) -> bool:
+            result = await session.execute(delete(SceneMemberRow).where(
+                SceneMemberRow.conversation_id == self._conversation_id(key), SceneMemberRow.persona == persona))
+            return bool(result.rowcount)
+
+        return await self._write(work)
+
+    async def set_scene_strategy(self, key: str, strategy: str, guild_id: str | None = None) -> None:
+        async def work(session: AsyncSession) -> None:
+            (await self._conversation(session, key, guild_id=guild_id)).scene_strategy = strategy
+
+        await self._write(work)
+
+    async def scene_speakers(self, key: str, limit: int = 50) -> list[str]:
+        """The characters of the newest `limit` replies that named one, oldest first."""
+        async with self._sessions() as session:
+            personas = await session.scalars(
+                select(MessageRow.persona)
+                .where(MessageRow.conversation_id == self._conversation_id(key), MessageRow.is_bot,
+                       MessageRow.persona.is_not(None), MessageRow.deleted_at.is_(None))
+                .order_by(MessageRow.id.desc()).limit(limit)
+            )
+            return [p for p in reversed(list(personas)) if p]
+
+    async def part_persona(self, key: str, platform_id: str) -> str | None:
+        """The character that spoke in the reply with this Discord part (None: none, or not a reply)."""
+        async with self._sessions() as session:
+            return await session.scalar(
+                select(MessageRow.persona)
+                .where(MessageRow.conversation_id == self._conversation_id(key), MessageRow.is_bot,
+                       or_(MessageRow.platform_id == platform_id, MessageRow.part_ids.contains(f'"{platform_id}"')))
+                .limit(1)
+            )
+
+    async def imported_avatar(self, key: str) -> bytes | None:
+        """The image of an imported PNG card (None for JSON cards and shipped personas)."""
+        async with self._sessions() as session:
+            return await session.scalar(select(ImportedPersonaRow.avatar).where(ImportedPersonaRow.key == key))
+
+    # ---- memory and author's note (bot.memory, bot.author_note) --------------------------
+
+    async def prompt_extras(self, key: str) -> tuple[MemoryState, AuthorNote, int]:
+        """The conversation's memory summary, its author's note, and how many messages people
+        wrote in it since the forget point (counted only when the note's frequency needs it)."""
+        async with self._sessions() as session:
+            row = await session.scalar(select(ConversationRow).where(ConversationRow.key == key))
+            if row is None:
+                return MemoryState(), AuthorNote(), 0
+            note = AuthorNote(row.author_note or "",
+                              DEFAULT_NOTE_DEPTH if row.author_note_depth is None else row.author_note_depth,
+                              DEFAULT_NOTE_EVERY if row.author_note_every is None else row.author_note_every)
+            turns = 0
+            if note.text and note.every > 1:
+                turns = await session.scalar(
+                    select(func.count(MessageRow.id)).where(
+                        MessageRow.conversation_id == row.id, MessageRow.is_bot.is_(False),
+                        MessageRow.deleted_at.is_(None), MessageRow.id > (row.forget_before_id or 0))
+                ) or 0
+        return MemoryState(row.memory or "", row.memory_until), note, turns
+
+    @staticmethod
+    def _visible_after(conversation: ConversationRow, after_id: int | None) -> list[Any]:
+        return [MessageRow.conversation_id == conversation.id, MessageRow.deleted_at.is_(None),
+                not_(and_(MessageRow.is_bot, MessageRow.content == "")),
+                MessageRow.id > max(after_id or 0, conversation.forget_before_id or 0)]
+
+    async def memory_rows(self, key: str, keep: int, limit: int) -> tuple[MemoryState, list[tuple[int, Message]]]:
+        """The memory now, and the visible messages it does not cover yet, except the newest
+        `keep`: the newest `limit` of those, oldest first, with their row ids."""
+        async with self._sessions() as session:
+            row = await session.scalar(select(ConversationRow).where(ConversationRow.key == key))
+            if row is None:
+                return MemoryState(), []
+            rows = (await session.scalars(
+                select(MessageRow).where(*self._visible_after(row, row.memory_until))
+                .order_by(MessageRow.id.desc()).offset(keep).limit(limit)
+            )).all()
+        return MemoryState(row.memory or "", row.memory_until), [(r.id, _to_message(r)) for r in reversed(rows)]
+
+    async def save_memory(
+        self, key: str, summary: str, *, since: int | None, first: int, until: int, covered: int
+    ) -> bool:
+        """Store a summary (covering everything up to row `until`) made from the `covered`
+        visible messages from row `first` to `until`, unless meanwhile the memory changed
+        (cleared, /reset, another summary; it covered up to `since`) or one of those messages
+        was deleted or forgotten. Whether it was stored."""
+
+        async def work(session: AsyncSession) -> bool:
+            row = await session.scalar(select(ConversationRow).where(ConversationRow.key == key))
+            if row is None or row.memory_until != since:
+                return False
+            still = await session.scalar(select(func.count(MessageRow.id)).where(
+                *self._visible_after(row, first - 1), MessageRow.id <= until))
+            if still != covered:
+                return False
+            row.memory, row.memory_until = summary, until
+            return True
+
+        return await self._write(work)
+
+    async def clear_memory(self, key: str) -> bool:
+        """Drop the summary (/memory clear); it is rebuilt when the history overflows again.
+        Whether there was one."""
+
+        async def work(session: AsyncSession) -> bool:
+            result = await session.execute(
+                update(ConversationRow).where(ConversationRow.key == key, ConversationRow.memory.is_not(None))
+                .values(memory=None, memory_until=None))
+            return bool(result.rowcount)
+
+        return await self._write(work)
+
+    async def _forget_memory_of_message(self, key: str, platform_id: str) -> None:
+        """A message deleted in Discord that the summary covers: the summary goes."""
+
+        async def work(session: AsyncSession) -> None:
+            covered = select(MessageRow.id).where(
+                MessageRow.conversation_id == ConversationRow.id, MessageRow.platform_id == platform_id,
+                MessageRow.id <= ConversationRow.memory_until).exists()
+            await session.execute(update(ConversationRow).where(ConversationRow.key == key, covered)
+                                  .values(memory=None, memory_until=None))
+
+        await self._write(work)
+
+    async def set_author_note(self, key: str, note: AuthorNote, is_dm: bool = False, guild_id: str | None = None) -> None:
+        """Set (or, with empty text, remove) the conversation's author's note."""
+
+        async def work(session: AsyncSession) -> None:
+            row = await self._conversation(session, key, is_dm, guild_id)
+            row.author_note = note.text or None
+            row.author_note_depth, row.author_note_every = note.depth, note.every
+
+        await self._write(work)

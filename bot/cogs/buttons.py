@@ -1,7 +1,8 @@
-"""The buttons under a reply: Stop while it is written, Regenerate once it is final.
+"""The buttons under a reply: Stop while it is written; once it is final, Regenerate and
+Continue, and, when it has several alternatives, ◀ 2/3 ▶ to page through them (swipes).
 
 They are DynamicItems whose custom id carries the asker's id, so they keep working after a
-restart; their clicks go to the Chat cog.
+restart; Stop and Regenerate go to the Chat cog, the others to the Swipes cog.
 """
 
 from __future__ import annotations
@@ -11,8 +12,11 @@ from typing import TYPE_CHECKING
 
 import discord
 
+from bot.swipes import SwipeView
+
 if TYPE_CHECKING:
     from bot.cogs.chat import Chat
+    from bot.cogs.swipes import Swipes
 
 
 class StopButton(discord.ui.DynamicItem[discord.ui.Button], template=r"hermes:stop:(?P<user>\d+)"):
@@ -60,6 +64,60 @@ class RegenerateButton(discord.ui.DynamicItem[discord.ui.Button], template=r"her
         await _chat_cog(interaction).regenerate(interaction, self.requester_id)
 
 
+class SwipeButton(discord.ui.DynamicItem[discord.ui.Button], template=r"hermes:swipe:(?P<way>prev|next):(?P<user>\d+)"):
+    """Shows the previous or the next alternative of the reply."""
+
+    def __init__(self, requester_id: int, way: str, disabled: bool = False) -> None:
+        super().__init__(
+            discord.ui.Button(
+                label="◀" if way == "prev" else "▶",
+                style=discord.ButtonStyle.secondary,
+                custom_id=f"hermes:swipe:{way}:{requester_id}",
+                disabled=disabled,
+            )
+        )
+        self.requester_id = requester_id
+        self.way = way
+
+    @classmethod
+    async def from_custom_id(
+        cls, interaction: discord.Interaction, item: discord.ui.Button, match: re.Match[str], /
+    ) -> SwipeButton:
+        return cls(int(match["user"]), match["way"])
+
+    async def callback(self, interaction: discord.Interaction) -> None:
+        await _swipes_cog(interaction).swipe(interaction, self.requester_id, -1 if self.way == "prev" else 1)
+
+
+class ContinueButton(discord.ui.DynamicItem[discord.ui.Button], template=r"hermes:continue:(?P<user>\d+)"):
+    """Has the model write on after the reply's text."""
+
+    def __init__(self, requester_id: int) -> None:
+        super().__init__(
+            discord.ui.Button(
+                label="Continue", style=discord.ButtonStyle.secondary, custom_id=f"hermes:continue:{requester_id}"
+            )
+        )
+        self.requester_id = requester_id
+
+    @classmethod
+    async def from_custom_id(
+        cls, interaction: discord.Interaction, item: discord.ui.Button, match: re.Match[str], /
+    ) -> ContinueButton:
+        return cls(int(match["user"]))
+
+    async def callback(self, interaction: discord.Interaction) -> None:
+        await _swipes_cog(interaction).continue_reply(interaction, self.requester_id)
+
+
+def _swipes_cog(interaction: discord.Interaction) -> Swipes:
+    from bot.cogs.swipes import Swipes
+
+    cog = interaction.client.get_cog("Swipes")  # type: ignore[attr-defined]
+    assert isinstance(cog, Swipes)
+    return cog
+
+
 def _chat_cog(interaction: discord.Interaction) -> Chat:
     from bot.cogs.chat import Chat
 
@@ -68,10 +126,18 @@ def _chat_cog(interaction: discord.Interaction) -> Chat:
     return cog
 
 
-def controls(requester_id: int, running: bool) -> discord.ui.View:
-    """Stop and a disabled Regenerate while the reply is written; then Regenerate alone."""
+def controls(requester_id: int, running: bool, swipes: SwipeView | None = None) -> discord.ui.View:
+    """Stop and a disabled Regenerate while the reply is written; then ◀ n/m ▶ (with
+    several alternatives), Regenerate and Continue."""
     view = discord.ui.View(timeout=None)
     if running:
         view.add_item(StopButton(requester_id))
-    view.add_item(RegenerateButton(requester_id, disabled=running))
+        view.add_item(RegenerateButton(requester_id, disabled=True))
+        return view
+    if swipes is not None and swipes.count > 1:
+        view.add_item(SwipeButton(requester_id, "prev", disabled=swipes.rank == 1))
+        view.add_item(discord.ui.Button(label=swipes.label, disabled=True, custom_id=f"hermes:swipes:{requester_id}"))
+        view.add_item(SwipeButton(requester_id, "next", disabled=swipes.rank == swipes.count))
+    view.add_item(RegenerateButton(requester_id))
+    view.add_item(ContinueButton(requester_id))
     return view

@@ -72,7 +72,7 @@ async def test_sigterm_with_eight_replies_in_flight(
     for channel in channels:
         reply = stored[channel][-1]
         shown = d.messages[int(reply.part_ids[0])]
-        assert components(d, int(reply.part_ids[0])) == ["Regenerate"]
+        assert components(d, int(reply.part_ids[0])) == ["Regenerate", "Continue"]
         if reply.status == "interrupted":
             assert "interrupted" in shown["content"] and "interrupted" not in reply.content
 
@@ -98,7 +98,7 @@ async def test_kill_9_mid_reply_then_start_again(
 
         await bot.start_and_wait(d, timeout=180)
         # The cut reply: final in Discord (Stop gone, Regenerate live, marked interrupted).
-        await wait_for(lambda: components(d, reply_id) == ["Regenerate"], timeout=60)
+        await wait_for(lambda: components(d, reply_id) == ["Regenerate", "Continue"], timeout=60)
         store = await Store.open(database_url, migrate=False)
         try:
             cut = await wait_for_reply(store, d.dm, question, lambda r: not r.undelivered)
@@ -112,7 +112,7 @@ async def test_kill_9_mid_reply_then_start_again(
         # The message sent while the bot was down is back-filled and answered, once.
         answer = (await wait_for(lambda: d.replies_to(missed), timeout=120))[0]
         first_answer = time.monotonic() - killed
-        await wait_for(lambda: components(d, int(answer["id"])) == ["Regenerate"], timeout=120)
+        await wait_for(lambda: components(d, int(answer["id"])) == ["Regenerate", "Continue"], timeout=120)
         print(f"kill -9 → first answer after the restart: {first_answer:.2f} s")
 
         store = await Store.open(database_url, migrate=False)
@@ -129,7 +129,9 @@ async def test_kill_9_mid_reply_then_start_again(
                           for r in await rows(store, d.dm)):
                 assert time.monotonic() < deadline, "Regenerate did not finish"
                 await asyncio.sleep(0.2)
-            assert components(d, reply_id) == ["Regenerate"] and "interrupted" not in d.messages[reply_id]["content"]
+            # Stop gone, Regenerate live; the interrupted text is kept as the first alternative.
+            assert components(d, reply_id) == ["◀", "2/2", "▶", "Regenerate", "Continue"]
+            assert "interrupted" not in d.messages[reply_id]["content"]
             await assert_nothing_lost(d, store, {d.dm: [question, missed]}, timeout=30)
         finally:
             await store.close()

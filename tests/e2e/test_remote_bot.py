@@ -39,7 +39,7 @@ async def test_the_bot_answers_through_a_llama_server_fleet(
         question = await d.user_says(d.ann, d.dm, "Hello! Name a colour.")
         reply = (await wait_for(lambda: d.replies_to(question), timeout=60))[0]
         await wait_for(lambda: [c["label"] for row in d.messages[int(reply["id"])]["components"]
-                                for c in row["components"]] == ["Regenerate"], timeout=60)
+                                for c in row["components"]] == ["Regenerate", "Continue"], timeout=60)
         status = await d.slash(d.ann, d.dm, "status")
         await wait_for(lambda: status.response_type == 4)
         text = d.original(status)["content"]

@@ -67,8 +67,9 @@ async def test_stop_keeps_what_was_written(start_bot: StartBot) -> None:
     assert "Only the person who asked" in d.original(intruder)["content"]
     click = await d.click(d.ann, reply_id, stop_id)
     await wait_for(lambda: click.response_type == 6)
-    # The final edit drops Stop and keeps Regenerate; the text is cut short, not lost.
-    await wait_for(lambda: [c["label"] for row in d.messages[reply_id]["components"] for c in row["components"]] == ["Regenerate"])
+    # The final edit drops Stop and keeps Regenerate (and Continue); the text is cut short, not lost.
+    await wait_for(lambda: [c["label"] for row in d.messages[reply_id]["components"] for c in row["components"]]
+                   == ["Regenerate", "Continue"])
     final = d.messages[reply_id]["content"]
     assert final.endswith("\n\n*(stopped)*"), "people see that the reply was stopped"
     written = final.removesuffix("\n\n*(stopped)*")

@@ -1,0 +1,148 @@
+"""Swipes (◀ ▶ through a reply's alternatives, Regenerate adds one) and Continue (a button
+and /continue), through real discord.py against the Discord stand-in."""
+
+from __future__ import annotations
+
+from tests.e2e.conftest import Harness, StartBot
+from tests.e2e.fake_discord import FakeDiscord, User, wait_for
+from tests.e2e.nothing_lost import assert_nothing_lost
+from tests.e2e.test_conversations import stored
+
+FINAL = ["Regenerate", "Continue"]
+
+
+def labels(d: FakeDiscord, message_id: int) -> list[str]:
+    return [c["label"] for row in d.messages[message_id]["components"] for c in row["components"]]
+
+
+def disabled(d: FakeDiscord, message_id: int) -> list[str]:
+    return [c["label"] for row in d.messages[message_id]["components"] for c in row["components"]
+            if c.get("disabled")]
+
+
+async def stored_reply(h: Harness, channel_id: int):  # type: ignore[no-untyped-def]
+    reply = await h.store.latest_reply(f"discord:{channel_id}")
+    assert reply is not None
+    return reply
+
+
+async def ask(h: Harness, text: str, answer: str) -> tuple[int, int]:
+    """Ann asks in her DM; the question's id and its (final) reply's id."""
+    d = h.discord
+    h.engine.say(answer)
+    question = await d.user_says(d.ann, d.dm, text)
+    reply_id = int((await wait_for(lambda: d.replies_to(question)))[0]["id"])
+    await wait_for(lambda: d.messages[reply_id]["content"] == answer and labels(d, reply_id) == FINAL)
+    return question, reply_id
+
+
+async def test_swipes_choose_the_reply_in_history_and_survive_a_restart(start_bot: StartBot) -> None:
+    h = await start_bot()
+    d = h.discord
+    question, reply_id = await ask(h, "tell me about the sea", "First answer.")
+    regen = f"hermes:regen:{d.ann.id}"
+
+    h.engine.say("Second answer.", "Third answer.")
+    await d.click(d.ann, reply_id, regen)
+    await wait_for(lambda: d.messages[reply_id]["content"] == "Second answer." and "▶" in labels(d, reply_id))
+    assert labels(d, reply_id) == ["◀", "2/2", "▶", *FINAL]
+    await d.click(d.ann, reply_id, regen)
+    await wait_for(lambda: d.messages[reply_id]["content"] == "Third answer." and "3/3" in labels(d, reply_id))
+    assert disabled(d, reply_id) == ["3/3", "▶"], "nothing after the newest"
+
+    # ◀ shows the second: in Discord, and as the stored reply (the one in history).
+    click = await d.click(d.ann, reply_id, f"hermes:swipe:prev:{d.ann.id}")
+    await wait_for(lambda: d.messages[reply_id]["content"] == "Second answer." and "2/3" in labels(d, reply_id))
+    assert click.response_type == 6
+    reply = await stored_reply(h, d.dm)
+    assert (reply.content, reply.undelivered) == ("Second answer.", False)
+    assert await h.store.alternatives(reply.id) == ["First answer.", "Second answer.", "Third answer."]
+    # Someone else may not swipe it.
+    eve = await d.click(User(999, "Eve"), reply_id, f"hermes:swipe:next:{d.ann.id}")
+    await wait_for(lambda: eve.response_type == 4)
+    assert "Only the person who asked" in d.original(eve)["content"]
+    assert d.messages[reply_id]["content"] == "Second answer."
+
+    # After a restart the buttons still work and every alternative is there.
+    await h.bot.close()
+    h = await start_bot()
+    await d.click(d.ann, reply_id, f"hermes:swipe:next:{d.ann.id}")
+    await wait_for(lambda: d.messages[reply_id]["content"] == "Third answer." and "3/3" in labels(d, reply_id))
+    await d.click(d.bob, reply_id, f"hermes:swipe:prev:{d.ann.id}")  # an admin may
+    await wait_for(lambda: d.messages[reply_id]["content"] == "Second answer." and "2/3" in labels(d, reply_id))
+    assert await h.store.alternatives(reply.id) == ["First answer.", "Second answer.", "Third answer."]
+
+    # The next prompt continues from the one shown.
+    _, newer_id = await ask(h, "and then?", "Then the tide.")
+    prompt = h.engine.prompts[-1]
+    assert "Second answer." in prompt and "Third answer." not in prompt and "First answer." not in prompt
+    # Only the latest reply can be swiped now.
+    late = await d.click(d.ann, reply_id, f"hermes:swipe:next:{d.ann.id}")
+    await wait_for(lambda: late.response_type == 4)
+    assert "Only the latest reply" in d.original(late)["content"]
+    assert d.messages[reply_id]["content"] == "Second answer."
+    history = await stored(h, d.dm, 4)
+    assert [m.content for m in history] == ["tell me about the sea", "Second answer.", "and then?", "Then the tide."]
+    await assert_nothing_lost(d, h.store, {d.dm: [question]})
+
+
+async def test_continue_extends_the_reply_and_the_next_prompt_has_all_of_it(start_bot: StartBot) -> None:
+    h = await start_bot()
+    d = h.discord
+    question, reply_id = await ask(h, "describe the sea", "The sea is wide")
+    h.engine.say(" and deep.")
+    click = await d.click(d.ann, reply_id, f"hermes:continue:{d.ann.id}")
+    await wait_for(lambda: d.messages[reply_id]["content"] == "The sea is wide and deep." and labels(d, reply_id) == FINAL)
+    assert click.response_type == 6
+    continued = h.engine.prompts[-1]
+    assert continued.endswith("### Response:\nThe sea is wide"), "the reply is left open, no new turn"
+    assert (await stored_reply(h, d.dm)).content == "The sea is wide and deep."
+
+    # /continue works on the latest reply too.
+    h.engine.say(" Ships sail on it.")
+    command = await d.slash(d.ann, d.dm, "continue")
+    await wait_for(lambda: command.response_type == 4)
+    await wait_for(lambda: d.messages[reply_id]["content"] == "The sea is wide and deep. Ships sail on it.")
+    _, _ = await ask(h, "and the sky?", "Blue.")
+    assert "The sea is wide and deep. Ships sail on it.\n" in h.engine.prompts[-1]
+    assert len(await stored(h, d.dm, 4)) == 4, "one reply, continued in place"
+    late = await d.click(d.ann, reply_id, f"hermes:continue:{d.ann.id}")
+    await wait_for(lambda: late.response_type == 4)
+    assert "Only the latest reply" in d.original(late)["content"]
+    await assert_nothing_lost(d, h.store, {d.dm: [question]})
+
+
+async def test_a_continuation_past_2000_characters_adds_a_part(start_bot: StartBot) -> None:
+    h = await start_bot()
+    h.engine.delay = 0.0
+    d = h.discord
+    first = "word " * 380
+    question, reply_id = await ask(h, "write a lot", first.strip())
+    h.engine.say(" more" * 60)
+    await d.click(d.ann, reply_id, f"hermes:continue:{d.ann.id}")
+    await wait_for(lambda: len(d.bot_messages(d.dm)) == 2 and labels(d, reply_id) == FINAL)
+    reply = await stored_reply(h, d.dm)
+    assert reply.content == (first + "more " * 60).strip()
+    assert len(reply.part_ids) == 2 and int(reply.part_ids[0]) == reply_id
+    shown = "".join(d.messages[int(p)]["content"] for p in reply.part_ids)
+    assert shown.count("more") == 60 and shown.count("word") == 380
+    await assert_nothing_lost(d, h.store, {d.dm: [question]})
+
+
+async def test_stop_during_continue_keeps_the_text(start_bot: StartBot) -> None:
+    h = await start_bot()
+    d = h.discord
+    question, reply_id = await ask(h, "a story", "Once upon a time")
+    h.engine.delay = 0.05
+    h.engine.say(" " + " ".join(f"then{i}" for i in range(200)))
+    await d.click(d.ann, reply_id, f"hermes:continue:{d.ann.id}")
+    await wait_for(lambda: "Stop" in labels(d, reply_id) and "then3" in d.messages[reply_id]["content"])
+    stop = await d.click(d.ann, reply_id, f"hermes:stop:{d.ann.id}")
+    await wait_for(lambda: stop.response_type == 6)
+    await wait_for(lambda: labels(d, reply_id) == FINAL)
+    shown = d.messages[reply_id]["content"]
+    assert shown.startswith("Once upon a time then0") and shown.endswith("\n\n*(stopped)*")
+    reply = await stored_reply(h, d.dm)
+    assert reply.status == "stopped" and reply.content == shown.removesuffix("\n\n*(stopped)*")
+    assert "then199" not in reply.content
+    await assert_nothing_lost(d, h.store, {d.dm: [question]})
