@@ -138,6 +138,9 @@ class Settings(BaseSettings):
     kv_ram_cache_mb: int | None = _integer(None, 0)
     max_queue: int = _integer(32, 1)
     history_limit: int = _integer(200, 1)
+    # Long memory: the turns that no longer fit are summarized in at most this many words
+    # (bot.memory, built in the background); 0 = no memory.
+    memory_summary_words: int = _integer(200, 0)
     reply_to_bots: bool = _setting(False, "true or false")
     log_level: Literal["DEBUG", "INFO", "WARNING", "ERROR", "CRITICAL"] = _setting(
         "INFO", f"one of {', '.join(LOG_LEVELS)} (any case)"

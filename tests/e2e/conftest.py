@@ -50,6 +50,9 @@ def e2e_settings(server: FakeDiscord, database_url: str, models_dir: Path, **ext
             "MODELS_DIR": str(models_dir),
             "MAX_NEW_TOKENS": "64",
             "N_CTX": "2048",
+            # Summaries would take scripted replies meant for the chat (tests/e2e/test_memory.py
+            # switches memory on).
+            "MEMORY_SUMMARY_WORDS": "0",
             **extra,
         },
         dotenv_path=None,
