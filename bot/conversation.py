@@ -24,6 +24,7 @@ class Message:
     is_bot: bool = False
     platform_id: str | None = None
     created_at: datetime = field(default_factory=utcnow)
+    attachments: str = ""  # text read from attached files, and notes on the ones not read
 
 
 @dataclass(frozen=True)
@@ -35,6 +36,10 @@ class ConversationState:
     enabled: bool = False
     known: bool = False  # the conversation has been stored before
     is_dm: bool = False
+    # When to speak, for messages that do not address the bot (/channel speak).
+    reply_chance: int = 0  # percent
+    follow_up_seconds: int = 0
+    name_trigger: bool = False
 
 
 # A reply's life: streaming while the model writes, then one final state.

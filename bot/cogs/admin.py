@@ -76,7 +76,7 @@ class Admin(commands.Cog):
             deleted = await store.forget_conversation(key)
             await interaction.response.send_message(f"Deleted this conversation's history ({deleted} messages).")
             return
-        deleted = await store.forget_author(key, str(interaction.user.id))
+        deleted = await store.forget_author(key, str(interaction.user.id), str(interaction.guild_id or ""))
         await interaction.response.send_message(f"Deleted your {deleted} messages here.", ephemeral=True)
 
     @app_commands.command(name="status", description="The model, its context, the queue and speed")
@@ -113,6 +113,35 @@ class Admin(commands.Cog):
         await self.bot.responder.store.set_enabled(conversation_key(interaction.channel_id or 0), enabled)
         await interaction.response.send_message(
             "I will answer every message here." if enabled else "I will only answer mentions and replies here."
+        )
+
+    @channel.command(name="speak", description="When I speak to messages that do not address me (no option: show)")
+    @app_commands.describe(chance="percent of such messages answered at random (0: none)",
+                           follow_up="seconds after I answered someone in which their next message is answered",
+                           name="answer messages that say my persona's name")
+    async def channel_speak(self, interaction: discord.Interaction, chance: app_commands.Range[int, 0, 100] | None = None,
+                            follow_up: app_commands.Range[int, 0, 3600] | None = None, name: bool | None = None) -> None:
+        key = conversation_key(interaction.channel_id or 0)
+        store = self.bot.responder.store
+        state = await store.state(key)
+        changing = (chance, follow_up, name) != (None, None, None)
+        if changing and not interaction_may_manage(interaction, self.bot.settings.admin_user_ids):
+            await interaction.response.send_message(
+                "You need the Manage Channels permission (or bot admin rights) for this.", ephemeral=True
+            )
+            return
+        rules = (state.reply_chance if chance is None else chance,
+                 state.follow_up_seconds if follow_up is None else follow_up,
+                 state.name_trigger if name is None else name)
+        if changing:
+            await store.set_speaking(key, *rules)
+        persona = self.bot.responder.persona(state.persona).name
+        await interaction.response.send_message(
+            ("Saved. " if changing else "") + f"Besides mentions and replies, I answer here: {rules[0]} % of messages "
+            f"at random; for {rules[1]} s after I answered someone, their next message; "
+            + (f"messages that say “{persona}”." if rules[2] else "not messages just for saying my name.")
+            + (" (Every message is answered here anyway: `/channel enable` is on.)" if state.enabled else ""),
+            ephemeral=not changing,
         )
 
     @channel.command(name="training-export", description="Let this channel's chats become training data (or not)")

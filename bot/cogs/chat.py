@@ -13,6 +13,7 @@ from __future__ import annotations
 
 import asyncio
 import logging
+import random
 import time
 import weakref
 from typing import TYPE_CHECKING
@@ -22,10 +23,11 @@ from discord.ext import commands
 
 from bot.answering import Answerer, Question
 from bot.channel_queue import ChannelQueue
-from bot.cogs.edge import guild_id_of, interaction_is_admin, to_incoming, to_message
+from bot.attachments import MAX_FILE_BYTES, MAX_FILES, unread
+from bot.cogs.edge import attachments_of, guild_id_of, interaction_is_admin, read_attachments, to_incoming, to_message
 from bot.delivery import retried
 from bot.fair_use import ChatGate
-from bot.policy import conversation_key, should_reply, should_store
+from bot.policy import FollowUps, Speaking, conversation_key, should_reply, should_store, speaks_unaddressed
 from bot.recovery import Recovery
 from bot.reply_stream import NO_PINGS
 from bot.retention import purge_forever
@@ -51,6 +53,8 @@ class Chat(commands.Cog):
         # Messages of a channel are handled in the order Discord sent them (discord.py runs
         # each listener as its own task; without this, storing could reorder them).
         self._arrivals: weakref.WeakValueDictionary[int, asyncio.Lock] = weakref.WeakValueDictionary()
+        self.follow_ups = FollowUps()  # whom the bot last answered per channel (/channel speak)
+        self.chance = random.random
 
     def _answerer(self) -> Answerer:
         if self.answerer is None:
@@ -82,7 +86,15 @@ class Chat(commands.Cog):
             state = await self.store.state(key)
             incoming = to_incoming(message, me, state.enabled)
             reply_to_bots = self.bot.settings.reply_to_bots
-            if should_store(incoming, reply_to_bots):
+            answering = should_reply(incoming, reply_to_bots) or bool(speaks_unaddressed(
+                incoming, message.content,
+                Speaking(state.reply_chance, state.follow_up_seconds, state.name_trigger),
+                self.bot.responder.persona(state.persona).name,
+                self.follow_ups.within(message.channel.id, message.author.id, time.monotonic(),
+                                       state.follow_up_seconds),
+                self.chance, reply_to_bots))
+            stored = should_store(incoming, reply_to_bots) or answering
+            if stored:
                 guild_id = guild_id_of(message)
                 try:
                     await self.store.add_message(key, to_message(message), is_dm=incoming.is_dm,
@@ -91,11 +103,19 @@ class Chat(commands.Cog):
                     log.exception("could not store message %d in %s", message.id, key)
                     await self._notify(message, "*(I could not save your message; please send it again in a minute)*")
                     return
-        if not should_reply(incoming, reply_to_bots):
+        if stored and message.attachments:
+            try:
+                await self.store.set_attachments(key, str(message.id), await read_attachments(message))
+            except Exception:  # the message itself is stored, with a note for each file
+                log.exception("could not store the attachments of message %d in %s", message.id, key)
+        if not answering:
             return
         under_way = self.answerer.under_way_for(message.author.id) if self.answerer else 0
         verdict = self.gate.check(key, message.author.id, message.author.bot, under_way, time.monotonic())
         if verdict is None:
+            if skipped := unread(attachments_of(message)):
+                await self._notify(message, f"*(I read text files only, up to {MAX_FILE_BYTES // 1024} KiB each, "
+                                            f"{MAX_FILES} per message: {', '.join(skipped)} not read)*")
             # Outside DMs and enabled channels, the chat around the question is read from
             # Discord when answering (it is not stored).
             self.queue_answer(Question(key, message.channel.id, message.id, message.author.id,
@@ -121,7 +141,12 @@ class Chat(commands.Cog):
             log.info("%s: shutting down; the stored question is answered after the restart", question.key)
             return
         channel = channel or self.bot.get_partial_messageable(question.channel_id)
-        self.lanes.answer(question.key, lambda: self._answerer().answer(question, channel), question.message_id or 0)
+
+        async def answer() -> None:
+            await self._answerer().answer(question, channel)
+            self.follow_ups.answered(question.channel_id, question.author_id, time.monotonic())
+
+        self.lanes.answer(question.key, answer, question.message_id or 0)
 
     @commands.Cog.listener()
     async def on_raw_message_edit(self, payload: discord.RawMessageUpdateEvent) -> None:

@@ -5,15 +5,16 @@ from __future__ import annotations
 
 import discord
 
+from bot.attachments import Attachment, notes_only, read_all
 from bot.conversation import Message
 from bot.policy import Incoming, is_admin, may_manage
 
 
 def message_text(message: discord.Message) -> str:
-    """The content as people read it: mentions as @names, #channels, attachments named."""
+    """The content as people read it: mentions as @names, #channels, stickers named
+    (attachments are the `attachments` of the message)."""
     text = message.clean_content
-    extras = [f"[attachment: {a.filename}]" for a in message.attachments]
-    extras += [f"[sticker: {s.name}]" for s in message.stickers]
+    extras = [f"[sticker: {s.name}]" for s in message.stickers]
     return "\n".join(part for part in [text, *extras] if part.strip())
 
 
@@ -25,7 +26,17 @@ def to_message(message: discord.Message) -> Message:
         is_bot=message.author.bot,
         platform_id=str(message.id),
         created_at=message.created_at,
+        attachments=notes_only(attachments_of(message)),
     )
+
+
+def attachments_of(message: discord.Message) -> list[Attachment]:
+    return [Attachment(a.filename, a.size, a.content_type) for a in message.attachments]
+
+
+async def read_attachments(message: discord.Message) -> str:
+    """The message's text files read (bounded: see `bot.attachments`), notes for the rest."""
+    return await read_all(attachments_of(message), lambda index: message.attachments[index].read())
 
 
 def replies_to(message: discord.Message, user_id: int) -> bool:

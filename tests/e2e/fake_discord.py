@@ -242,6 +242,7 @@ class FakeDiscord:
         self.followups: list[dict[str, Any]] = []
         self.typing: list[int] = []
         self.attachments: dict[int, bytes] = {}
+        self.attachment_downloads: list[int] = []  # ids of attachments fetched, in order
         self.left_guilds: list[int] = []  # servers the bot left (DELETE /users/@me/guilds/{id})
         self._webhook_ids: dict[str, int] = {}
         self.webhooks: dict[int, dict[str, Any]] = {}  # channel webhooks (POST /channels/{id}/webhooks)
@@ -793,6 +794,7 @@ class FakeDiscord:
         return await request.json() if request.can_read_body else {}
 
     async def _attachment(self, request: web.Request) -> web.Response:
+        self.attachment_downloads.append(int(request.match_info["id"]))
         content = self.attachments.get(int(request.match_info["id"]))
         if content is None:
             return web.Response(status=404)
@@ -1129,9 +1131,11 @@ class FakeDiscord:
     # ---- playing users -----------------------------------------------------------------
 
     async def user_says(self, user: User, channel_id: int, content: str, reply_to: int | None = None,
-                        mention_bot: bool = False, webhook_id: int | None = None) -> int:
+                        mention_bot: bool = False, webhook_id: int | None = None,
+                        attachments: list[tuple[str, bytes, str | None]] | None = None) -> int:
         """`user` posts `content`; `mention_bot` prefixes the bot's mention as a client does.
         With `webhook_id`, a webhook named after `user` posts it (author.bot is true, no member).
+        `attachments`: files (filename, bytes, content type), served by this server's CDN route.
         The message exists even while the bot is disconnected; its event then waits for RESUME."""
         if mention_bot:
             content = f"<@{BOT_ID}> {content}"
@@ -1139,6 +1143,8 @@ class FakeDiscord:
         if reply_to is not None:
             extra = {"type": 19, "message_reference": {"message_id": str(reply_to), "channel_id": str(channel_id)},
                      "referenced_message": self.messages[reply_to]}
+        if attachments:
+            extra["attachments"] = [self._attachment_payload(*file) for file in attachments]
         message = self._message(channel_id, user, content, **extra)
         if webhook_id is not None:
             message.pop("member", None)
@@ -1149,6 +1155,13 @@ class FakeDiscord:
         self._store(message)
         await self._dispatch("MESSAGE_CREATE", message)
         return int(message["id"])
+
+    def _attachment_payload(self, filename: str, content: bytes, content_type: str | None) -> dict[str, Any]:
+        attachment_id = snowflake()
+        self.attachments[attachment_id] = content
+        url = f"{self.api_base.rsplit('/api/', 1)[0]}/attachments/{attachment_id}/{filename}"
+        payload = {"id": str(attachment_id), "filename": filename, "size": len(content), "url": url, "proxy_url": url}
+        return payload | ({"content_type": content_type} if content_type else {})
 
     async def webhook_says(self, channel_id: int, name: str, content: str, webhook_id: int | None = None) -> int:
         """A webhook called `name` (an integration, another bot's relay) posts `content`."""

@@ -1,0 +1,204 @@
+"""Text attachments as context: which files of a message are read, how their bytes become
+text, how they are stored with the message, and how much of them a prompt takes.
+
+A file is read when its name has a text extension (`TEXT_SUFFIXES`) or its content type is
+`text/*` or a textual `application/*` type, when it is at most `MAX_FILE_BYTES`, and among
+the first `MAX_FILES` of the message; nothing else is downloaded. Its bytes are decoded as
+UTF-8 (with or without a BOM), else with the encoding `charset-normalizer` detects; bytes
+that are no text in any encoding (NUL bytes, or nothing detected) are refused. Each file
+read is stored as a block ``[file notes.md]`` + its text (cut to `MAX_TEXT_CHARS`); every
+other attachment as a one-line note that says why it was not read
+(``[attachment photo.png: not read — the model reads text only]``).
+
+In the prompt a message's attachment blocks follow its text, so when the newest message
+must be cut to fit, its files are cut, never the question (`bot.prompt.build_prompt` cuts
+a message's end). `with_attachments` gives all attachments of a prompt at most a share of
+the token budget, the newest message's first.
+
+Everything here is pure (decoding is CPU work: callers run `decode` in a worker thread).
+"""
+
+from __future__ import annotations
+
+import asyncio
+import codecs
+import logging
+from collections.abc import Awaitable, Callable, Sequence
+from dataclasses import dataclass, replace
+from pathlib import PurePosixPath
+
+from charset_normalizer import from_bytes
+
+from bot.conversation import Message
+from bot.prompt import clean_name
+
+log = logging.getLogger(__name__)
+MAX_FILE_BYTES = 256 * 1024
+MAX_FILES = 4  # files read per message
+MAX_TEXT_CHARS = 100_000  # stored per file
+CUT_MARK = "\n[…cut]"
+TEXT_SUFFIXES = frozenset({
+    ".txt", ".md", ".py", ".json", ".log", ".csv", ".yaml", ".yml", ".toml", ".js", ".ts", ".c", ".cpp",
+    ".h", ".rs", ".go", ".java", ".sh", ".ini", ".cfg", ".xml", ".html", ".css", ".sql",
+})
+TEXT_APPLICATION_TYPES = frozenset({
+    "application/json", "application/xml", "application/javascript", "application/x-sh", "application/sql",
+    "application/toml", "application/yaml", "application/x-yaml",
+})
+TEXT_ONLY = "not read — the model reads text only"
+LEFT_OUT = "[attached files left out: no room in the context]"
+READ_TIMEOUT_SECONDS = 20.0
+
+
+@dataclass(frozen=True)
+class Attachment:
+    """What Discord says about an attached file, as plain data."""
+
+    filename: str
+    size: int
+    content_type: str | None = None
+
+
+def is_text(attachment: Attachment) -> bool:
+    """A text file by its extension or its content type."""
+    kind = (attachment.content_type or "").split(";")[0].strip().lower()
+    suffix = PurePosixPath(attachment.filename.lower()).suffix
+    return suffix in TEXT_SUFFIXES or kind.startswith("text/") or kind in TEXT_APPLICATION_TYPES
+
+
+def refusal(attachment: Attachment, accepted: int) -> str | None:
+    """Why this attachment is not read, `accepted` files of its message being read already;
+    None to read it."""
+    if not is_text(attachment):
+        return TEXT_ONLY
+    if attachment.size > MAX_FILE_BYTES:
+        return f"not read — {attachment.size / 1024:,.0f} KiB, over the {MAX_FILE_BYTES // 1024} KiB limit for a file"
+    if accepted >= MAX_FILES:
+        return f"not read — at most {MAX_FILES} files are read per message"
+    return None
+
+
+def plan(attachments: Sequence[Attachment]) -> list[str | None]:
+    """For each attachment of a message, why it is not read (None: it is read)."""
+    reasons: list[str | None] = []
+    for attachment in attachments:
+        reasons.append(refusal(attachment, reasons.count(None)))
+    return reasons
+
+
+def display_name(filename: str) -> str:
+    """A file name on one safe line (the prompt's rules for names)."""
+    return clean_name(filename)
+
+
+def note(attachment: Attachment, reason: str | None) -> str:
+    return f"[attachment {display_name(attachment.filename)}: {reason or 'not read'}]"
+
+
+def file_block(attachment: Attachment, text: str) -> str:
+    if len(text) > MAX_TEXT_CHARS:
+        text = text[:MAX_TEXT_CHARS] + CUT_MARK
+    return f"[file {display_name(attachment.filename)}]\n{text.strip(chr(10))}"
+
+
+def decode(data: bytes) -> str | None:
+    """The text of a file's bytes: UTF-8 (a BOM dropped), UTF-16/32 by their BOM, else the
+    encoding charset-normalizer finds; None when the bytes are not text."""
+    for bom, encoding in ((codecs.BOM_UTF32_LE, "utf-32"), (codecs.BOM_UTF32_BE, "utf-32"),
+                          (codecs.BOM_UTF8, "utf-8-sig"), (codecs.BOM_UTF16_LE, "utf-16"),
+                          (codecs.BOM_UTF16_BE, "utf-16")):
+        if data.startswith(bom):
+            try:
+                return data.decode(encoding)
+            except UnicodeDecodeError:
+                return None
+    if b"\x00" in data:
+        return None
+    try:
+        return data.decode("utf-8")
+    except UnicodeDecodeError:
+        pass
+    best = from_bytes(data).best()
+    return str(best) if best is not None else None
+
+
+def summarize(blocks: Sequence[str]) -> str:
+    """The stored attachments of one message."""
+    return "\n\n".join(blocks)
+
+
+def unread(attachments: Sequence[Attachment]) -> list[str]:
+    """The names of attachments that were not read (for the notice under a question)."""
+    return [display_name(a.filename) for a, reason in zip(attachments, plan(attachments)) if reason]
+
+
+def notes_only(attachments: Sequence[Attachment]) -> str:
+    """What is stored before (or without) reading: a note for each attachment."""
+    return summarize([note(a, reason) for a, reason in zip(attachments, plan(attachments))])
+
+
+def _cut(text: str, fits: Callable[[str], bool]) -> str:
+    """The longest prefix of `text` that, marked as cut, `fits` ("" if none)."""
+    low, high = 0, len(text)
+    while low < high:
+        mid = (low + high + 1) // 2
+        if fits(text[:mid] + CUT_MARK):
+            low = mid
+        else:
+            high = mid - 1
+    return text[:low] + CUT_MARK if low else ""
+
+
+def fit(text: str, count_tokens: Callable[[str], int], max_tokens: int, chars_per_token: int = 8) -> str:
+    """`text` whole if it takes at most `max_tokens`, else its longest prefix that does
+    (marked as cut; "" if not even a little fits). No more than `chars_per_token` characters
+    per token are ever counted, so a huge text costs no more than a fitting one."""
+    head = text[: max(0, max_tokens) * chars_per_token]
+    if head == text and count_tokens(text) <= max_tokens:
+        return text
+    return _cut(head, lambda t: count_tokens(t) <= max_tokens) if max_tokens > 0 else ""
+
+
+def with_attachments(history: Sequence[Message], count_tokens: Callable[[str], int], max_tokens: int) -> list[Message]:
+    """The history with each message's attachments after its text, all of them together
+    within `max_tokens` (the newest message's first; older ones get what is left, or a line
+    saying they were left out). Messages without attachments are returned as they are."""
+    left = max_tokens
+    merged = list(history)
+    for index in range(len(merged) - 1, -1, -1):
+        message = merged[index]
+        if not message.attachments:
+            continue
+        text = fit(message.attachments, count_tokens, left)
+        if text:
+            left -= count_tokens(text)
+        else:
+            text = LEFT_OUT
+        content = f"{message.content}\n{text}" if message.content.strip() else text
+        merged[index] = replace(message, content=content, attachments="")
+    return merged
+
+
+async def read_all(attachments: Sequence[Attachment], fetch: Callable[[int], Awaitable[bytes]],
+                   timeout: float = READ_TIMEOUT_SECONDS) -> str:
+    """The stored attachments of a message: each readable file fetched (`fetch(index)`,
+    within `timeout`), checked against the size cap again and decoded in a worker thread;
+    a note for every other one."""
+    blocks: list[str] = []
+    for index, (attachment, reason) in enumerate(zip(attachments, plan(attachments))):
+        text: str | None = None
+        if reason is None:
+            try:
+                data = await asyncio.wait_for(fetch(index), timeout)
+            except Exception as error:  # a failed download: a note, never a lost message
+                log.info("could not read attachment %s: %s", attachment.filename, error)
+                reason = "not read — the download failed"
+            else:
+                if len(data) > MAX_FILE_BYTES:
+                    reason = f"not read — over the {MAX_FILE_BYTES // 1024} KiB limit for a file"
+                else:
+                    text = await asyncio.to_thread(decode, data)
+                    if text is None:
+                        reason = "not read — it is not text"
+        blocks.append(note(attachment, reason) if text is None else file_block(attachment, text))
+    return summarize(blocks)
