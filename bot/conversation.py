@@ -63,3 +63,4 @@ class StoredReply:
     requester_id: str | None = None
     notice: str | None = None
     undelivered: bool = False
+    persona: str | None = None  # the character that spoke (a scene's), else None

@@ -170,10 +170,13 @@ class Recovery:
         channel_id = channel_of(reply.key)
         if channel_id is None:
             return None
+        channel = self.bot.get_partial_messageable(channel_id)
         return Destination(
-            self.bot.get_partial_messageable(channel_id),
+            channel,
             int(reply.reply_to) if reply.reply_to else None,
             int(reply.requester_id or 0),
+            # A scene character's reply: through its webhook.
+            self.chat.webhooks.poster(channel, channel_id, reply.persona, reply.author_name) if reply.persona else None,
         )
 
     async def backfill_all(self) -> None:
@@ -214,8 +217,8 @@ class Recovery:
         channel = self.bot.get_partial_messageable(channel_id)
         added = 0
         async for message in channel.history(after=discord.Object(after), limit=BACKFILL_LIMIT, oldest_first=True):
-            if me is not None and message.author.id == me.id:
-                continue  # the bot's own replies are stored by the reply path
+            if (me is not None and message.author.id == me.id) or self.chat.webhooks.owns(message):
+                continue  # the bot's own replies (its scene characters' too) are stored by the reply path
             if message.author.bot and not self.bot.settings.reply_to_bots:
                 continue
             added += await self.store.add_message(key, to_message(message))

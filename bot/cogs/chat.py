@@ -31,6 +31,7 @@ from bot.policy import FollowUps, Speaking, conversation_key, should_reply, shou
 from bot.recovery import Recovery
 from bot.reply_stream import NO_PINGS
 from bot.retention import purge_forever
+from bot.webhooks import WebhookDirectory
 
 if TYPE_CHECKING:
     from bot.app import HermesBot
@@ -44,6 +45,8 @@ class Chat(commands.Cog):
         self.store = bot.responder.store
         self.lanes = ChannelQueue()
         self.answerer: Answerer | None = None  # once the bot knows its own id
+        # Scene characters' webhooks (bot.webhooks): their posts are the bot's own words.
+        self.webhooks = WebhookDirectory(bot, self.store.imported_avatar, bot.settings.delivery_retry_seconds)
         self.recovery = Recovery(bot, self.store, self)
         self.accepting = True
         self._retention: asyncio.Task[None] | None = None
@@ -61,7 +64,7 @@ class Chat(commands.Cog):
             me = self.bot.user
             assert me is not None, "the bot is not logged in"
             self.answerer = Answerer(self.bot.responder, me.id, self.bot.settings.delivery_retry_seconds,
-                                     self.bot.edit_interval)
+                                     self.bot.edit_interval, self.webhooks)
         return self.answerer
 
     def is_under_way(self, reply_id: int) -> bool:
@@ -80,6 +83,8 @@ class Chat(commands.Cog):
         me = self.bot.user
         if me is None or message.author.id == me.id or not self.bot.allowed_guild(guild_id_of(message)):
             return
+        if self.webhooks.owns(message):
+            return  # a scene character's reply: stored by the reply path
         key = conversation_key(message.channel.id)
         arrival = self._arrivals.setdefault(message.channel.id, asyncio.Lock())
         async with arrival:
@@ -120,7 +125,9 @@ class Chat(commands.Cog):
             # Discord when answering (it is not stored).
             self.queue_answer(Question(key, message.channel.id, message.id, message.author.id,
                                        message.author.display_name,
-                                       read_context=not (incoming.is_dm or incoming.channel_enabled)),
+                                       read_context=not (incoming.is_dm or incoming.channel_enabled),
+                                       text=message.content,
+                                       replied_to=message.reference.message_id if message.reference else None),
                               message.channel)
         elif verdict:
             await self._notify(message, verdict)
@@ -152,6 +159,8 @@ class Chat(commands.Cog):
     async def on_raw_message_edit(self, payload: discord.RawMessageUpdateEvent) -> None:
         if "content" not in payload.data or (self.bot.user and payload.message.author.id == self.bot.user.id):
             return  # the bot's own replies are stored by the reply path
+        if self.webhooks.owns(payload.message):
+            return  # so are its scene characters'
         key = conversation_key(payload.channel_id)
         await self.store.edit_message(key, str(payload.message_id), to_message(payload.message).content)
 

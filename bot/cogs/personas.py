@@ -25,6 +25,7 @@ if TYPE_CHECKING:
 log = logging.getLogger(__name__)
 NO_PINGS = discord.AllowedMentions.none()
 PERSONA_QUOTA = 25  # imported personas per server (or per person, in DMs)
+PNG_SIGNATURE = b"\x89PNG\r\n\x1a\n"  # a PNG card's image becomes its avatar in scenes
 NEEDS_MANAGE = "You need the Manage Channels permission (or bot admin rights) for this."
 
 
@@ -147,7 +148,8 @@ class Personas(commands.Cog):
                 f"the most it may keep ({PERSONA_QUOTA}).", ephemeral=True
             )
             return
-        await self.responder.store.save_imported_persona(key, raw, card.filename, str(interaction.user.id))
+        await self.responder.store.save_imported_persona(key, raw, card.filename, str(interaction.user.id),
+                                                         avatar=data if data.startswith(PNG_SIGNATURE) else None)
         self.responder.personas[key] = replace(persona, source="imported")
         greetings = len(persona.greetings)
         lore = len(persona.lorebook.entries) if persona.lorebook else 0

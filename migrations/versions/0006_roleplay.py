@@ -44,6 +44,8 @@ def upgrade() -> None:
     with op.batch_alter_table("messages") as batch:
         for column in MESSAGE_COLUMNS:
             batch.add_column(column.copy())
+    with op.batch_alter_table("imported_personas") as batch:  # a PNG card's image: its avatar in scenes
+        batch.add_column(sa.Column("avatar", sa.LargeBinary, nullable=True))
     op.create_table(
         "scene_members",
         sa.Column("id", Id, primary_key=True, autoincrement=True),
@@ -76,6 +78,8 @@ def downgrade() -> None:
     op.drop_table("user_personas")
     op.drop_table("reply_alternatives")
     op.drop_table("scene_members")
+    with op.batch_alter_table("imported_personas") as batch:
+        batch.drop_column("avatar")
     with op.batch_alter_table("messages") as batch:
         for column in reversed(MESSAGE_COLUMNS):
             batch.drop_column(column.name)
