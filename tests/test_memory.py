@@ -8,7 +8,6 @@ import asyncio
 from bot.conversation import Message, utcnow
 from bot.memory import (
     SUMMARY_HEADING,
-    MemoryKeeper,
     MemoryState,
     clean_summary,
     context_after_memory,
@@ -17,7 +16,7 @@ from bot.memory import (
     with_memory,
 )
 from bot.personas import persona_from_dict
-from bot.prompt import HEADERS, INPUT, INSTRUCTION, RESPONSE
+from bot.prompt import INPUT, INSTRUCTION, RESPONSE
 from bot.responder import Responder
 from bot.settings import load_settings
 from bot.store import Store
