@@ -19,8 +19,10 @@ PEOPLE = ("Ann", "Bob", "Cid")
 
 
 def vex() -> Persona:
-    # No lorebook: which entries the last messages activate is a separate matter.
-    return persona_from_dict(v2_card(character_book=None, post_history_instructions="Answer {{user}} as {{char}}."))
+    # No lorebook: which entries the last messages activate is a separate matter. No depth
+    # prompt: it moves with the chat by design (SillyTavern's character's note).
+    return persona_from_dict(v2_card(character_book=None, extensions={},
+                                     post_history_instructions="Answer {{user}} as {{char}}."))
 
 
 def responder(store: Store, engine: ScriptedEngine) -> Responder:
