@@ -1,7 +1,9 @@
 """Swipes and Continue without Discord: the rules (bot.swipes), the prompt that continues a
-reply (bot.prompt), and the alternatives in a real migrated SQLite store."""
+reply (bot.prompt), and the alternatives in a real migrated store (SQLite and PostgreSQL)."""
 
 from __future__ import annotations
+
+from collections.abc import AsyncIterator
 
 import pytest
 
@@ -10,6 +12,8 @@ from bot.prompt import HEADERS, INPUT, RESPONSE, PromptTooLong, build_prompt, re
 from bot.store import Store
 from bot.swipes import MAX_ALTERNATIVES, SwipeView, history_to_continue, plan_regeneration
 from tests.conftest import word_tokens
+
+pytest_plugins = ["tests.pg"]
 
 ANN = Message("1", "Ann", "tell me about the sea", platform_id="10")
 REPLY = Message("b", "Hermes", "The sea is wide and", is_bot=True, platform_id="11")
@@ -104,6 +108,14 @@ def test_build_prompt_continues_within_the_budget() -> None:
 
 
 # ---- the store ---------------------------------------------------------------------------
+
+
+@pytest.fixture(params=["sqlite", "postgresql"])
+async def store(request: pytest.FixtureRequest) -> AsyncIterator[Store]:
+    url = request.getfixturevalue("postgres_url" if request.param == "postgresql" else "database_url")
+    opened = await Store.open(url)
+    yield opened
+    await opened.close()
 
 
 async def _reply(store: Store, text: str) -> int:

@@ -64,7 +64,8 @@ class RegenerateButton(discord.ui.DynamicItem[discord.ui.Button], template=r"her
         await _chat_cog(interaction).regenerate(interaction, self.requester_id)
 
 
-class SwipeButton(discord.ui.DynamicItem[discord.ui.Button], template=r"hermes:swipe:(?P<way>prev|next):(?P<user>\d+)"):
+class SwipeButton(discord.ui.DynamicItem[discord.ui.Button],
+                  template=r"hermes:swipe:(?P<way>prev|next):(?P<user>\d+)"):
     """Shows the previous or the next alternative of the reply."""
 
     def __init__(self, requester_id: int, way: str, disabled: bool = False) -> None:

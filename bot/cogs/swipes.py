@@ -37,6 +37,7 @@ if TYPE_CHECKING:
 
 log = logging.getLogger(__name__)
 ONLY_LATEST = "Only the latest reply here can be {}."
+PAST = {"swipe": "swiped", "continue": "continued"}
 
 
 class Swipes(commands.Cog):
@@ -77,7 +78,7 @@ class Swipes(commands.Cog):
     async def _usable(self, interaction: discord.Interaction, stored: StoredReply, verb: str) -> StoredReply | None:
         latest = await self.store.latest_reply(stored.key)
         if latest is None or latest.id != stored.id:
-            await self._refuse(interaction, ONLY_LATEST.format(verb + ("d" if verb.endswith("e") else "ed")))
+            await self._refuse(interaction, ONLY_LATEST.format(PAST[verb]))
             return None
         if stored.status == STREAMING or self._chat().is_under_way(stored.id):
             await self._refuse(interaction, "This reply is still being written.")
