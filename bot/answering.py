@@ -103,6 +103,13 @@ class Answerer:
         recent = await self.store.scene_speakers(question.key)
         return [m.key for m in choose_speakers(question.text, members, strategy, recent, self.rng, replied)]
 
+    async def _others(self, key: str, persona_key: str | None) -> list[str]:
+        """The names of the scene's other characters (their lines end this one's reply)."""
+        if persona_key is None:
+            return []
+        keys, _ = await self.store.scene(key)
+        return [self.responder.personas[k].name for k in keys if k != persona_key and k in self.responder.personas]
+
     def _poster(self, channel: discord.abc.Messageable, channel_id: int, persona_key: str | None,
                 name: str) -> Poster | None:
         if persona_key is None or self.webhooks is None:
@@ -129,7 +136,8 @@ class Answerer:
                     reply = await self.responder.start_reply(question.key, speaker=question.author_name,
                                                              context=context,
                                                              continue_reply=previous if continuing else None,
-                                                             persona=persona if persona_key is not None else None)
+                                                             persona=persona if persona_key is not None else None,
+                                                             others=await self._others(question.key, persona_key))
                 except (EngineError, PromptTooLong) as error:
                     log.warning("cannot answer in %s: %s", question.key, error)
                     await stream.fail(f"I can't answer right now: {error}")

@@ -16,7 +16,7 @@ from bot.conversation import Message, StoredReply
 from bot.engine.base import Engine, Generation, GenerationRequest, SamplingParams
 from bot.memory import MemoryKeeper, context_after_memory, with_memory
 from bot.personas import DEFAULT_PERSONA, Persona, preamble_user, short_key, visible_in
-from bot.prompt import BuiltPrompt, PromptTooLong, build_prompt
+from bot.prompt import BuiltPrompt, PromptTooLong, build_prompt, clean_name
 from bot.scenes import as_seen_by
 from bot.settings import Settings
 from bot.store import Store
@@ -91,7 +91,8 @@ class Responder:
         return self.persona((await self.store.state(key)).persona)
 
     async def start_reply(self, key: str, speaker: str, context: Sequence[Message] = (),
-                          continue_reply: StoredReply | None = None, persona: Persona | None = None) -> Reply:
+                          continue_reply: StoredReply | None = None, persona: Persona | None = None,
+                          others: Sequence[str] = ()) -> Reply:
         """Build the prompt from the stored history and queue its generation.
 
         `speaker` is the display name of the person being answered (for `{{user}}` in the
@@ -102,7 +103,8 @@ class Responder:
         `continue_reply` (Continue): the model writes on after that reply's text, in a prompt
         of the history up to it (`bot.swipes.history_to_continue`);
         `persona`: the scene character that answers (else the conversation's persona); the
-        other characters' lines are then speaker lines (`bot.scenes.as_seen_by`).
+        other characters' lines are then speaker lines (`bot.scenes.as_seen_by`), and `others`
+        (the names of the scene's other characters) end the reply like a person's name.
         """
         in_scene = persona is not None
         persona = persona or await self.conversation_persona(key)
@@ -154,7 +156,7 @@ class Responder:
         request = GenerationRequest(
             prompt=prompt.text,
             max_new_tokens=self.settings.max_new_tokens,
-            stop=prompt.stop,
+            stop=tuple(dict.fromkeys([*prompt.stop, *(f"\n{clean_name(n)}:" for n in others)])),
             sampling=SamplingParams(
                 temperature=self.settings.temperature,
                 top_p=self.settings.top_p,

@@ -20,6 +20,7 @@ class ScriptedEngine(Engine):
     def __init__(self, n_ctx: int = 4096, delay: float = 0.02) -> None:
         self.replies: list[str] = []
         self.prompts: list[str] = []
+        self.stops: list[tuple[str, ...]] = []  # each request's stop sequences
         self.delay = delay
         self._info = ModelInfo(name="scripted", path="scripted", n_ctx=n_ctx)
         self._last: GenerationStats | None = None
@@ -53,6 +54,7 @@ class ScriptedEngine(Engine):
         generation.set_position(len(self._queue) + (1 if self._lock.locked() else 0))
         self._queue.append(generation)
         self.prompts.append(request.prompt)
+        self.stops.append(request.stop)
         text = self.replies.pop(0) if self.replies else "(no scripted reply)"
         asyncio.get_running_loop().create_task(self._run(generation, text))
         return generation

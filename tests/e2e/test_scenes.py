@@ -12,7 +12,7 @@ from sqlalchemy import select
 from bot.store import MessageRow
 from tests.card_files import png_card, v3_card
 from tests.e2e.conftest import Harness, StartBot
-from tests.e2e.fake_discord import BOT_ID, GUILD_ID, FakeDiscord, wait_for
+from tests.e2e.fake_discord import BOT_ID, GUILD_ID, PERM_MANAGE_CHANNELS, FakeDiscord, wait_for
 
 NYX_KEY = f"g{GUILD_ID}/nyx"
 
@@ -91,6 +91,8 @@ async def test_three_characters_each_answer_through_their_own_webhook(start_bot:
     assert post["content"] == "The rain hides nothing from me."
     assert post["components"], "Stop / Regenerate work on a character's post too"
     assert h.engine.prompts[-1].endswith("### Response:\nMarlowe: ")
+    assert {"\nCaptain Vex:", "\nNyx:", "\nAnn:"} <= set(h.engine.stops[-1]), "nobody else's lines"
+    assert "\nMarlowe:" not in h.engine.stops[-1]
 
     h.engine.say("Stars say east.", "East it is, crew!")
     asked = await d.user_says(d.ann, d.general, "Nyx and Captain Vex: which way?")
@@ -123,6 +125,12 @@ async def test_unnamed_messages_follow_the_channel_strategy(start_bot: StartBot)
     h = await start_bot()
     h.engine.delay = 0.0
     d = h.discord
+    command = next(c for c in d.commands if c["name"] == "scene")
+    assert int(command["default_member_permissions"]) == PERM_MANAGE_CHANNELS, "hidden from members"
+    assert command.get("dm_permission") is False or command.get("contexts") == [0], "servers only"
+    refused = await d.slash(d.ann, d.general, "scene", sub="add", options={"persona": "marlowe"})
+    await wait_for(lambda: refused.response_type == 4)
+    assert "Manage Channels" in d.original(refused)["content"] and await h.store.scene(f"discord:{d.general}") == ([], None)
     for persona in ("captain-vex", "marlowe"):
         await scene_add(d, persona)
     assert "Strategy: `list`" in await slash_text(d, "strategy", {"strategy": "list"})
