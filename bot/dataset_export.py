@@ -3,7 +3,12 @@
 Each reply of the bot that ended `done` with text, in a conversation opted in with
 `/channel training-export on`, becomes one record. Its prompt is the history before it as
 the bot renders it (`bot.prompt.build_prompt`, the persona's preamble, lorebook, response
-prefix and post-history instructions, the same history window as `bot.responder`); its
+prefix and post-history instructions, the same history window as `bot.responder`; in a
+scene, the character that spoke sees the others as speakers; attached files follow their
+messages). Three things the bot adds are left out: the rolling memory summary and the
+author's note (settings that change over time: what they were when the reply was written is
+not kept, and the history window stands in for the summary) and the people's `/me`
+descriptions (their own words about themselves, not the chat). Its
 output is the reply's stored text, which is the swipe people kept (discarded alternatives
 live in another table and are never read). Stopped, interrupted and failed replies are
 context only, never outputs: their text is not an answer the bot finished.
@@ -36,10 +41,12 @@ from dataclasses import dataclass, replace
 from pathlib import Path
 from typing import Any
 
+from bot.attachments import with_attachments
 from bot.conversation import DONE, Message
 from bot.personas import DEFAULT_PERSONA, Persona, preamble_user
 from bot.prompt import INPUT, INSTRUCTION, RESPONSE, alpaca_prompt, build_prompt, neutralize
 from bot.responder import MAX_CHARS_PER_TOKEN, newest_within
+from bot.scenes import as_seen_by
 from bot.store import Store
 
 log = logging.getLogger(__name__)
@@ -113,18 +120,23 @@ class Pseudonyms:
     def message(self, message: Message) -> Message:
         """The message as it may appear in the dataset (no id, no person's name)."""
         name = message.author_name if message.is_bot else self.of(message.author_id)
-        return replace(message, author_id="", author_name=name, content=self.text(message.content), platform_id=None)
+        return replace(message, author_id="", author_name=name, content=self.text(message.content), platform_id=None,
+                       attachments=self.text(message.attachments))
 
 
 def bot_prompt(
-    history: Sequence[Message], persona: Persona, speaker: str, count_tokens: TokenCounter, limits: PromptLimits
+    history: Sequence[Message], persona: Persona, speaker: str, count_tokens: TokenCounter, limits: PromptLimits,
+    in_scene: bool = False,
 ) -> str:
-    """The prompt the bot sends to answer `speaker` after `history` (as `bot.responder`)."""
-    history = newest_within(list(history), (limits.n_ctx - limits.max_new_tokens) * MAX_CHARS_PER_TOKEN)
+    """The prompt the bot sends to answer `speaker` after `history` (as `bot.responder`:
+    a scene character sees the others as speakers, attached files follow their messages)."""
+    history = as_seen_by(history, persona.name) if in_scene else list(history)
+    history = newest_within(history, (limits.n_ctx - limits.max_new_tokens) * MAX_CHARS_PER_TOKEN)
     lore_before: list[str] = []
     lore_after: list[str] = []
     if persona.lorebook is not None:
         lore_before, lore_after = persona.lorebook.activate([m.content for m in history], count_tokens)
+    history = with_attachments(history, count_tokens, (limits.n_ctx - limits.max_new_tokens) // 2)
     return build_prompt(
         history, count_tokens, n_ctx=limits.n_ctx, max_new_tokens=limits.max_new_tokens,
         preamble=persona.preamble(
@@ -159,14 +171,15 @@ def split_prompt(prompt: str, final_input: str) -> dict[str, str] | None:
 
 
 def make_record(
-    history: Sequence[Message], reply: str, persona: Persona, count_tokens: TokenCounter, limits: PromptLimits
+    history: Sequence[Message], reply: str, persona: Persona, count_tokens: TokenCounter, limits: PromptLimits,
+    in_scene: bool = False,
 ) -> dict[str, str] | None:
     """The Alpaca record of one reply after `history` (already pseudonymized); None when
     its prompt cannot be written as one (see `split_prompt`)."""
     speaker = next((m.author_name for m in reversed(history) if not m.is_bot), "")
     if not speaker:
         return None
-    prompt = bot_prompt(history, persona, speaker, count_tokens, limits)
+    prompt = bot_prompt(history, persona, speaker, count_tokens, limits, in_scene)
     parts = split_prompt(prompt, persona.post_history(speaker))
     if parts is None:
         return None
@@ -197,7 +210,8 @@ async def export_conversation(
                 stats.not_done += 1
             if message.is_bot and status == DONE:
                 persona = _persona(personas, speaker_persona, persona_key)
-                record = make_record(window, pseudonyms.text(message.content), persona, count_tokens, limits)
+                record = make_record(window, pseudonyms.text(message.content), persona, count_tokens, limits,
+                                     in_scene=speaker_persona is not None)
                 if record is None:
                     stats.unsplittable += 1
                 else:
