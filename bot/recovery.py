@@ -31,7 +31,7 @@ from typing import TYPE_CHECKING
 import discord
 
 from bot.answering import Question
-from bot.cogs.edge import to_message
+from bot.cogs.edge import read_attachments, to_message
 from bot.conversation import INTERRUPTED, StoredReply, utcnow
 from bot.policy import channel_of
 from bot.reply_stream import INTERRUPTED_NOTICE, Destination, sync_reply
@@ -221,5 +221,8 @@ class Recovery:
                 continue  # the bot's own replies (its scene characters' too) are stored by the reply path
             if message.author.bot and not self.bot.settings.reply_to_bots:
                 continue
-            added += await self.store.add_message(key, to_message(message))
+            if await self.store.add_message(key, to_message(message)):
+                added += 1
+                if message.attachments:  # read as on arrival (bounded: bot.attachments)
+                    await self.store.set_attachments(key, str(message.id), await read_attachments(message))
         return added

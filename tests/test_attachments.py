@@ -25,7 +25,13 @@ from bot.attachments import (
 )
 from bot.conversation import Message
 from bot.prompt import build_prompt
+from sqlalchemy import text
+
+from bot.store import Store
 from tests.conftest import word_tokens
+from tests.test_user_personas import any_store  # noqa: F401  (SQLite and PostgreSQL)
+
+pytest_plugins = ["tests.pg"]
 
 
 def test_text_files_by_extension_or_content_type() -> None:
@@ -137,3 +143,20 @@ def test_a_huge_file_never_pushes_out_the_question() -> None:
     assert "Ann: What does line 3 of this log mean?\n[file app.log]\nERROR something failed" in prompt.text
     assert "earlier talk" in prompt.text, "the file took at most half the budget"
     assert prompt.n_tokens + 64 <= 1024
+
+
+async def test_store_keeps_attachments_with_the_message_and_erases_them_with_it(any_store: Store) -> None:  # noqa: F811
+    key = "discord:1"
+    await any_store.add_message(key, Message("1", "Ann", "see file", platform_id="10",
+                                             attachments="[attachment notes.md: not read]"), guild_id="5")
+    assert (await any_store.recent_messages(key, 5))[0].attachments == "[attachment notes.md: not read]"
+    assert await any_store.set_attachments(key, "10", "[file notes.md]\nhello")
+    assert not await any_store.set_attachments(key, "99", "x"), "a message not stored"
+    assert (await any_store.recent_messages(key, 5))[0].attachments == "[file notes.md]\nhello"
+    await any_store.set_speaking(key, 40, 90, True)
+    state = await any_store.state(key)
+    assert (state.reply_chance, state.follow_up_seconds, state.name_trigger) == (40, 90, True)
+    await any_store.delete_message(key, "10")
+    async with any_store.engine.connect() as connection:
+        row = (await connection.execute(text("SELECT content, attachments FROM messages WHERE platform_id = '10'"))).one()
+    assert tuple(row) == ("", None), "deleted in Discord: the text of its files is erased too"

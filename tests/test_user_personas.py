@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+from collections.abc import AsyncIterator
+
 import pytest
 
 from bot.conversation import Message
@@ -17,6 +19,8 @@ from bot.user_personas import (
     user_persona_lines,
 )
 from tests.conftest import word_tokens
+
+pytest_plugins = ["tests.pg"]
 
 
 def said(author: str, text: str, bot: bool = False) -> Message:
@@ -76,7 +80,17 @@ def test_check_description_bounds() -> None:
         check_description("x" * (MAX_DESCRIPTION_CHARS + 1))
 
 
-async def test_store_keeps_one_per_server_and_a_default_and_forgets_them(store: Store) -> None:
+@pytest.fixture(params=["sqlite", "postgresql"])
+async def any_store(request: pytest.FixtureRequest, database_url: str) -> AsyncIterator[Store]:
+    """The store on SQLite, and on a real PostgreSQL (skipped, saying why, without one)."""
+    url = database_url if request.param == "sqlite" else request.getfixturevalue("postgres_url")
+    store = await Store.open(url)
+    yield store
+    await store.close()
+
+
+async def test_store_keeps_one_per_server_and_a_default_and_forgets_them(any_store: Store) -> None:
+    store = any_store
     ann, bob = "1", "2"
     await store.add_message("discord:10", said("Ann", "hi"), guild_id="500")
     await store.add_message("discord:20", said("Ann", "hi"), is_dm=True)

@@ -124,3 +124,28 @@ async def test_reply_chance_follow_up_window_and_name_trigger(start_bot: StartBo
     unnamed = await d.user_says(d.bob, d.general, "hermetic seals are neat")
     await asyncio.sleep(1.0)
     assert d.replies_to(unnamed) == [], "the name as a whole word only"
+
+
+async def test_files_in_an_enabled_channel_and_missed_while_down_are_read(start_bot: StartBot) -> None:
+    h = await start_bot()
+    d = h.discord
+    h.engine.say("Rope noted.", "Hello.")
+    await command(d, d.mod, d.general, "channel", "enable")
+    prompt = await asks(h, d.bob, d.general, "", mention=False, attachments=[("list.txt", b"rope\n", None)])
+    assert "Bob: [file list.txt]\nrope" in prompt, "a file alone is the message"
+    first = await d.user_says(d.ann, d.dm, "hi")
+
+    def final(question: int) -> bool:
+        replies = [m for m in d.replies_to(question) if m["author"]["id"] == str(d.bot_user.id)]
+        return bool(replies) and replies[0]["content"] == "Hello." and not any(
+            button.get("disabled") is False and button.get("label") == "Stop"
+            for row in replies[0]["components"] for button in row["components"])
+
+    await wait_for(lambda: final(first))
+    await asyncio.sleep(0.5)
+    await h.bot.close()
+    missed = await d.user_says(d.ann, d.dm, "read this", attachments=[("todo.md", b"- caulk the hull", "text/markdown")])
+    h2 = await start_bot()
+    h2.engine.say("Welcome back: the hull.")
+    await wait_for(lambda: any(m["author"]["id"] == str(d.bot_user.id) for m in d.replies_to(missed)), timeout=30)
+    assert "Ann: read this\n[file todo.md]\n- caulk the hull" in h2.engine.prompts[0], "back-filled with its file"
