@@ -146,3 +146,22 @@ async def test_stop_during_continue_keeps_the_text(start_bot: StartBot) -> None:
     assert reply.status == "stopped" and reply.content == shown.removesuffix("\n\n*(stopped)*")
     assert "then199" not in reply.content
     await assert_nothing_lost(d, h.store, {d.dm: [question]})
+
+
+async def test_a_restart_mid_regeneration_keeps_the_earlier_alternative(start_bot: StartBot) -> None:
+    h = await start_bot()
+    d = h.discord
+    question, reply_id = await ask(h, "a poem", "Roses are red.")
+    h.engine.delay = 0.05
+    h.engine.say(" ".join(f"verse{i}" for i in range(300)))
+    await d.click(d.ann, reply_id, f"hermes:regen:{d.ann.id}")
+    await wait_for(lambda: "Stop" in labels(d, reply_id) and "verse3" in d.messages[reply_id]["content"])
+    await h.bot.close()  # gone mid-regeneration: the new take is cut off
+    h = await start_bot()
+    await wait_for(lambda: labels(d, reply_id) == ["◀", "2/2", "▶", *FINAL], timeout=30)
+    reply = await stored_reply(h, d.dm)
+    assert reply.content.startswith("verse0") and reply.status != "streaming"
+    await d.click(d.ann, reply_id, f"hermes:swipe:prev:{d.ann.id}")
+    await wait_for(lambda: d.messages[reply_id]["content"] == "Roses are red." and "1/2" in labels(d, reply_id))
+    assert (await stored_reply(h, d.dm)).content == "Roses are red."
+    await assert_nothing_lost(d, h.store, {d.dm: [question]})
