@@ -22,6 +22,7 @@ from __future__ import annotations
 
 import asyncio
 import codecs
+import contextlib
 import logging
 from collections.abc import Awaitable, Callable, Sequence
 from dataclasses import dataclass, replace
@@ -48,6 +49,7 @@ TEXT_APPLICATION_TYPES = frozenset({
 TEXT_ONLY = "not read — the model reads text only"
 LEFT_OUT = "[attached files left out: no room in the context]"
 READ_TIMEOUT_SECONDS = 20.0
+READS_AT_ONCE = 4  # files downloaded and decoded at once by the whole bot (memory: 4 × 256 KiB)
 
 
 @dataclass(frozen=True)
@@ -180,25 +182,30 @@ def with_attachments(history: Sequence[Message], count_tokens: Callable[[str], i
 
 
 async def read_all(attachments: Sequence[Attachment], fetch: Callable[[int], Awaitable[bytes]],
-                   timeout: float = READ_TIMEOUT_SECONDS) -> str:
+                   timeout: float = READ_TIMEOUT_SECONDS, gate: asyncio.Semaphore | None = None) -> str:
     """The stored attachments of a message: each readable file fetched (`fetch(index)`,
-    within `timeout`), checked against the size cap again and decoded in a worker thread;
-    a note for every other one."""
+    within `timeout`), checked against the size cap again and decoded in a worker thread,
+    while holding `gate` (so the bytes in memory at once are bounded however many messages
+    arrive together); a note for every other one."""
     blocks: list[str] = []
     for index, (attachment, reason) in enumerate(zip(attachments, plan(attachments))):
         text: str | None = None
         if reason is None:
-            try:
-                data = await asyncio.wait_for(fetch(index), timeout)
-            except Exception as error:  # a failed download: a note, never a lost message
-                log.info("could not read attachment %s: %s", attachment.filename, error)
-                reason = "not read — the download failed"
-            else:
-                if len(data) > MAX_FILE_BYTES:
-                    reason = f"not read — over the {MAX_FILE_BYTES // 1024} KiB limit for a file"
-                else:
-                    text = await asyncio.to_thread(decode, data)
-                    if text is None:
-                        reason = "not read — it is not text"
+            async with gate or contextlib.nullcontext():
+                text, reason = await _read_one(attachment, index, fetch, timeout)
         blocks.append(note(attachment, reason) if text is None else file_block(attachment, text))
     return summarize(blocks)
+
+
+async def _read_one(attachment: Attachment, index: int, fetch: Callable[[int], Awaitable[bytes]],
+                    timeout: float) -> tuple[str | None, str | None]:
+    """(the file's text, None), or (None, why it was not read)."""
+    try:
+        data = await asyncio.wait_for(fetch(index), timeout)
+    except Exception as error:  # a failed download: a note, never a lost message
+        log.info("could not read attachment %s: %s", attachment.filename, error)
+        return None, "not read — the download failed"
+    if len(data) > MAX_FILE_BYTES:
+        return None, f"not read — over the {MAX_FILE_BYTES // 1024} KiB limit for a file"
+    text = await asyncio.to_thread(decode, data)
+    return (text, None) if text is not None else (None, "not read — it is not text")

@@ -224,5 +224,5 @@ class Recovery:
             if await self.store.add_message(key, to_message(message)):
                 added += 1
                 if message.attachments:  # read as on arrival (bounded: bot.attachments)
-                    await self.store.set_attachments(key, str(message.id), await read_attachments(message))
+                    await self.store.set_attachments(key, str(message.id), await read_attachments(message, self.chat.reading))
         return added

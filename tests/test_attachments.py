@@ -160,3 +160,22 @@ async def test_store_keeps_attachments_with_the_message_and_erases_them_with_it(
     async with any_store.engine.connect() as connection:
         row = (await connection.execute(text("SELECT content, attachments FROM messages WHERE platform_id = '10'"))).one()
     assert tuple(row) == ("", None), "deleted in Discord: the text of its files is erased too"
+
+
+async def test_the_gate_bounds_how_many_files_are_in_memory_at_once() -> None:
+    gate = asyncio.Semaphore(2)
+    holding = 0
+    most = 0
+
+    async def fetch(index: int) -> bytes:
+        nonlocal holding, most
+        holding += 1
+        most = max(most, holding)
+        await asyncio.sleep(0.01)
+        holding -= 1
+        return b"text"
+
+    files = [Attachment(f"{i}.txt", 4) for i in range(4)]
+    results = await asyncio.gather(*(read_all(files, fetch, gate=gate) for _ in range(5)))
+    assert most == 2, "ten messages of four files: never more than two files at once"
+    assert all(r.count("[file ") == 4 for r in results)

@@ -23,7 +23,7 @@ from discord.ext import commands
 
 from bot.answering import Answerer, Question
 from bot.channel_queue import ChannelQueue
-from bot.attachments import MAX_FILE_BYTES, MAX_FILES, unread
+from bot.attachments import MAX_FILE_BYTES, MAX_FILES, READS_AT_ONCE, unread
 from bot.cogs.edge import attachments_of, guild_id_of, interaction_is_admin, read_attachments, to_incoming, to_message
 from bot.delivery import retried
 from bot.fair_use import ChatGate
@@ -58,6 +58,7 @@ class Chat(commands.Cog):
         self._arrivals: weakref.WeakValueDictionary[int, asyncio.Lock] = weakref.WeakValueDictionary()
         self.follow_ups = FollowUps()  # whom the bot last answered per channel (/channel speak)
         self.chance = random.random
+        self.reading = asyncio.Semaphore(READS_AT_ONCE)  # attached files read at once
 
     def _answerer(self) -> Answerer:
         if self.answerer is None:
@@ -110,7 +111,7 @@ class Chat(commands.Cog):
                     return
         if stored and message.attachments:
             try:
-                await self.store.set_attachments(key, str(message.id), await read_attachments(message))
+                await self.store.set_attachments(key, str(message.id), await read_attachments(message, self.reading))
             except Exception:  # the message itself is stored, with a note for each file
                 log.exception("could not store the attachments of message %d in %s", message.id, key)
         if not answering:

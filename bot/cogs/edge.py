@@ -3,6 +3,8 @@ types except the cogs that send replies."""
 
 from __future__ import annotations
 
+import asyncio
+
 import discord
 
 from bot.attachments import Attachment, notes_only, read_all
@@ -34,9 +36,9 @@ def attachments_of(message: discord.Message) -> list[Attachment]:
     return [Attachment(a.filename, a.size, a.content_type) for a in message.attachments]
 
 
-async def read_attachments(message: discord.Message) -> str:
+async def read_attachments(message: discord.Message, gate: asyncio.Semaphore | None = None) -> str:
     """The message's text files read (bounded: see `bot.attachments`), notes for the rest."""
-    return await read_all(attachments_of(message), lambda index: message.attachments[index].read())
+    return await read_all(attachments_of(message), lambda index: message.attachments[index].read(), gate=gate)
 
 
 def replies_to(message: discord.Message, user_id: int) -> bool:
