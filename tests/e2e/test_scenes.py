@@ -5,10 +5,13 @@ who answers; the characters seeing each other; webhooks deleted, refused or fail
 from __future__ import annotations
 
 import asyncio
+import logging
 from typing import Any
 
+import pytest
 from sqlalchemy import select
 
+from bot import recovery
 from bot.store import MessageRow
 from tests.card_files import png_card, v3_card
 from tests.e2e.conftest import Harness, StartBot
@@ -235,3 +238,27 @@ async def test_webhook_posts_are_never_answered_and_the_scene_survives_a_restart
     assert len(h2.engine.prompts) == 1, "the bot never answers its own characters' posts"
     assert [m for m in d.bot_messages(d.general) if int(m["id"]) > first] == [], "no other posts by the bot"
     assert BOT_ID not in {int(m["author"]["id"]) for m in d.webhook_messages(d.general)}
+
+
+async def test_a_characters_reply_that_discord_did_not_take_is_delivered_through_its_webhook_later(
+        start_bot: StartBot, monkeypatch: pytest.MonkeyPatch, caplog: pytest.LogCaptureFixture) -> None:
+    monkeypatch.setattr(recovery, "REDELIVER_SECONDS", 0.5)
+    caplog.set_level(logging.INFO, logger="bot.recovery")
+    h = await start_bot(DELIVERY_RETRY_SECONDS="1")
+    h.engine.delay = 0.1
+    d = h.discord
+    await scene_add(d, "marlowe")
+    story = " ".join(f"Clue{i}." for i in range(20))
+    h.engine.say(story)
+    asked = await d.user_says(d.ann, d.general, "Marlowe, the clues?")
+    (post,) = await wait_for(posts_after(d, asked, 1))
+    d.fail_for("PATCH", "/webhooks/{id}/{token}/messages/{id}", 0, 6.0)  # unreachable past the reply's end
+    (row,) = await settle(h, 1)
+    shown = d.messages[int(post["id"])]
+    assert row.content == story == shown["content"], "the whole reply, in the character's own post"
+    labels = [c["label"] for c in shown["components"][0]["components"]]
+    assert "Regenerate" in labels and "Stop" not in labels
+    assert "delivered 1 stored replies" in caplog.text, "by the periodic redelivery, through the webhook"
+    assert d.faults and all(f[1] == "/webhooks/{id}/{id}/messages/{id}" for f in d.faults)
+    assert len(d.webhook_messages(d.general)) == 1 and [m for m in d.bot_messages(d.general)
+                                                        if int(m["id"]) > asked] == []
