@@ -9,7 +9,7 @@ and Bob then talk to them: naming one, naming two, naming none (the `natural` st
 picks), and replying to a character's post. The bot runs as in production (real
 discord.py, the real store, the batching engine with the small real GGUF); `--scripted`
 answers with canned lines instead (no model). The history as stored (which character
-spoke each reply) is printed too.
+spoke each reply) and the end of the last prompt are printed too.
 """
 
 from __future__ import annotations
@@ -82,6 +82,9 @@ async def play(args: argparse.Namespace) -> None:
                             N_CTX="2048")
     store = await Store.open(settings.database_url)
     engine = await engine_for(args)
+    prompts: list[str] = []  # every prompt the bot sent, to show the last one
+    submit = engine.submit
+    engine.submit = lambda request: (prompts.append(request.prompt), submit(request))[1]  # type: ignore[method-assign]
     personas = merge_imported(load_personas(REPO / "personas"), await store.imported_personas())
     bot = create_bot(settings, Responder(settings, store, engine, personas), guild_ready_timeout=0.1)
     runner = asyncio.create_task(bot.start(settings.require_token()))
@@ -128,6 +131,8 @@ async def play(args: argparse.Namespace) -> None:
         print("\n---- history as stored (author, bot?) ----")
         for row in rows:
             print(f"{row.author_name:12} {'bot ' if row.is_bot else 'user'} {row.content[:70]!r}")
+        print("\n---- the end of the last prompt (Captain Vex answering) ----")
+        print(prompts[-1][prompts[-1].rfind("### Instruction:", 0, len(prompts[-1]) - 600):])
         print(f"\n{len(SCRIPT)} messages answered by {len(d.webhook_messages(d.general))} character posts "
               f"in {elapsed:.1f} s ({'scripted' if args.scripted else engine.info.name}); "
               f"webhook requests that failed: {sum(1 for r in d.requests if '/webhooks/' in r[1] and r[2] >= 400)}")
