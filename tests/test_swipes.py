@@ -6,10 +6,11 @@ from __future__ import annotations
 from collections.abc import AsyncIterator
 
 import pytest
+from sqlalchemy import func, select
 
 from bot.conversation import DONE, FAILED, STREAMING, Message
 from bot.prompt import HEADERS, INPUT, RESPONSE, PromptTooLong, build_prompt, render_chat
-from bot.store import Store
+from bot.store import ReplyAlternativeRow, Store
 from bot.swipes import MAX_ALTERNATIVES, SwipeView, history_to_continue, plan_regeneration
 from tests.conftest import word_tokens
 
@@ -193,3 +194,12 @@ async def test_continue_keeps_the_text_and_deleting_the_reply_erases_its_alterna
     await store.delete_message("c", "11")
     assert await store.alternatives(reply_id) == [""]
     assert await store.latest_reply("c") is None, "a deleted reply is not the latest"
+
+
+async def test_forgetting_a_conversation_erases_its_alternatives(store: Store) -> None:
+    reply_id = await _reply(store, "one")
+    await _regenerate(store, reply_id, "two")
+    assert await store.forget_conversation("c") == 2
+    assert await store.alternatives(reply_id) == []
+    async with store._sessions() as session:
+        assert await session.scalar(select(func.count()).select_from(ReplyAlternativeRow)) == 0
