@@ -262,3 +262,28 @@ async def test_a_characters_reply_that_discord_did_not_take_is_delivered_through
     assert d.faults and all(f[1] == "/webhooks/{id}/{id}/messages/{id}" for f in d.faults)
     assert len(d.webhook_messages(d.general)) == 1 and [m for m in d.bot_messages(d.general)
                                                         if int(m["id"]) > asked] == []
+
+
+async def test_swipes_and_continue_on_a_characters_post_go_through_its_webhook(start_bot: StartBot) -> None:
+    h = await start_bot()
+    h.engine.delay = 0.0
+    d = h.discord
+    await scene_add(d, "marlowe")
+    h.engine.say("First take.", "Second take.", " And more.")
+    asked = await d.user_says(d.ann, d.general, "Marlowe?")
+    (post,) = await wait_for(posts_after(d, asked, 1))
+    post_id = int(post["id"])
+    await settle(h, 1)
+    await d.click(d.ann, post_id, f"hermes:regen:{d.ann.id}")
+    await wait_for(lambda: d.messages[post_id]["content"] == "Second take.")
+    await settle(h, 1)
+    await d.click(d.ann, post_id, f"hermes:swipe:prev:{d.ann.id}")
+    await wait_for(lambda: d.messages[post_id]["content"] == "First take.")
+    (row,) = await settle(h, 1)
+    assert row.content == "First take." and row.persona == "marlowe"
+    await d.click(d.ann, post_id, f"hermes:continue:{d.ann.id}")
+    await wait_for(lambda: d.messages[post_id]["content"] == "First take. And more.")
+    (row,) = await settle(h, 1)
+    assert row.content == "First take. And more." and h.engine.prompts[-1].endswith("Marlowe: First take.")
+    assert len(d.webhook_messages(d.general)) == 1 and not [m for m in d.bot_messages(d.general)
+                                                            if int(m["id"]) > asked]
