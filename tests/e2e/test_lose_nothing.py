@@ -284,7 +284,7 @@ async def test_parts_posted_just_before_a_crash_are_adopted_not_posted_again(sta
     the part in the channel and makes it final (no second copy, no live Stop button)."""
     h = await start_bot()
     d = h.discord
-    await h.bot.close()
+    await h.bot.shutdown()  # its start-up recovery ends too (it must not answer what comes next)
     first_part = "A" * 1990
     question, parts = await _crash_left(h, d, "a long story", [first_part, "B" * 300], stored_parts)
     meanwhile = await d.user_says(d.ann, d.dm, "still there?")
