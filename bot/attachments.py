@@ -49,6 +49,7 @@ TEXT_APPLICATION_TYPES = frozenset({
 TEXT_ONLY = "not read — the model reads text only"
 LEFT_OUT = "[attached files left out: no room in the context]"
 READ_TIMEOUT_SECONDS = 20.0
+FIT_STEPS = 6  # token counts to find where a too long text is cut
 READS_AT_ONCE = 4  # files downloaded and decoded at once by the whole bot (memory: 4 × 256 KiB)
 
 
@@ -139,26 +140,30 @@ def notes_only(attachments: Sequence[Attachment]) -> str:
     return summarize([note(a, reason) for a, reason in zip(attachments, plan(attachments))])
 
 
-def _cut(text: str, fits: Callable[[str], bool]) -> str:
-    """The longest prefix of `text` that, marked as cut, `fits` ("" if none)."""
-    low, high = 0, len(text)
-    while low < high:
-        mid = (low + high + 1) // 2
-        if fits(text[:mid] + CUT_MARK):
-            low = mid
-        else:
-            high = mid - 1
-    return text[:low] + CUT_MARK if low else ""
-
-
 def fit(text: str, count_tokens: Callable[[str], int], max_tokens: int, chars_per_token: int = 8) -> str:
-    """`text` whole if it takes at most `max_tokens`, else its longest prefix that does
-    (marked as cut; "" if not even a little fits). No more than `chars_per_token` characters
-    per token are ever counted, so a huge text costs no more than a fitting one."""
-    head = text[: max(0, max_tokens) * chars_per_token]
-    if head == text and count_tokens(text) <= max_tokens:
-        return text
-    return _cut(head, lambda t: count_tokens(t) <= max_tokens) if max_tokens > 0 else ""
+    """`text` whole if it takes at most `max_tokens`, else a prefix that does, marked as cut
+    ("" if not even a little fits). No more than `chars_per_token` characters per token are
+    ever counted, and the cut is found in a few counts (each step scales the length by the
+    tokens it took), so a huge text costs no more than a few counts of a fitting one."""
+    if max_tokens <= 0:
+        return ""
+    head = text[: max_tokens * chars_per_token]
+    used = count_tokens(head if head == text else head + CUT_MARK)
+    if used <= max_tokens:
+        return text if head == text else head + CUT_MARK
+    best = 0
+    length = int(len(head) * max_tokens / used)
+    for _ in range(FIT_STEPS):
+        length = max(0, min(length, len(head)))
+        used = count_tokens(head[:length] + CUT_MARK)
+        if used <= max_tokens:
+            best = max(best, length)
+            if length == len(head) or used >= max_tokens * 0.97:
+                break
+            length = int(length * max_tokens / max(used, 1))
+        else:
+            length = int(length * max_tokens / used * 0.97)
+    return head[:best] + CUT_MARK if best else ""
 
 
 def with_attachments(history: Sequence[Message], count_tokens: Callable[[str], int], max_tokens: int) -> list[Message]:

@@ -131,8 +131,11 @@ def test_fit_counts_no_more_than_it_could_keep() -> None:
 
     assert fit("a b c", counting, 100) == "a b c"
     counted.clear()
-    assert fit("word " * 1_000_000, counting, 50).endswith(CUT_MARK)
+    kept = fit("word " * 1_000_000, counting, 50)
+    assert kept.endswith(CUT_MARK) and 45 <= word_tokens(kept) <= 50, "cut close to the budget"
     assert max(counted) <= 50 * 8 + len(CUT_MARK), "a 5 MB text is never counted whole"
+    assert len(counted) <= 7, "a few counts, not a search over every length"
+    assert fit("x", counting, 0) == "" and fit("a b", counting, 100) == "a b"
 
 
 def test_a_huge_file_never_pushes_out_the_question() -> None:
