@@ -5,7 +5,7 @@ from __future__ import annotations
 
 import re
 from collections import OrderedDict
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 
 
@@ -47,11 +47,11 @@ def names(text: str, name: str) -> bool:
     return re.search(rf"(?<!\w){pattern}(?!\w)", text, re.IGNORECASE) is not None
 
 
-def speaks_unaddressed(message: Incoming, text: str, rules: Speaking, persona_name: str, followed_up: bool,
-                       chance: Callable[[], float], reply_to_bots: bool = False) -> str | None:
+def speaks_unaddressed(message: Incoming, text: str, rules: Speaking, persona_names: Sequence[str],
+                       followed_up: bool, chance: Callable[[], float], reply_to_bots: bool = False) -> str | None:
     """Why the bot answers a message that `should_reply` leaves alone: "follow-up" (its
     author is within the follow-up window after the bot answered them: `followed_up`),
-    "name" (it names the persona), "chance" (the reply chance drew it: `chance()` is a
+    "name" (it names the persona, or one of the scene's characters: `persona_names`), "chance" (the reply chance drew it: `chance()` is a
     uniform draw in [0, 1), asked only when it decides); None to stay quiet. DMs and
     enabled channels are answered anyway; the bot's own messages never, other bots only
     with `reply_to_bots`."""
@@ -59,7 +59,7 @@ def speaks_unaddressed(message: Incoming, text: str, rules: Speaking, persona_na
         return None
     if rules.follow_up_seconds > 0 and followed_up:
         return "follow-up"
-    if rules.name_trigger and names(text, persona_name):
+    if rules.name_trigger and any(names(text, name) for name in persona_names):
         return "name"
     if rules.reply_chance > 0 and chance() * 100 < rules.reply_chance:
         return "chance"

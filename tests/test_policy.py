@@ -69,20 +69,22 @@ class Draws:
 
 def test_reply_chance_answers_that_share_of_messages() -> None:
     rules = Speaking(reply_chance=30)
-    assert speaks_unaddressed(incoming(), "hello all", rules, "Vex", False, Draws(0.29)) == "chance"
-    assert speaks_unaddressed(incoming(), "hello all", rules, "Vex", False, Draws(0.30)) is None
+    assert speaks_unaddressed(incoming(), "hello all", rules, ["Vex"], False, Draws(0.29)) == "chance"
+    assert speaks_unaddressed(incoming(), "hello all", rules, ["Vex"], False, Draws(0.30)) is None
     always, never = Speaking(reply_chance=100), Speaking(reply_chance=0)
-    assert speaks_unaddressed(incoming(), "x", always, "Vex", False, Draws(0.999)) == "chance"
+    assert speaks_unaddressed(incoming(), "x", always, ["Vex"], False, Draws(0.999)) == "chance"
     quiet = Draws(0.0)
-    assert speaks_unaddressed(incoming(), "x", never, "Vex", False, quiet) is None
+    assert speaks_unaddressed(incoming(), "x", never, ["Vex"], False, quiet) is None
     assert quiet.asked == 0, "no chance set: the random source is not even asked"
 
 
 def test_name_trigger_is_a_whole_word_in_any_case() -> None:
     rules = Speaking(name_trigger=True)
-    assert speaks_unaddressed(incoming(), "what do you think, VEX?", rules, "Vex", False, Draws()) == "name"
-    assert speaks_unaddressed(incoming(), "that is vexing", rules, "Vex", False, Draws()) is None
-    assert speaks_unaddressed(incoming(), "hi vex", Speaking(), "Vex", False, Draws()) is None, "trigger off"
+    assert speaks_unaddressed(incoming(), "what do you think, VEX?", rules, ["Vex"], False, Draws()) == "name"
+    assert speaks_unaddressed(incoming(), "that is vexing", rules, ["Vex"], False, Draws()) is None
+    assert speaks_unaddressed(incoming(), "hi vex", Speaking(), ["Vex"], False, Draws()) is None, "trigger off"
+    scene = ["Vex", "Marlowe"]
+    assert speaks_unaddressed(incoming(), "marlowe, your turn", rules, scene, False, Draws()) == "name", "a scene's"
     assert names("ask captain   vex now", "Captain Vex") and not names("captainvex", "Captain Vex")
     assert names("(Hermes)", "Hermes") and not names("Hermes2", "Hermes") and not names("x", "")
 
@@ -96,9 +98,9 @@ def test_follow_up_window_answers_the_same_persons_next_message() -> None:
     assert not follow.within(channel, bob, now=101.0, seconds=60), "only the person answered"
     assert not follow.within(11, ann, now=101.0, seconds=60), "only in that channel"
     rules = Speaking(follow_up_seconds=60)
-    assert speaks_unaddressed(incoming(), "and then?", rules, "Vex", True, Draws()) == "follow-up"
-    assert speaks_unaddressed(incoming(), "and then?", rules, "Vex", False, Draws()) is None
-    assert speaks_unaddressed(incoming(), "and then?", Speaking(), "Vex", True, Draws()) is None, "no window set"
+    assert speaks_unaddressed(incoming(), "and then?", rules, ["Vex"], True, Draws()) == "follow-up"
+    assert speaks_unaddressed(incoming(), "and then?", rules, ["Vex"], False, Draws()) is None
+    assert speaks_unaddressed(incoming(), "and then?", Speaking(), ["Vex"], True, Draws()) is None, "no window set"
 
 
 def test_follow_ups_are_bounded() -> None:
@@ -111,10 +113,10 @@ def test_follow_ups_are_bounded() -> None:
 
 def test_unaddressed_rules_never_answer_self_or_bots_and_leave_dms_and_enabled_channels_alone() -> None:
     rules = Speaking(reply_chance=100, follow_up_seconds=60, name_trigger=True)
-    assert speaks_unaddressed(incoming(from_self=True), "Vex", rules, "Vex", True, Draws(0.0)) is None
-    assert speaks_unaddressed(incoming(from_bot=True), "Vex", rules, "Vex", True, Draws(0.0)) is None
-    assert speaks_unaddressed(incoming(from_bot=True), "Vex", rules, "Vex", False, Draws(0.0),
+    assert speaks_unaddressed(incoming(from_self=True), "Vex", rules, ["Vex"], True, Draws(0.0)) is None
+    assert speaks_unaddressed(incoming(from_bot=True), "Vex", rules, ["Vex"], True, Draws(0.0)) is None
+    assert speaks_unaddressed(incoming(from_bot=True), "Vex", rules, ["Vex"], False, Draws(0.0),
                               reply_to_bots=True) == "name"
     # DMs and enabled channels are answered by should_reply already.
-    assert speaks_unaddressed(incoming(is_dm=True), "Vex", rules, "Vex", True, Draws(0.0)) is None
-    assert speaks_unaddressed(incoming(channel_enabled=True), "Vex", rules, "Vex", True, Draws(0.0)) is None
+    assert speaks_unaddressed(incoming(is_dm=True), "Vex", rules, ["Vex"], True, Draws(0.0)) is None
+    assert speaks_unaddressed(incoming(channel_enabled=True), "Vex", rules, ["Vex"], True, Draws(0.0)) is None

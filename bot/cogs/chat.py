@@ -95,7 +95,7 @@ class Chat(commands.Cog):
             answering = should_reply(incoming, reply_to_bots) or bool(speaks_unaddressed(
                 incoming, message.content,
                 Speaking(state.reply_chance, state.follow_up_seconds, state.name_trigger),
-                self.bot.responder.persona(state.persona).name,
+                await self._names(key, state.persona, state.name_trigger and not state.enabled),
                 self.follow_ups.within(message.channel.id, message.author.id, time.monotonic(),
                                        state.follow_up_seconds),
                 self.chance, reply_to_bots))
@@ -132,6 +132,12 @@ class Chat(commands.Cog):
                               message.channel)
         elif verdict:
             await self._notify(message, verdict)
+
+    async def _names(self, key: str, persona: str | None, with_scene: bool) -> list[str]:
+        """The names that trigger a reply (/channel speak name): the persona's, and with
+        `with_scene` its scene characters' (read only then: one query)."""
+        keys = [persona, *((await self.store.scene(key))[0] if with_scene else [])]
+        return [self.bot.responder.persona(k).name for k in keys]
 
     async def _notify(self, message: discord.Message, notice: str) -> None:
         """A short notice for a person (not stored: notices are never the bot's words)."""
