@@ -121,6 +121,7 @@ async def test_reply_chance_follow_up_window_and_name_trigger(start_bot: StartBo
     assert "“Hermes”" in settings
     named = await asks(h, d.bob, d.general, "what does HERMES think?", mention=False)
     assert "Bob: what does HERMES think?" in named
+    assert "Bob: I am not in this" in named, "the chat around it is read from Discord (not stored)"
     unnamed = await d.user_says(d.bob, d.general, "hermetic seals are neat")
     await asyncio.sleep(1.0)
     assert d.replies_to(unnamed) == [], "the name as a whole word only"
