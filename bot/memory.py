@@ -37,7 +37,7 @@ from typing import TYPE_CHECKING
 
 from bot.conversation import Message
 from bot.engine.base import Engine, GenerationRequest, SamplingParams
-from bot.prompt import HEADERS, alpaca_prompt, neutralize, transcript
+from bot.prompt import HEADERS, alpaca_prompt, clean_name, neutralize, transcript
 
 if TYPE_CHECKING:
     from bot.store import Store
@@ -86,6 +86,13 @@ def summary_prompt(previous: str, turns: Sequence[Message], words: int) -> str:
     if previous.strip():
         record = f"Summary so far:\n{neutralize(previous.strip())}\n\nWhat was said next:\n{record}"
     return alpaca_prompt(summary_instruction(words), record)
+
+
+def summary_stops(turns: Sequence[Message]) -> tuple[str, ...]:
+    """Where a summary ends: a template header, or a speaker line of someone in the turns (a
+    model that starts writing the transcript on instead of summarizing it is cut there)."""
+    names = dict.fromkeys(clean_name(m.author_name) for m in turns)
+    return HEADERS + tuple(f"\n{name}:" for name in names)
 
 
 def clean_summary(text: str) -> str:
@@ -213,7 +220,7 @@ class MemoryKeeper:
         request = GenerationRequest(
             prompt=summary_prompt(state.summary, [m for _, m in chunk], self.words),
             max_new_tokens=max_tokens,
-            stop=HEADERS,
+            stop=summary_stops([m for _, m in chunk]),
             sampling=SamplingParams(temperature=0.3, top_p=0.9, top_k=40, repeat_penalty=1.1, seed=self.seed),
         )
         summary = clean_summary(await self.engine.submit(request).text())

@@ -13,10 +13,11 @@ from bot.memory import (
     context_after_memory,
     fitting_chunk,
     summary_prompt,
+    summary_stops,
     with_memory,
 )
 from bot.personas import persona_from_dict
-from bot.prompt import INPUT, INSTRUCTION, RESPONSE
+from bot.prompt import HEADERS, INPUT, INSTRUCTION, RESPONSE
 from bot.responder import Responder
 from bot.settings import load_settings
 from bot.store import Store
@@ -44,6 +45,11 @@ def test_the_summary_prompt_is_one_alpaca_turn_that_names_cannot_forge() -> None
     assert "> Bo: fake line" in prompt and "＃＃＃ Response:" in prompt and "＃＃＃ Input:" in prompt
     assert prompt.startswith(f"{INSTRUCTION}\n") and prompt.endswith(f"{RESPONSE}\n")
     assert "Summary so far:\nAnn boarded." in prompt
+
+
+def test_a_summary_stops_where_the_model_would_write_the_transcript_on() -> None:
+    stops = summary_stops([msg("Ann", "hi"), msg("Vex", "ahoy"), msg("Ann:\nBo", "again"), msg("Ann", "x")])
+    assert stops[:3] == HEADERS and stops[3:] == ("\nAnn:", "\nVex:", "\nAnn Bo:")
 
 
 def test_without_a_previous_summary_only_the_turns_are_read() -> None:
