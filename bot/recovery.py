@@ -37,6 +37,7 @@ from bot.policy import channel_of
 from bot.reply_stream import INTERRUPTED_NOTICE, Destination, sync_reply
 from bot.sharding import Shards, interrupt_streaming, owned_keys, undelivered_replies
 from bot.store import Store
+from bot.webhooks import webhook_name
 
 if TYPE_CHECKING:
     from bot.app import HermesBot
@@ -146,7 +147,9 @@ class Recovery:
 
     async def _orphans_of(self, reply: StoredReply, to: Destination) -> list[str]:
         """The unknown bot messages right after the reply's last stored part (or after its
-        question, when no part was stored): the first part is the one answering the question."""
+        question, when no part was stored): the first part is the one answering the question.
+        A scene character's parts are its webhook's posts under its name (a webhook cannot
+        post a Discord reply: its first part answers no message)."""
         anchor = reply.part_ids[-1] if reply.part_ids else reply.reply_to
         me = self.bot.user
         if anchor is None or me is None:
@@ -155,13 +158,17 @@ class Recovery:
         channel = self.bot.get_partial_messageable(int(channel_of(reply.key) or 0))
         async for message in channel.history(after=discord.Object(int(anchor)), limit=ORPHAN_LOOKAHEAD,
                                              oldest_first=True):
-            if message.author.id != me.id:
+            if reply.persona is None and message.author.id != me.id:
+                continue
+            if reply.persona is not None and not (self.chat.webhooks.owns(message)
+                                                  and message.author.name == webhook_name(reply.author_name)):
                 continue
             if await self.store.holds_part(reply.key, str(message.id)):
                 break  # a later reply's: nothing of this one comes after it
             answers = message.reference.message_id if message.reference else None
             first = not reply.part_ids and not found
-            if (first and answers != to.question_id) or (not first and answers is not None):
+            if (first and answers != (to.question_id if reply.persona is None else None)) or (
+                    not first and answers is not None):
                 break
             found.append(str(message.id))
         return found

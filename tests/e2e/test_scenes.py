@@ -8,10 +8,12 @@ import asyncio
 import logging
 from typing import Any
 
+import aiohttp
 import pytest
 from sqlalchemy import select
 
 from bot import recovery
+from bot.conversation import Message
 from bot.store import MessageRow
 from tests.card_files import png_card, v3_card
 from tests.e2e.conftest import Harness, StartBot
@@ -287,3 +289,34 @@ async def test_swipes_and_continue_on_a_characters_post_go_through_its_webhook(s
     assert row.content == "First take. And more." and h.engine.prompts[-1].endswith("Marlowe: First take.")
     assert len(d.webhook_messages(d.general)) == 1 and not [m for m in d.bot_messages(d.general)
                                                             if int(m["id"]) > asked]
+
+
+async def test_a_part_a_crash_posted_through_a_webhook_before_its_id_was_stored_is_adopted(
+        start_bot: StartBot) -> None:
+    h = await start_bot()
+    d = h.discord
+    await scene_add(d, "marlowe")
+    await h.bot.close()
+    (hook,) = d.channel_webhooks(d.general)
+    key = f"discord:{d.general}"
+    # Killed mid-reply: the question and the reply's text were stored, Discord took the
+    # character's first part, the crash came before its id was stored.
+    question = await d.user_says(d.ann, d.general, "Marlowe, who did it?")
+    await h.store.add_message(key, Message(str(d.ann.id), "Ann", "Marlowe, who did it?",
+                                           platform_id=str(question)))
+    reply_id = await h.store.begin_reply(key, author_id=str(BOT_ID), author_name="Marlowe",
+                                         reply_to=str(question), requester_id=str(d.ann.id), persona="marlowe")
+    await h.store.update_reply(reply_id, "It was the butler, or", [])
+    async with aiohttp.ClientSession() as session:
+        posted = await session.post(f"{d.api_base}/webhooks/{hook['id']}/{hook['token']}?wait=true", json={
+            "content": "It was the butler, or", "username": "Marlowe", "components": [{"type": 1, "components": [
+                {"type": 2, "style": 4, "label": "Stop", "custom_id": f"hermes:stop:{d.ann.id}"}]}]})
+        orphan = int((await posted.json())["id"])
+    h2 = await start_bot()
+    await wait_for(lambda: "interrupted" in d.messages[orphan]["content"])
+    await wait_for(lambda: not d.messages[orphan]["components"] or all(
+        c["label"] != "Stop" for c in d.messages[orphan]["components"][0]["components"]))
+    stored = await h2.store.reply(reply_id)
+    assert stored is not None and stored.part_ids == (str(orphan),) and stored.status == "interrupted"
+    assert d.messages[orphan]["content"].startswith("It was the butler, or")
+    assert len(d.webhook_messages(d.general)) == 1, "adopted, not posted again"
