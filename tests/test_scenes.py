@@ -88,3 +88,12 @@ def test_each_character_sees_the_others_as_speakers() -> None:
     assert prompt.endswith("### Instruction:\nAnn: Marlowe, is that true?\n\n### Response:\nMarlowe: ")
     assert "\nCaptain Vex:" in stop_sequences(seen), "the model never writes another character's lines"
     assert as_seen_by(history, "Captain Vex")[1].is_bot and not as_seen_by(history, "Captain Vex")[2].is_bot
+
+
+def test_webhook_names_are_ones_discord_accepts() -> None:
+    from bot.webhooks import MAX_NAME_CHARS, webhook_name
+
+    assert webhook_name("Captain Vex") == "Captain Vex"
+    assert "discord" not in webhook_name("Discord Dan").lower() and "clyde" not in webhook_name("clyde").lower()
+    assert webhook_name("Discord Dan").replace("\u200b", "") == "Discord Dan", "still reads the same"
+    assert len(webhook_name("x" * 200)) == MAX_NAME_CHARS and webhook_name("  \n ") == "character"
