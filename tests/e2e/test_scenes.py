@@ -227,7 +227,7 @@ async def test_webhook_posts_are_never_answered_and_the_scene_survives_a_restart
     first = await d.user_says(d.ann, d.general, "Captain Vex?")
     await wait_for(posts_after(d, first, 1))
     await settle(h, 1)
-    await h.bot.close()
+    await h.bot.shutdown()  # its recovery and redelivery end too
     h2 = await start_bot(REPLY_TO_BOTS="true")
     h2.engine.delay = 0.0
     h2.engine.say("two")
@@ -296,7 +296,7 @@ async def test_a_part_a_crash_posted_through_a_webhook_before_its_id_was_stored_
     h = await start_bot()
     d = h.discord
     await scene_add(d, "marlowe")
-    await h.bot.close()
+    await h.bot.shutdown()  # its recovery and redelivery end too
     (hook,) = d.channel_webhooks(d.general)
     key = f"discord:{d.general}"
     # Killed mid-reply: the question and the reply's text were stored, Discord took the
