@@ -25,6 +25,8 @@ from tests.conftest import word_tokens
 from tests.e2e.scripted_engine import ScriptedEngine
 from tests.test_prompt_integrity import parse, speaker_of
 
+pytest_plugins = ["tests.pg"]
+
 
 def msg(who: str, text: str, pid: int | None = None) -> Message:
     return Message(author_id=who, author_name=who, content=text, is_bot=who == "Vex",
@@ -153,6 +155,18 @@ async def test_a_summary_never_lands_over_a_forget(store: Store) -> None:
 
 
 async def test_a_stored_summary_goes_with_forget_reset_and_deletions(store: Store) -> None:
+    await _summary_goes_with_deletions(store)
+
+
+async def test_a_stored_summary_goes_with_forget_reset_and_deletions_on_postgresql(postgres_url: str) -> None:
+    store = await Store.open(postgres_url)
+    try:
+        await _summary_goes_with_deletions(store)
+    finally:
+        await store.close()
+
+
+async def _summary_goes_with_deletions(store: Store) -> None:
     engine = ScriptedEngine(n_ctx=2000, delay=0)
     responder = _responder(store, engine)
     clearing = {
