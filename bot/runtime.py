@@ -60,9 +60,11 @@ async def open_runtime(settings: Settings) -> AsyncIterator[Responder]:
             model_path = configured_model(settings)
             log.info("loading %s (this can take a while for large models)", model_path)
         engine = await start_engine(settings, model_path)
+        responder = Responder(settings, store, engine, personas)
         try:
-            yield Responder(settings, store, engine, personas)
+            yield responder
         finally:
+            await responder.memory.close()  # summaries under way stop before the engine does
             await engine.close()
     finally:
         await store.close()
