@@ -158,7 +158,9 @@ class MemoryKeeper:
         self._wanted[key] = max(1, kept // 2)
         task = self._tasks.get(key)
         if task is None or task.done():
-            self._tasks[key] = asyncio.get_running_loop().create_task(self._run(key), name=f"memory {key}")
+            task = asyncio.get_running_loop().create_task(self._run(key), name=f"memory {key}")
+            self._tasks[key] = task
+            task.add_done_callback(lambda done: self._tasks.pop(key) if self._tasks.get(key) is done else None)
 
     async def forget(self, key: str) -> bool:
         """Drop the conversation's summary and any summary under way (/memory clear)."""

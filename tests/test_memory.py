@@ -118,6 +118,7 @@ async def test_an_overflowing_prompt_gets_a_summary_that_replaces_the_turns_it_c
     assert "Turn 0:" not in first.prompt.text  # dropped: it does not fit
     engine.say("Sum 1.", "Sum 2.", "Sum 3.", "Sum 4.", "Sum 5.")
     await asyncio.wait_for(asyncio.gather(*responder.memory._tasks.values()), 10)
+    assert responder.memory._tasks == {}  # a finished summary leaves nothing behind
     # The backlog is more than one request can read: several requests, oldest turns first,
     # each folding in the summary before it.
     requests = engine.prompts[1:]
