@@ -13,7 +13,7 @@ they would be while people type.
 Printed for turn N: the prompt's tokens, how many turns it renders and from which turn, the
 summary, whether the early facts are still in the prompt, the first lines of the prompt, and
 how much of each prompt the previous turn's prompt shares from its start (the prefix the
-engine reuses) over the last 50 turns.
+engine reuses) over the last 50 turns, and how many tokens of the turn-N prompt are new.
 """
 
 from __future__ import annotations
@@ -128,10 +128,13 @@ async def run(args: argparse.Namespace, engine: CannedChat, words: int, folder: 
     await store.close()
     turns = [int(n) for m in last.messages if not m.is_bot for n in re.findall(r"^Turn (\d+)", m.content)]
     shared = [len(commonprefix([a, b])) / len(b) for a, b in zip(engine.chat_prompts[-51:-1], engine.chat_prompts[-50:], strict=False)]
+    before, now = engine.chat_prompts[-2:]
+    new_tokens = engine.count_tokens(now) - engine.count_tokens(commonprefix([before, now]))
     return {
         "tokens": last.n_tokens, "messages": len(last.messages), "first turn": min(turns), "summary": memory.summary,
         "facts": [word for _, word in FACTS.values() if word in last.text],
-        "head": last.text.split("\n")[:12], "shared": statistics.mean(shared), "seconds": time.monotonic() - started,
+        "head": last.text.split("\n")[:12], "shared": statistics.mean(shared), "new tokens": new_tokens,
+        "seconds": time.monotonic() - started,
         "summaries": engine.summaries,
     }
 
@@ -164,11 +167,11 @@ async def main() -> None:
     print(f"Turn {args.turns} of a scripted roleplay, N_CTX={args.n_ctx}, MAX_NEW_TOKENS={args.max_new_tokens}, "
           f"summaries of at most {args.words} words by the {model}\n")
     print("| | prompt tokens | messages rendered | oldest turn rendered | early facts in the prompt "
-          "| prefix shared with the previous turn (last 50 turns) | summaries written | run time |")
-    print("|---|---|---|---|---|---|---|---|")
+          "| prefix shared with the previous turn (last 50 turns) | tokens new at turn N | summaries written | run time |")
+    print("|---|---|---|---|---|---|---|---|---|")
     for label, r in results.items():
         print(f"| {label} | {r['tokens']} | {r['messages']} | {r['first turn']} | {', '.join(r['facts']) or 'none'} "
-              f"| {r['shared']:.0%} | {r['summaries']} | {r['seconds']:.0f} s |")
+              f"| {r['shared']:.0%} | {r['new tokens']} | {r['summaries']} | {r['seconds']:.0f} s |")
     for label, r in results.items():
         print(f"\n--- {label}: the first lines of the prompt at turn {args.turns} ---")
         print("\n".join(r["head"]))
