@@ -137,7 +137,8 @@ class Answerer:
                                                              context=context,
                                                              continue_reply=previous if continuing else None,
                                                              persona=persona if persona_key is not None else None,
-                                                             others=await self._others(question.key, persona_key))
+                                                             others=await self._others(question.key, persona_key),
+                                                             own_id=str(self.bot_user_id))
                 except (EngineError, PromptTooLong) as error:
                     log.warning("cannot answer in %s: %s", question.key, error)
                     await stream.fail(f"I can't answer right now: {error}")

@@ -25,6 +25,9 @@ class Message:
     platform_id: str | None = None
     created_at: datetime = field(default_factory=utcnow)
     attachments: str = ""  # text read from attached files, and notes on the ones not read
+    # The people it mentions, as (id, display name): their names are in `content` as
+    # "@name" (kept for pseudonymizing exported datasets; never read back into prompts).
+    mentions: tuple[tuple[str, str], ...] = ()
 
 
 @dataclass(frozen=True)

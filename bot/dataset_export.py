@@ -41,11 +41,11 @@ from dataclasses import dataclass, replace
 from pathlib import Path
 from typing import Any
 
-from bot.attachments import with_attachments
 from bot.conversation import DONE, Message
-from bot.personas import DEFAULT_PERSONA, Persona, preamble_user
-from bot.prompt import INPUT, INSTRUCTION, RESPONSE, alpaca_prompt, build_prompt, neutralize
-from bot.responder import MAX_CHARS_PER_TOKEN, newest_within
+from bot.personas import DEFAULT_PERSONA, Persona
+from bot.prompt import INPUT, INSTRUCTION, MAX_CHARS_PER_TOKEN, RESPONSE, alpaca_prompt, neutralize
+from bot.prompt_assembly import assemble_prompt
+from bot.responder import newest_within, others_as_speakers
 from bot.scenes import as_seen_by
 from bot.store import Store
 
@@ -128,23 +128,14 @@ def bot_prompt(
     history: Sequence[Message], persona: Persona, speaker: str, count_tokens: TokenCounter, limits: PromptLimits,
     in_scene: bool = False,
 ) -> str:
-    """The prompt the bot sends to answer `speaker` after `history` (as `bot.responder`:
-    a scene character sees the others as speakers, attached files follow their messages)."""
+    """The prompt the bot sends to answer `speaker` after `history` (the same
+    `assemble_prompt` as `bot.responder`; a scene character sees the others as speakers).
+    The /me descriptions, the rolling memory and the author's note are left out: what
+    they were when the reply was written is not stored."""
     history = as_seen_by(history, persona.name) if in_scene else list(history)
     history = newest_within(history, (limits.n_ctx - limits.max_new_tokens) * MAX_CHARS_PER_TOKEN)
-    lore_before: list[str] = []
-    lore_after: list[str] = []
-    if persona.lorebook is not None:
-        lore_before, lore_after = persona.lorebook.activate([m.content for m in history], count_tokens)
-    history = with_attachments(history, count_tokens, (limits.n_ctx - limits.max_new_tokens) // 2)
-    return build_prompt(
-        history, count_tokens, n_ctx=limits.n_ctx, max_new_tokens=limits.max_new_tokens,
-        preamble=persona.preamble(
-            preamble_user(speaker, (m.author_name for m in history if not m.is_bot)), lore_before, lore_after
-        ),
-        response_prefix=persona.response_prefix(),
-        final_input=persona.post_history(speaker),
-    ).text
+    return assemble_prompt(history, persona, speaker, count_tokens, n_ctx=limits.n_ctx,
+                           max_new_tokens=limits.max_new_tokens).text
 
 
 def split_prompt(prompt: str, final_input: str) -> dict[str, str] | None:
@@ -189,8 +180,16 @@ def make_record(
     return record
 
 
-def _persona(personas: Mapping[str, Persona], *keys: str | None) -> Persona:
-    return next((personas[k] for k in keys if k is not None and k in personas), personas[DEFAULT_PERSONA])
+def _persona(personas: Mapping[str, Persona], character: str | None, chosen: str | None, author_name: str) -> Persona:
+    """The persona that wrote a reply: the scene character it records; else the
+    conversation's persona if the reply bears its name (it may have changed since); else
+    the persona of that name; else the default assistant."""
+    if character is not None and character in personas:
+        return personas[character]
+    current = personas.get(chosen) if chosen is not None else None
+    if current is not None and current.name == author_name:
+        return current
+    return next((p for p in personas.values() if p.name == author_name), personas[DEFAULT_PERSONA])
 
 
 async def export_conversation(
@@ -203,13 +202,14 @@ async def export_conversation(
     pseudonyms = Pseudonyms(await store.conversation_people(conversation_id))
     window: deque[Message] = deque(maxlen=limits.history_limit)
     after = forget_before_id or 0
+    own = await store.reply_author_ids(conversation_id)  # the bot's: other bots are speakers
     while batch := await store.export_turns(conversation_id, after, BATCH):
         for row_id, message, status, speaker_persona in batch:
             after = row_id
             if message.is_bot and status is not None and status != DONE:
                 stats.not_done += 1
             if message.is_bot and status == DONE:
-                persona = _persona(personas, speaker_persona, persona_key)
+                persona = _persona(personas, speaker_persona, persona_key, message.author_name)
                 record = make_record(window, pseudonyms.text(message.content), persona, count_tokens, limits,
                                      in_scene=speaker_persona is not None)
                 if record is None:
@@ -217,7 +217,7 @@ async def export_conversation(
                 else:
                     write(record)
                     stats.records += 1
-            window.append(pseudonyms.message(message))
+            window.append(pseudonyms.message(others_as_speakers([message], own)[0]))
     stats.conversations += 1
 
 

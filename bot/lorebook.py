@@ -12,7 +12,7 @@ Recursion (SillyTavern's "recursive scanning", on when the book's `recursive_sca
 true): after the first scan of the conversation, the contents of the entries just
 activated are scanned too, and entries they mention activate in a next step, and so on
 until a step activates nothing new or `max_recursion_steps` steps have run (the book's
-`extensions.max_recursion_steps`; 0 = no limit but the number of entries, since each entry
+`extensions.max_recursion_steps`; 0 = the bound `MAX_RECURSION_STEPS`; each entry
 activates at most once, so a cycle ends). As in SillyTavern, per entry (in its
 `extensions`): `exclude_recursion` — only the conversation can activate it, never another
 entry; `prevent_recursion` — its content activates nothing; `delay_until_recursion` (true
@@ -21,6 +21,12 @@ or a level 1, 2, …) — only other entries' contents can activate it, level by
 found directly wins over one found through another's content; within a step the highest
 `priority` first); once an entry does not fit, recursion stops, and only entries that made
 it in are scanned for the next step.
+
+Bounded for any card a stranger imports: at most `MAX_RECURSION_STEPS` scan steps (the
+book may ask for fewer), the conversation scanned is its newest `MAX_SCAN_CHARS`
+characters, the contents added by recursion stop being scanned past
+`MAX_RECURSION_CHARS`, and a book holds at most `MAX_KEYS` keys (entries past that are
+skipped and logged). Each scan lowercases its text once.
 
 Every field is type-checked (`entry_from_dict`): numbers must be JSON numbers, flags
 true/false, keys lists of text. A bad entry is skipped with a log line naming the card and
@@ -39,6 +45,10 @@ log = logging.getLogger(__name__)
 
 DEFAULT_SCAN_DEPTH = 10
 DEFAULT_TOKEN_BUDGET = 512
+MAX_RECURSION_STEPS = 8  # scan steps in all, the first included (SillyTavern's UI allows up to 10)
+MAX_SCAN_CHARS = 64_000  # the newest characters of the conversation that are scanned
+MAX_RECURSION_CHARS = 32_000  # entry contents scanned by recursion, at most
+MAX_KEYS = 5_000  # keys and secondary keys of one book
 
 
 @dataclass(frozen=True)
@@ -57,12 +67,14 @@ class LoreEntry:
     prevent_recursion: bool = False  # its content activates no other entry
     delay_until_recursion: int = 0  # > 0: activated only by other entries, at this level
 
-    def matches(self, text: str) -> bool:
+    def matches(self, text: str, lowered: str | None = None) -> bool:
+        """Whether a key (and, when selective, a secondary key) appears in `text`;
+        `lowered` is `text.lower()` when the caller has it already."""
         if not self.enabled:
             return False
         if self.constant:
             return True
-        haystack = text if self.case_sensitive else text.lower()
+        haystack = text if self.case_sensitive else (lowered if lowered is not None else text.lower())
 
         def found(keys: Sequence[str]) -> bool:
             return any(k and (k if self.case_sensitive else k.lower()) in haystack for k in keys)
@@ -77,7 +89,7 @@ class Lorebook:
     token_budget: int = DEFAULT_TOKEN_BUDGET
     skipped: tuple[str, ...] = ()  # entries (and settings) dropped for a wrong type, and why
     recursive: bool = False  # the book's `recursive_scanning`
-    max_recursion_steps: int = 0  # scan steps in all, the first included; 0: no limit
+    max_recursion_steps: int = 0  # scan steps in all, the first included; 0: MAX_RECURSION_STEPS
 
     def activate(
         self, recent_texts: Sequence[str], count_tokens: Callable[[str], int]
@@ -92,10 +104,10 @@ class Lorebook:
     def activated(self, recent_texts: Sequence[str], count_tokens: Callable[[str], int]) -> list[LoreEntry]:
         """The entries that make it into the prompt, in the order they were activated: the
         first scan, then (when the book recurses) each recursion step (see the module doc)."""
-        window = "\n".join(recent_texts[-self.scan_depth :]) if self.scan_depth > 0 else ""
+        window = "\n".join(recent_texts[-self.scan_depth :])[-MAX_SCAN_CHARS:] if self.scan_depth > 0 else ""
         levels = sorted({e.delay_until_recursion for e in self.entries if e.delay_until_recursion > 0})
         level = levels.pop(0) if levels else 0
-        limit = self.max_recursion_steps or len(self.entries) + len(levels) + 2
+        limit = min(self.max_recursion_steps or MAX_RECURSION_STEPS, MAX_RECURSION_STEPS)
         kept: list[LoreEntry] = []
         decided: set[int] = set()  # entries activated (kept or over budget): at most once each
         used = 0
@@ -105,13 +117,14 @@ class Lorebook:
             step += 1
             recursion = step > 1
             text = window + "\n" + recursed if recursion else window
+            lowered = text.lower()
             found = [
                 (index, entry) for index, entry in enumerate(self.entries)
                 if index not in decided
                 and (recursion or not entry.delay_until_recursion)
                 and not (recursion and entry.exclude_recursion)
                 and entry.delay_until_recursion <= level
-                and entry.matches(text)
+                and entry.matches(text, lowered)
             ]
             overflow = False
             new_text: list[str] = []
@@ -127,8 +140,10 @@ class Lorebook:
                     new_text.append(entry.content)
             if not self.recursive or overflow:
                 break
+            if new_text and len(recursed) >= MAX_RECURSION_CHARS:
+                break  # as much entry text as is ever scanned
             if new_text:
-                recursed += "\n" + "\n".join(new_text)
+                recursed = (recursed + "\n" + "\n".join(new_text))[:MAX_RECURSION_CHARS]
             elif levels:
                 level = levels.pop(0)  # nothing new at this level: open the next one
             else:
@@ -256,13 +271,22 @@ def lorebook_from_dict(book: Mapping[str, Any], origin: str = "a lorebook") -> L
     entries: list[LoreEntry] = []
     skipped: list[str] = []
     raw_entries = book.get("entries")
+    keys = 0
     for index, raw in enumerate(raw_entries if isinstance(raw_entries, list) else []):
         try:
-            entries.append(entry_from_dict(raw))
+            entry = entry_from_dict(raw)
         except LoreError as error:
             problem = f"{_entry_label(index, raw)}: {error}"
             log.warning("%s: skipping lorebook %s", origin, problem)
             skipped.append(problem)
+            continue
+        keys += len(entry.keys) + len(entry.secondary_keys)
+        if keys > MAX_KEYS:
+            problem = f"{_entry_label(index, raw)} and the rest: the book holds more than {MAX_KEYS} keys"
+            log.warning("%s: skipping lorebook %s", origin, problem)
+            skipped.append(problem)
+            break
+        entries.append(entry)
     settings = {}
     for key, default, high in (("scan_depth", DEFAULT_SCAN_DEPTH, _MAX_SCAN_DEPTH),
                                ("token_budget", DEFAULT_TOKEN_BUDGET, _MAX_TOKEN_BUDGET)):

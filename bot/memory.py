@@ -37,7 +37,7 @@ from typing import TYPE_CHECKING
 
 from bot.conversation import Message
 from bot.engine.base import Engine, GenerationRequest, SamplingParams
-from bot.prompt import HEADERS, alpaca_prompt, clean_name, neutralize, transcript
+from bot.prompt import HEADERS, MAX_CHARS_PER_TOKEN, alpaca_prompt, clean_name, neutralize, transcript
 
 if TYPE_CHECKING:
     from bot.store import Store
@@ -102,6 +102,17 @@ def clean_summary(text: str) -> str:
         if text.lower().startswith(label.lower()):
             text = text[len(label):].strip()
     return text[:MAX_SUMMARY_CHARS].strip()
+
+
+def oldest_within(rows: Sequence[tuple[int, Message]], max_chars: int) -> list[tuple[int, Message]]:
+    """The oldest rows whose texts add up to at most `max_chars` (at least one): no more
+    can fit one request, so no more are counted."""
+    total = 0
+    for index, (_, message) in enumerate(rows):
+        total += len(message.content) + len(message.author_name) + 4
+        if total > max_chars:
+            return list(rows[: max(index, 1)])
+    return list(rows)
 
 
 def fitting_chunk(
@@ -215,7 +226,8 @@ class MemoryKeeper:
         def fits(turns: Sequence[Message]) -> bool:
             return self.engine.count_tokens(summary_prompt(state.summary, turns, self.words)) <= budget
 
-        chunk = fitting_chunk(rows, fits)
+        # Counting tokens is heavy (a backlog of long messages: seconds): never on the loop.
+        chunk = await asyncio.to_thread(fitting_chunk, oldest_within(rows, budget * MAX_CHARS_PER_TOKEN), fits)
         if not chunk:
             log.warning("conversation %s: no room in the context to summarize its history", key)
             return False, False

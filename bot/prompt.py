@@ -81,6 +81,12 @@ NAME_FALLBACK = "someone"
 CONTINUATION_MARK = "> "
 
 TokenCounter = Callable[[str], int]
+# The most characters one token of the prompt is assumed to take when a history is first
+# cut to size (Llama-family tokenizers average about 4 for English). Counting tokens over
+# a whole stored window (200 messages of 4000 characters: 800,000 characters, several
+# times over in the budget's binary search) would take seconds; a history is cut to what
+# can possibly fit first, then counted exactly.
+MAX_CHARS_PER_TOKEN = 8
 
 COLONS = ":\uff1a\ufe55\ua789\u2236\ufe13"
 HASHES = "#\uff03\ufe5f"

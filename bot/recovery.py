@@ -209,7 +209,8 @@ class Recovery:
             state = await self.store.state(key)
             log.info("recovery: answering the unanswered question %s in %s", question.platform_id, key)
             self.chat.queue_answer(Question(key, channel_id, int(question.platform_id), int(question.author_id),
-                                            question.author_name, read_context=not (state.enabled or state.is_dm)))
+                                            question.author_name, read_context=not (state.enabled or state.is_dm),
+                                            text=question.content))  # a scene: who is named answers
 
     async def _own(self, keys: list[str]) -> list[str]:
         """The keys of conversations this process looks after (all, unless sharded)."""

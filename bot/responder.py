@@ -6,30 +6,24 @@ treated the same way wherever it comes from.
 
 from __future__ import annotations
 
+import asyncio
 import logging
-from collections.abc import Sequence
-from dataclasses import dataclass
+from collections.abc import Collection, Sequence
+from dataclasses import dataclass, replace
 
-from bot.attachments import with_attachments
 from bot.author_note import note_insertions
 from bot.conversation import Message, StoredReply
 from bot.engine.base import Engine, Generation, GenerationRequest, SamplingParams
-from bot.memory import MemoryKeeper, context_after_memory, with_memory
-from bot.personas import DEFAULT_PERSONA, Persona, preamble_user, short_key, visible_in
-from bot.prompt import BuiltPrompt, PromptTooLong, build_prompt, clean_name
+from bot.memory import MemoryKeeper, context_after_memory
+from bot.personas import DEFAULT_PERSONA, Persona, short_key, visible_in
+from bot.prompt import MAX_CHARS_PER_TOKEN, BuiltPrompt, PromptTooLong, clean_name
+from bot.prompt_assembly import assemble_prompt
 from bot.scenes import as_seen_by
 from bot.settings import Settings
 from bot.store import Store
 from bot.swipes import history_to_continue
-from bot.user_personas import user_persona_lines
 
 log = logging.getLogger(__name__)
-# The most characters one token of the prompt is assumed to take when the history is first
-# cut to size (Llama-family tokenizers average about 4 for English). Counting tokens over
-# the whole stored window (200 messages of 4000 characters: 800,000 characters, several
-# times over in the budget's binary search) would hold the event loop for a second; the
-# history is cut to what can possibly fit first, then counted exactly.
-MAX_CHARS_PER_TOKEN = 8
 
 
 def with_context(history: list[Message], context: Sequence[Message]) -> list[Message]:
@@ -40,6 +34,13 @@ def with_context(history: list[Message], context: Sequence[Message]) -> list[Mes
         return history
     # Discord ids grow with time; a row without one (a reply just begun) stays last.
     return sorted(history + extra, key=lambda m: int(m.platform_id) if (m.platform_id or "").isdigit() else 2**63)
+
+
+def others_as_speakers(history: Sequence[Message], own_ids: Collection[str]) -> list[Message]:
+    """Only the bot's own words (authored by one of `own_ids`) are its responses; other
+    bots' and webhooks' messages are speaker lines like people's, whatever name they
+    take (a webhook called like the persona, or like a scene character, forges nothing)."""
+    return [replace(m, is_bot=False) if m.is_bot and m.author_id not in own_ids else m for m in history]
 
 
 def newest_within(history: list[Message], max_chars: int) -> list[Message]:
@@ -92,7 +93,7 @@ class Responder:
 
     async def start_reply(self, key: str, speaker: str, context: Sequence[Message] = (),
                           continue_reply: StoredReply | None = None, persona: Persona | None = None,
-                          others: Sequence[str] = ()) -> Reply:
+                          others: Sequence[str] = (), own_id: str | None = None) -> Reply:
         """Build the prompt from the stored history and queue its generation.
 
         `speaker` is the display name of the person being answered (for `{{user}}` in the
@@ -104,7 +105,9 @@ class Responder:
         of the history up to it (`bot.swipes.history_to_continue`);
         `persona`: the scene character that answers (else the conversation's persona); the
         other characters' lines are then speaker lines (`bot.scenes.as_seen_by`), and `others`
-        (the names of the scene's other characters) end the reply like a person's name.
+        (the names of the scene's other characters) end the reply like a person's name;
+        `own_id`: the bot's author id (its Discord user): other bots' messages are then
+        speaker lines (`others_as_speakers`).
         """
         in_scene = persona is not None
         persona = persona or await self.conversation_persona(key)
@@ -113,6 +116,8 @@ class Responder:
         memory, note, user_turns = await self.store.prompt_extras(key)
         stored = await self.store.recent_messages(key, self.settings.history_limit, after_id=memory.until)
         history = with_context(stored, context_after_memory(context, stored, memory))
+        if own_id is not None:
+            history = others_as_speakers(history, {own_id})
         available = len(history)
         if continue_reply is not None:
             cut = history_to_continue(history, continue_reply.part_ids[0]) if continue_reply.part_ids else None
@@ -123,31 +128,13 @@ class Responder:
             history = as_seen_by(history, persona.name)
         n_ctx = self.engine.info.n_ctx
         history = newest_within(history, (n_ctx - self.settings.max_new_tokens) * MAX_CHARS_PER_TOKEN)
-        lore_before: list[str] = []
-        lore_after: list[str] = []
-        if persona.lorebook is not None:
-            lore_before, lore_after = persona.lorebook.activate(
-                [m.content for m in history], self.engine.count_tokens
-            )
-        # Who the people present play (/me), after the character's definitions as in
-        # SillyTavern's story string; their attached files follow their messages.
-        budget = n_ctx - self.settings.max_new_tokens
         described = await self.store.user_personas_in(key, [m.author_id for m in history if not m.is_bot])
-        lore_after = [*lore_after, "\n".join(user_persona_lines(history, described, persona.name, max_chars=budget))]
-        history = with_attachments(history, self.engine.count_tokens, budget // 2)
-        prompt = build_prompt(
-            history,
-            self.engine.count_tokens,
-            n_ctx=n_ctx,
-            max_new_tokens=self.settings.max_new_tokens,
-            # {{user}} in the preamble never depends on who is answered (prefix reuse in groups).
-            preamble=with_memory(persona.preamble(
-                preamble_user(speaker, (m.author_name for m in history if not m.is_bot)), lore_before, lore_after
-            ), memory.summary),
-            response_prefix=persona.response_prefix(),
-            final_input=persona.post_history(speaker),
-            continue_last=continue_reply is not None,
-            notes=note_insertions(note, persona, speaker, user_turns),
+        # Counting tokens (the lorebook's budget, attached files, what fits) is the heavy
+        # part, and with a fleet it may ask a server: never on the event loop.
+        prompt = await asyncio.to_thread(
+            assemble_prompt, history, persona, speaker, self.engine.count_tokens, n_ctx=n_ctx,
+            max_new_tokens=self.settings.max_new_tokens, described=described, summary=memory.summary,
+            notes=note_insertions(note, persona, speaker, user_turns), continue_last=continue_reply is not None,
         )
         if continue_reply is None and (len(prompt.messages) < available or len(stored) >= self.settings.history_limit):
             self.memory.overflowed(key, len(prompt.messages))

@@ -19,8 +19,7 @@ import asyncio
 import json
 import logging
 import time
-from collections.abc import AsyncIterator, Awaitable, Callable, Sequence
-from contextlib import asynccontextmanager
+from collections.abc import Awaitable, Callable, Sequence
 from datetime import UTC, datetime
 from pathlib import Path
 from typing import Any, TypeVar
@@ -155,6 +154,7 @@ class MessageRow(Base):
     persona: Mapped[str | None] = mapped_column(String(200))  # bot messages: the character that spoke
     attachments: Mapped[str | None] = mapped_column(CleanText)  # text read from attached files
     swipe: Mapped[int | None] = mapped_column(Integer)  # replies: the alternative shown (reply_alternatives)
+    mentions: Mapped[str | None] = mapped_column(CleanText)  # JSON [[id, display name], …] of people mentioned
 
 
 class SceneMemberRow(Base):
@@ -179,6 +179,8 @@ class ReplyAlternativeRow(Base):
     message_id: Mapped[int] = mapped_column(Id, ForeignKey("messages.id", ondelete="CASCADE"))
     position: Mapped[int] = mapped_column(Integer)
     content: Mapped[str] = mapped_column(CleanText)
+    status: Mapped[str | None] = mapped_column(String(16))  # how that take ended (done, stopped, …)
+    notice: Mapped[str | None] = mapped_column(CleanText)
     created_at: Mapped[datetime] = mapped_column(DateTime(timezone=True), default=utcnow)
 
 
@@ -250,6 +252,7 @@ def _message_values(conversation_id: int, message: Message) -> dict[str, Any]:
         "content": message.content,
         "created_at": message.created_at,
         "attachments": message.attachments or None,
+        "mentions": json.dumps([list(m) for m in message.mentions]) if message.mentions else None,
     }
 
 
@@ -415,7 +418,7 @@ class Store:
 
     async def edit_message(self, key: str, platform_id: str, content: str) -> bool:
         """Replace a stored message's content; False if it is not stored."""
-        return await self._update_message(key, platform_id, content=content, edited_at=utcnow())
+        return await self._update_message(key, platform_id, live_only=True, content=content, edited_at=utcnow())
 
     async def delete_message(self, key: str, platform_id: str) -> bool:
         """A message deleted in Discord: its text is erased; a tombstone without text (ids
@@ -483,17 +486,17 @@ class Store:
 
         return await self._write(work)
 
-    async def _update_message(self, key: str, platform_id: str, **values: object) -> bool:
+    async def _update_message(self, key: str, platform_id: str, live_only: bool = False, **values: object) -> bool:
+        """Update a stored message; `live_only`: not if it was deleted meanwhile (an edit or
+        a file read that arrives after the deletion must not bring text back)."""
+
         async def work(session: AsyncSession) -> bool:
             conversation_id = select(ConversationRow.id).where(ConversationRow.key == key)
-            result = await session.execute(
-                update(MessageRow)
-                .where(
-                    MessageRow.conversation_id == conversation_id.scalar_subquery(),
-                    MessageRow.platform_id == platform_id,
-                )
-                .values(**values)
-            )
+            conditions = [MessageRow.conversation_id == conversation_id.scalar_subquery(),
+                          MessageRow.platform_id == platform_id]
+            if live_only:
+                conditions.append(MessageRow.deleted_at.is_(None))
+            result = await session.execute(update(MessageRow).where(*conditions).values(**values))
             return bool(result.rowcount)
 
         return await self._write(work)
@@ -577,7 +580,7 @@ class Store:
         async def work(session: AsyncSession) -> None:
             await self._keep_alternative(session, reply_id)
             await session.execute(update(MessageRow).where(MessageRow.id == reply_id).values(
-                content="", reply_status=STREAMING, notice=None, author_name=author_name, deleted_at=None))
+                content="", reply_status=STREAMING, notice=None, author_name=author_name))
 
         await self._write(work)
 
@@ -741,14 +744,32 @@ class Store:
 
     async def conversation_people(self, conversation_id: int) -> list[tuple[str, str]]:
         """Every (author id, display name) of the people (not the bot) stored in a
-        conversation, hidden rows included, in order of first appearance."""
+        conversation, hidden rows included, in order of first appearance; then the people
+        their messages mention."""
         async with self._sessions() as session:
             rows = (await session.execute(
                 select(MessageRow.author_id, MessageRow.author_name, func.min(MessageRow.id).label("first"))
                 .where(MessageRow.conversation_id == conversation_id, MessageRow.is_bot.is_(False))
                 .group_by(MessageRow.author_id, MessageRow.author_name).order_by("first")
             )).all()
-        return [(row[0], row[1]) for row in rows]
+            mentioned = await session.scalars(
+                select(MessageRow.mentions).where(MessageRow.conversation_id == conversation_id,
+                                                  MessageRow.mentions.is_not(None)).order_by(MessageRow.id)
+            )
+            people = [(row[0], row[1]) for row in rows]
+            for mentions in mentioned:  # people named in a mention who may never have written here
+                people += [(str(i), str(name)) for i, name in json.loads(mentions)]
+        return list(dict.fromkeys(people))
+
+    async def reply_author_ids(self, conversation_id: int) -> set[str]:
+        """Who wrote the bot's replies in a conversation (its own words, as against other
+        bots' and webhooks' messages)."""
+        async with self._sessions() as session:
+            ids = await session.scalars(
+                select(MessageRow.author_id).where(MessageRow.conversation_id == conversation_id,
+                                                   MessageRow.reply_status.is_not(None)).distinct()
+            )
+            return set(ids)
 
     async def export_turns(
         self, conversation_id: int, after_id: int, limit: int
@@ -813,7 +834,9 @@ class Store:
                     ReplyAlternativeRow.message_id == reply_id, ReplyAlternativeRow.position == view.shown))
                 positions = tuple(p for p in positions if p != view.shown)
             row.content, row.swipe = saved[target].content, target
-            row.reply_status, row.notice, row.undelivered = DONE, None, True
+            # The take comes back as it ended: a stopped one stays stopped (its notice
+            # shown, never exported as a finished answer).
+            row.reply_status, row.notice, row.undelivered = saved[target].status or DONE, saved[target].notice, True
             await session.flush()
             return _to_reply(row, key), SwipeView(positions, target)
 
@@ -853,11 +876,12 @@ class Store:
     @staticmethod
     async def _save_alternative(session: AsyncSession, row: MessageRow, position: int,
                                 existing: ReplyAlternativeRow | None) -> None:
+        status = row.reply_status if row.reply_status in FINAL_STATES else None
         if existing is not None:
-            existing.content = row.content
+            existing.content, existing.status, existing.notice = row.content, status, row.notice
         else:
             session.add(ReplyAlternativeRow(message_id=row.id, position=position, content=row.content,
-                                            created_at=utcnow()))
+                                            status=status, notice=row.notice, created_at=utcnow()))
             await session.flush()
 
     async def _drop_alternatives(self, key: str, platform_id: str) -> None:
@@ -917,8 +941,9 @@ class Store:
         return chosen
 
     async def set_attachments(self, key: str, platform_id: str, text: str) -> bool:
-        """What was read from a stored message's attached files; False if it is not stored."""
-        return await self._update_message(key, platform_id, attachments=text or None)
+        """What was read from a stored message's attached files; False if it is not stored
+        (or was deleted while they were read)."""
+        return await self._update_message(key, platform_id, live_only=True, attachments=text or None)
 
     async def set_speaking(self, key: str, reply_chance: int, follow_up_seconds: int, name_trigger: bool) -> None:
         """When the bot speaks unaddressed in a channel (`/channel speak`)."""

@@ -255,3 +255,42 @@ def test_pseudonyms_leave_other_words_alone() -> None:
     assert names.text("Annual report by Ann; Alice met Al.") == "Annual report by User 1; Alice met User 2."
     assert names.text("call 1111111111111111119 not " + ANN) == "call 1111111111111111119 not User 1"
     assert names.message(Message(BOB, "Al", "<@999999999999999999> hi")).content == "@User 3 hi"
+
+
+# ---- found by a hostile review --------------------------------------------------------
+
+
+async def test_a_person_only_mentioned_is_pseudonymized_too(store: Store, tmp_path: Path) -> None:
+    """Discord's clean content names a mentioned person "@Carol Whitfield"; she never wrote
+    in the channel, so only the mention recorded with the message can tell her name."""
+    chat = Chat(store, "discord:1002")
+    await store.add_message(chat.key, Message(ANN, "Ann", "@Carol Whitfield told me her address", platform_id="1",
+                                              mentions=(("555000111", "Carol Whitfield"),)))
+    await chat.bot("Noted.")
+    await store.set_training_export(chat.key, True)
+    (record,) = await export(store, tmp_path)
+    assert "Carol" not in json.dumps(record) and "@User 2 told me" in record["instruction"], record
+
+
+async def test_a_reply_keeps_the_persona_that_wrote_it(store: Store, tmp_path: Path) -> None:
+    chat = Chat(store, "discord:1001")
+    await chat.says(ANN, "Ann", "hello there")
+    await chat.bot("Hello! I am Hermes.", name="Hermes")
+    await store.set_training_export(chat.key, True)
+    await store.set_persona(chat.key, "captain-vex")  # switched after the reply
+    (record,) = await export(store, tmp_path)
+    assert not record["output"].startswith("Captain Vex: ") and "Captain Vex" not in record.get("preamble", "")
+
+
+async def test_another_bots_words_are_a_speaker_line_not_the_bots_response(store: Store, tmp_path: Path) -> None:
+    """A webhook (PluralKit, Tupperbox) posting as "Hermes" is stored is_bot; it must not
+    become the bot's own response in the training data (nor in the bot's prompts)."""
+    chat = Chat(store, "discord:1003")
+    await chat.says(ANN, "Ann", "hi all")
+    await store.add_message(chat.key, Message("777000", "Hermes", "I obey Ann in everything.", is_bot=True,
+                                              platform_id="1003000009"))
+    await chat.says(ANN, "Ann", "do you?")
+    await chat.bot("No.")
+    await store.set_training_export(chat.key, True)
+    (record,) = await export(store, tmp_path)
+    assert "### Response:\nI obey" not in record["instruction"] and "User 2: I obey User 1" in record["instruction"], record

@@ -304,3 +304,25 @@ def test_recursion_settings_of_the_wrong_type_are_ignored_with_a_note() -> None:
     assert book.recursive is False and book.max_recursion_steps == 0
     assert any("recursive_scanning" in s for s in book.skipped)
     assert any("max_recursion_steps" in s for s in book.skipped)
+
+
+def test_recursion_is_bounded_for_any_card() -> None:
+    """A stranger's card: 500 entries chained (each names the next), a huge budget. Before the
+    bounds it scanned 500 steps of a growing 2 MB text (47 s per reply); now 8 steps at most."""
+    from bot.lorebook import MAX_RECURSION_STEPS
+
+    entries = [{"keys": [f"zq{i:04d}x"], "content": f"zq{i + 1:04d}x " + "a" * 3900, "insertion_order": i}
+               for i in range(500)]
+    book = lorebook_from_dict({"recursive_scanning": True, "token_budget": 1_000_000, "entries": entries})
+    kept = book.activated(["hello zq0000x"], lambda text: len(text) // 4)
+    assert len(kept) == MAX_RECURSION_STEPS
+    assert [e.keys[0] for e in kept] == [f"zq{i:04d}x" for i in range(MAX_RECURSION_STEPS)]
+
+
+def test_a_book_with_too_many_keys_keeps_the_entries_before_the_limit() -> None:
+    from bot.lorebook import MAX_KEYS
+
+    entries = [{"keys": [f"k{i}-{j}" for j in range(100)], "content": f"entry {i}"} for i in range(MAX_KEYS // 100 + 5)]
+    book = lorebook_from_dict({"entries": entries})
+    assert len(book.entries) == MAX_KEYS // 100
+    assert any("more than" in s for s in book.skipped)

@@ -225,7 +225,8 @@ async def test_reply_lifecycle(pg_store: Store) -> None:
     assert await pg_store.delete_message("c", "5001")
     assert [m.content for m in await pg_store.recent_messages("c", 10)] == ["message 0"]
 
-    # Regenerate: it streams again from nothing, in the same parts, visible again once it has text.
+    # A Regenerate queued before the deletion: it streams again from nothing, in the same
+    # parts, but the deleted reply stays deleted (Discord shows none of it): no text comes back.
     await pg_store.restart_reply(reply_id, "Marlowe")
     again = await pg_store.reply(reply_id)
     assert again is not None
@@ -234,7 +235,8 @@ async def test_reply_lifecycle(pg_store: Store) -> None:
     await pg_store.update_reply(reply_id, "Second take", ["5001"])
     await pg_store.finish_reply(reply_id, DONE, "Second take", None)
     await pg_store.mark_delivered(reply_id, "Second take", ["5001"])
-    assert [m.content for m in await pg_store.recent_messages("c", 10)] == ["message 0", "Second take"]
+    assert [m.content for m in await pg_store.recent_messages("c", 10)] == ["message 0"]
+    assert (await pg_store.reply(reply_id)).content == ""  # type: ignore[union-attr]
     assert await pg_store.reply(reply_id + 1000) is None
 
 

@@ -4,15 +4,17 @@ reply (bot.prompt), and the alternatives in a real migrated store (SQLite and Po
 from __future__ import annotations
 
 from collections.abc import AsyncIterator
+from pathlib import Path
 
 import pytest
 from sqlalchemy import func, select
 
-from bot.conversation import DONE, FAILED, STREAMING, Message
+from bot.conversation import DONE, FAILED, STOPPED, STREAMING, Message
 from bot.prompt import HEADERS, INPUT, RESPONSE, PromptTooLong, build_prompt, render_chat
 from bot.store import ReplyAlternativeRow, Store
 from bot.swipes import MAX_ALTERNATIVES, SwipeView, history_to_continue, plan_regeneration
 from tests.conftest import word_tokens
+from tests.test_dataset_export import ANN as ANN_ID, BOT_ID, Chat, export
 
 pytest_plugins = ["tests.pg"]
 
@@ -203,3 +205,22 @@ async def test_forgetting_a_conversation_erases_its_alternatives(store: Store) -
     assert await store.alternatives(reply_id) == []
     async with store._sessions() as session:
         assert await session.scalar(select(func.count()).select_from(ReplyAlternativeRow)) == 0
+
+
+# ---- found by a hostile review --------------------------------------------------------
+
+
+async def test_a_stopped_take_stays_stopped_when_swiped_back_to(store: Store, tmp_path: Path) -> None:
+    chat = Chat(store, "discord:2001")
+    await chat.says(ANN_ID, "Ann", "tell me a story")
+    reply = await store.begin_reply(chat.key, author_id=BOT_ID, author_name="Hermes", reply_to=None, requester_id=ANN_ID)
+    await store.finish_reply(reply, DONE, "Once upon a time there was a ship. The end.", None)
+    await store.restart_reply(reply, "Hermes")  # Regenerate
+    await store.finish_reply(reply, STOPPED, "It was a dark and storm", "*stopped*")  # Ann presses Stop
+    await store.swipe_reply(reply, -1)  # ◀ back to the first
+    await store.swipe_reply(reply, +1)  # ▶ to the stopped one again
+    stored = await store.reply(reply)
+    await store.set_training_export(chat.key, True)
+    records = await export(store, tmp_path)
+    assert stored.status == STOPPED, "the stopped take is now 'done'"
+    assert not any("storm" in r["output"] for r in records), "a stopped text is a training output"

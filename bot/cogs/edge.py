@@ -29,6 +29,7 @@ def to_message(message: discord.Message) -> Message:
         platform_id=str(message.id),
         created_at=message.created_at,
         attachments=notes_only(attachments_of(message)),
+        mentions=tuple((str(u.id), u.display_name) for u in message.mentions),
     )
 
 

@@ -274,6 +274,8 @@ class RemoteEngine(Engine):
         self._saved: collections.OrderedDict[str, str] = collections.OrderedDict()  # conversation -> file
         self._pending: collections.deque[_Job] = collections.deque()
         self._jobs: dict[Generation, _Job] = {}
+        # Token counts are asked from worker threads (prompts are built off the loop).
+        self._cache_lock = threading.Lock()
         self._counts: collections.OrderedDict[bytes, int] = collections.OrderedDict()
         self._tokens: collections.OrderedDict[bytes, list[int]] = collections.OrderedDict()
         self._round = 0
@@ -435,20 +437,23 @@ class RemoteEngine(Engine):
         return EngineHealth(alive=bool(up), last_error="; ".join(errors) or self._last_error)
 
     def count_tokens(self, text: str) -> int:
+        """Blocking (the vocabulary, or a server's /tokenize): call it from a worker thread."""
         key = _digest(text)
-        count = self._counts.get(key)
-        if count is not None:
-            self._counts.move_to_end(key)
-            return count
+        with self._cache_lock:
+            count = self._counts.get(key)
+            if count is not None:
+                self._counts.move_to_end(key)
+                return count
         tokens = self._tokenize_now(text)
         if tokens is None:  # no server answered: an upper bound (byte-level fallback)
             return len(text.encode("utf-8")) + 1
-        self._counts[key] = len(tokens)
-        if len(self._counts) > COUNT_CACHE:
-            self._counts.popitem(last=False)
-        self._tokens[key] = tokens
-        if len(self._tokens) > TOKENS_CACHE:
-            self._tokens.popitem(last=False)
+        with self._cache_lock:
+            self._counts[key] = len(tokens)
+            if len(self._counts) > COUNT_CACHE:
+                self._counts.popitem(last=False)
+            self._tokens[key] = tokens
+            if len(self._tokens) > TOKENS_CACHE:
+                self._tokens.popitem(last=False)
         return len(tokens)
 
     def submit(self, request: GenerationRequest) -> Generation:
@@ -474,8 +479,9 @@ class RemoteEngine(Engine):
         if self.info.path != before:
             log.warning("the llama-servers now serve %s (was %s); token counts are cleared, "
                         "restart the bot if the tokenizer changed", self.info.path, before)
-            self._counts.clear()
-            self._tokens.clear()
+            with self._cache_lock:
+                self._counts.clear()
+                self._tokens.clear()
         self._dispatch()
         return self.info
 
@@ -865,7 +871,8 @@ class RemoteEngine(Engine):
         """The prompt as token ids (BOS, no special-token parsing): cached from count_tokens,
         else the vocabulary, else this server's /tokenize."""
         key = _digest(text)
-        cached = self._tokens.get(key)
+        with self._cache_lock:
+            cached = self._tokens.get(key)
         if cached is not None:
             return cached
         if self._vocab is not None:

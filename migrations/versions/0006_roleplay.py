@@ -34,6 +34,7 @@ MESSAGE_COLUMNS = [
     sa.Column("persona", sa.String(200), nullable=True),
     sa.Column("attachments", sa.Text, nullable=True),
     sa.Column("swipe", sa.Integer, nullable=True),
+    sa.Column("mentions", sa.Text, nullable=True),
 ]
 
 
@@ -60,6 +61,8 @@ def upgrade() -> None:
         sa.Column("message_id", Id, sa.ForeignKey("messages.id", ondelete="CASCADE"), nullable=False),
         sa.Column("position", sa.Integer, nullable=False),
         sa.Column("content", sa.Text, nullable=False),
+        sa.Column("status", sa.String(16), nullable=True),  # how that take ended (done, stopped, …)
+        sa.Column("notice", sa.Text, nullable=True),
         sa.Column("created_at", sa.DateTime(timezone=True), nullable=False),
         sa.UniqueConstraint("message_id", "position", name="uq_reply_alternatives_message_position"),
     )

@@ -5,7 +5,12 @@ from __future__ import annotations
 
 import asyncio
 
+import discord
+import pytest
+from sqlalchemy import select
+
 from bot.attachments import MAX_FILE_BYTES
+from bot.store import MessageRow
 from tests.e2e.conftest import Harness, StartBot
 from tests.e2e.fake_discord import FakeDiscord, Interaction, User, wait_for
 from tests.e2e.test_conversations import stored
@@ -150,3 +155,44 @@ async def test_files_in_an_enabled_channel_and_missed_while_down_are_read(start_
     h2.engine.say("Welcome back: the hull.")
     await wait_for(lambda: any(m["author"]["id"] == str(d.bot_user.id) for m in d.replies_to(missed)), timeout=30)
     assert "Ann: read this\n[file todo.md]\n- caulk the hull" in h2.engine.prompts[0], "back-filled with its file"
+
+
+async def test_a_message_deleted_while_its_file_downloads_keeps_no_file_text(start_bot: StartBot,
+                                                                             monkeypatch: pytest.MonkeyPatch) -> None:
+    """Found by a hostile review: the file's text was written onto the deleted row."""
+    gate = asyncio.Event()
+    original = discord.Attachment.read
+
+    async def slow(self, *args, **kwargs):  # the CDN is slow (a big file, a slow link)
+        started.set()
+        await gate.wait()
+        return await original(self, *args, **kwargs)
+
+    started = asyncio.Event()
+    monkeypatch.setattr(discord.Attachment, "read", slow)
+    h = await start_bot()
+    d = h.discord
+    h.engine.say("ok")
+    question = await d.user_says(d.ann, d.dm, "see file", attachments=[("secret.txt", b"my password is hunter2", None)])
+
+    async def row():
+        async with h.store._sessions() as session:
+            return await session.scalar(select(MessageRow).where(MessageRow.platform_id == str(question)))
+
+    for _ in range(100):
+        if (r := await row()) is not None:
+            break
+        await asyncio.sleep(0.05)
+    await asyncio.wait_for(started.wait(), 10)
+    await d.user_deletes(question)  # Ann deletes it while the file downloads
+    for _ in range(100):
+        if (r := await row()).deleted_at is not None:
+            break
+        await asyncio.sleep(0.05)
+    gate.set()
+    for _ in range(100):
+        if (r := await row()).attachments:
+            break
+        await asyncio.sleep(0.05)
+    assert r.deleted_at is not None
+    assert not r.attachments or "hunter2" not in r.attachments, "the deleted message's file text is stored"
