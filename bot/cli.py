@@ -79,9 +79,9 @@ async def _export_dataset(settings: Settings, out: Path, tokenizer: Path | None)
 def _token_counter(gguf: Path | None) -> tuple[Callable[[str], int], Callable[[], None]]:
     """The model's own token count (its GGUF vocabulary), else about four characters a token."""
     if gguf is not None and gguf.is_file():
-        from bot.engine.remote import _VocabTokenizer
+        from bot.engine.remote import VocabTokenizer
 
-        vocab = _VocabTokenizer(gguf)
+        vocab = VocabTokenizer(gguf)
         return lambda text: len(vocab.tokenize(text)), vocab.close
     log.warning("no tokenizer (--tokenizer or MODEL_PATH): token counts are estimated at 4 characters a token")
     return lambda text: len(text) // 4 + 2, lambda: None
@@ -140,3 +140,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     except KeyboardInterrupt:
         return 130
     return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

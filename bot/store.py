@@ -745,7 +745,7 @@ class Store:
     async def conversation_people(self, conversation_id: int) -> list[tuple[str, str]]:
         """Every (author id, display name) of the people (not the bot) stored in a
         conversation, hidden rows included, in order of first appearance; then the people
-        their messages mention."""
+        their messages mention (not the bot)."""
         async with self._sessions() as session:
             rows = (await session.execute(
                 select(MessageRow.author_id, MessageRow.author_name, func.min(MessageRow.id).label("first"))
@@ -756,9 +756,13 @@ class Store:
                 select(MessageRow.mentions).where(MessageRow.conversation_id == conversation_id,
                                                   MessageRow.mentions.is_not(None)).order_by(MessageRow.id)
             )
-            people = [(row[0], row[1]) for row in rows]
-            for mentions in mentioned:  # people named in a mention who may never have written here
-                people += [(str(i), str(name)) for i, name in json.loads(mentions)]
+            mentioned = list(mentioned)
+            own = set(await session.scalars(  # the bot itself is no person
+                select(MessageRow.author_id).where(MessageRow.conversation_id == conversation_id,
+                                                   MessageRow.reply_status.is_not(None)).distinct()))
+        people = [(row[0], row[1]) for row in rows]
+        for mentions in mentioned:  # people named in a mention who may never have written here
+            people += [(str(i), str(name)) for i, name in json.loads(mentions) if str(i) not in own]
         return list(dict.fromkeys(people))
 
     async def reply_author_ids(self, conversation_id: int) -> set[str]:

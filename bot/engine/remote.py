@@ -112,7 +112,7 @@ class RemoteConfig:
 # ---- tokenizers ------------------------------------------------------------------------
 
 
-class _VocabTokenizer:
+class VocabTokenizer:
     """A GGUF's vocabulary alone (`vocab_only`: no weights, no context), via llama.cpp."""
 
     def __init__(self, path: Path) -> None:
@@ -259,7 +259,7 @@ class RemoteEngine(Engine):
         config: RemoteConfig,
         session: aiohttp.ClientSession,
         servers: list[_Server],
-        vocab: _VocabTokenizer | None,
+        vocab: VocabTokenizer | None,
         loop: asyncio.AbstractEventLoop,
     ) -> None:
         self._config = config
@@ -313,7 +313,7 @@ class RemoteEngine(Engine):
             connector=aiohttp.TCPConnector(limit=0),
         )
         servers = [_Server(url, index) for index, url in enumerate(cleaned)]
-        vocab: _VocabTokenizer | None = None
+        vocab: VocabTokenizer | None = None
         try:
             deadline = time.monotonic() + config.start_seconds
             while True:
@@ -332,7 +332,7 @@ class RemoteEngine(Engine):
             if vocab_path is None and config.local_tokenizer:
                 vocab_path = next((Path(p) for p in sorted(paths) if p and Path(p).is_file()), None)
             if vocab_path is not None:
-                vocab = await asyncio.to_thread(_VocabTokenizer, vocab_path)
+                vocab = await asyncio.to_thread(VocabTokenizer, vocab_path)
                 problem = await cls._same_tokenizer(session, servers, vocab)
                 if problem and config.tokenizer_path is not None:
                     vocab.close()
@@ -361,7 +361,7 @@ class RemoteEngine(Engine):
 
     @staticmethod
     async def _same_tokenizer(
-        session: aiohttp.ClientSession, servers: list[_Server], vocab: _VocabTokenizer
+        session: aiohttp.ClientSession, servers: list[_Server], vocab: VocabTokenizer
     ) -> str:
         """"" if the local vocabulary tokenizes a sample as a healthy server does, else why not."""
         sample = "### Instruction:\nAnn: Héllo wörld, 12345 <eos> 🙂 tokenizers!\n\n### Response:\n"
