@@ -37,6 +37,7 @@ if TYPE_CHECKING:
     from bot.app import HermesBot
 
 log = logging.getLogger(__name__)
+FILES_WAIT_SECONDS = 30.0  # how long an answer waits for files still being read
 
 
 class Chat(commands.Cog):
@@ -59,6 +60,7 @@ class Chat(commands.Cog):
         self.follow_ups = FollowUps()  # whom the bot last answered per channel (/channel speak)
         self.chance = random.random
         self.reading = asyncio.Semaphore(READS_AT_ONCE)  # attached files read at once
+        self._reads: dict[str, set[asyncio.Task[None]]] = {}  # per conversation: files being read
 
     def _answerer(self) -> Answerer:
         if self.answerer is None:
@@ -110,10 +112,9 @@ class Chat(commands.Cog):
                     await self._notify(message, "*(I could not save your message; please send it again in a minute)*")
                     return
         if stored and message.attachments:
-            try:
-                await self.store.set_attachments(key, str(message.id), await read_attachments(message, self.reading))
-            except Exception:  # the message itself is stored, with a note for each file
-                log.exception("could not store the attachments of message %d in %s", message.id, key)
+            # Read beside the answer, not before it: the answer's order in the lane is the
+            # message's, and its prompt waits for the files (`_files_read`).
+            self._track_read(key, asyncio.create_task(self._read_files(key, message)))
         if not answering:
             return
         under_way = self.answerer.under_way_for(message.author.id) if self.answerer else 0
@@ -157,10 +158,34 @@ class Chat(commands.Cog):
         channel = channel or self.bot.get_partial_messageable(question.channel_id)
 
         async def answer() -> None:
+            await self._files_read(question.key)
             await self._answerer().answer(question, channel)
             self.follow_ups.answered(question.channel_id, question.author_id, time.monotonic())
 
         self.lanes.answer(question.key, answer, question.message_id or 0)
+
+    async def _read_files(self, key: str, message: discord.Message) -> None:
+        try:
+            await self.store.set_attachments(key, str(message.id), await read_attachments(message, self.reading))
+        except Exception:  # the message itself is stored, with a note for each file
+            log.exception("could not store the attachments of message %d in %s", message.id, key)
+
+    def _track_read(self, key: str, task: asyncio.Task[None]) -> None:
+        reads = self._reads.setdefault(key, set())
+        reads.add(task)
+
+        def done(task: asyncio.Task[None]) -> None:
+            reads.discard(task)
+            if not reads and self._reads.get(key) is reads:
+                del self._reads[key]
+
+        task.add_done_callback(done)
+
+    async def _files_read(self, key: str) -> None:
+        """Wait (at most FILES_WAIT_SECONDS) for the files of this conversation's messages
+        that are still being read, so that the prompt has them."""
+        if reads := self._reads.get(key):
+            await asyncio.wait(set(reads), timeout=FILES_WAIT_SECONDS)
 
     @commands.Cog.listener()
     async def on_raw_message_edit(self, payload: discord.RawMessageUpdateEvent) -> None:

@@ -196,3 +196,30 @@ async def test_a_message_deleted_while_its_file_downloads_keeps_no_file_text(sta
         await asyncio.sleep(0.05)
     assert r.deleted_at is not None
     assert not r.attachments or "hunter2" not in r.attachments, "the deleted message's file text is stored"
+
+
+async def test_an_answer_waits_for_the_files_of_the_messages_before_it(start_bot: StartBot,
+                                                                        monkeypatch: pytest.MonkeyPatch) -> None:
+    """Found by a hostile review: a message with a file slow to download, then another one
+    at once: the file's message was queued only once read, so the other one's answer went
+    first, built without the file (and then covered the first, which got no answer)."""
+    gate, started = asyncio.Event(), asyncio.Event()
+    original = discord.Attachment.read
+
+    async def slow(self: discord.Attachment, *args: object, **kwargs: object) -> bytes:
+        started.set()
+        await gate.wait()
+        return await original(self, *args, **kwargs)
+
+    monkeypatch.setattr(discord.Attachment, "read", slow)
+    h = await start_bot()
+    d = h.discord
+    h.engine.say("Read it.", "It says 0000.")
+    await d.user_says(d.ann, d.dm, "here are my notes", attachments=[("notes.md", b"the launch code is 0000", None)])
+    await asyncio.wait_for(started.wait(), 10)
+    second = await d.user_says(d.ann, d.dm, "what do my notes say?")
+    await asyncio.sleep(0.5)
+    assert h.engine.prompts == [], "no prompt is built while a file before it is still being read"
+    gate.set()
+    await wait_for(lambda: d.replies_to(second), timeout=30)
+    assert h.engine.prompts and all("the launch code is 0000" in prompt for prompt in h.engine.prompts)
