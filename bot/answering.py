@@ -17,7 +17,7 @@ from dataclasses import dataclass
 
 import discord
 
-from bot.cogs.edge import to_message
+from bot.edge import to_message
 from bot.conversation import INTERRUPTED, Message, StoredReply
 from bot.engine.base import EngineError, Generation
 from bot.prompt import PromptTooLong
@@ -55,6 +55,9 @@ class _UnderWay:
 
 
 class Answerer:
+    """Answers questions in Discord: casts who answers, streams each reply through a
+    `ReplyStream`, keeps the replies under way (Stop, shutdown)."""
+
     def __init__(self, responder: Responder, bot_user_id: int, retry_seconds: float, edit_interval: float = 1.0,
                  webhooks: WebhookDirectory | None = None) -> None:
         self.responder = responder

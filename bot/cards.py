@@ -112,12 +112,6 @@ def find_card_chunks(data: bytes | memoryview) -> dict[str, tuple[bytes, memoryv
     return found
 
 
-def read_png_text_chunks(data: bytes) -> dict[str, str]:
-    """The card text chunks (`chara`, `ccv3`) of a PNG, keyword → text (inflated within the
-    limit). Other text chunks are never read."""
-    return {key: _chunk_text(kind, body, key).decode("latin-1") for key, (kind, body) in find_card_chunks(data).items()}
-
-
 def _inflate(compressed: memoryview, limit: int, keyword: str) -> bytes:
     """Inflate at most `limit` bytes. The input is fed in `_INFLATE_STEP` slices, each with
     `max_length` set to what is left of the limit, so a bomb produces at most limit + 1

@@ -31,7 +31,7 @@ from typing import TYPE_CHECKING
 import discord
 
 from bot.answering import Question
-from bot.cogs.edge import read_attachments, to_message
+from bot.edge import read_attachments, to_message
 from bot.conversation import INTERRUPTED, StoredReply, utcnow
 from bot.policy import channel_of
 from bot.reply_stream import INTERRUPTED_NOTICE, Destination, sync_reply
@@ -50,6 +50,8 @@ ORPHAN_LOOKAHEAD = 20  # messages read after an interrupted reply, looking for i
 
 
 class Recovery:
+    """Start-up recovery and periodic redelivery for one bot process (see the module doc)."""
+
     def __init__(self, bot: HermesBot, store: Store, chat: Chat) -> None:
         self.bot = bot
         self.store = store
@@ -106,7 +108,7 @@ class Recovery:
                 break
             if self.chat.is_under_way(reply.id):
                 continue  # its own ReplyStream is delivering it right now
-            to = self._destination(reply)
+            to = self.chat.destination_of(reply)
             if to is None:
                 continue
             try:
@@ -130,7 +132,7 @@ class Recovery:
         for reply in replies:
             if reply.status != INTERRUPTED or not self.chat.accepting:
                 continue
-            to = self._destination(reply)
+            to = self.chat.destination_of(reply)
             if to is None:
                 continue
             try:
@@ -172,19 +174,6 @@ class Recovery:
                 break
             found.append(str(message.id))
         return found
-
-    def _destination(self, reply: StoredReply) -> Destination | None:
-        channel_id = channel_of(reply.key)
-        if channel_id is None:
-            return None
-        channel = self.bot.get_partial_messageable(channel_id)
-        return Destination(
-            channel,
-            int(reply.reply_to) if reply.reply_to else None,
-            int(reply.requester_id or 0),
-            # A scene character's reply: through its webhook.
-            self.chat.webhooks.poster(channel, channel_id, reply.persona, reply.author_name) if reply.persona else None,
-        )
 
     async def backfill_all(self) -> None:
         for key in await self._own(await self.store.recovery_keys()):

@@ -63,6 +63,8 @@ class Reply:
 
 
 class Responder:
+    """History → persona → prompt → engine, for every edge (Discord, the terminal)."""
+
     def __init__(
         self, settings: Settings, store: Store, engine: Engine, personas: dict[str, Persona]
     ) -> None:

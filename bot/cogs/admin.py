@@ -12,7 +12,7 @@ import discord
 from discord import app_commands
 from discord.ext import commands
 
-from bot.cogs.edge import interaction_may_manage
+from bot.edge import interaction_may_manage
 from bot.engine.base import ModelLoadError
 from bot.engine.remote import RemoteEngine
 from bot.model_source import (

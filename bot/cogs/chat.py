@@ -24,12 +24,15 @@ from discord.ext import commands
 from bot.answering import Answerer, Question
 from bot.channel_queue import ChannelQueue
 from bot.attachments import MAX_FILE_BYTES, MAX_FILES, READS_AT_ONCE, unread
-from bot.cogs.edge import attachments_of, guild_id_of, interaction_is_admin, read_attachments, to_incoming, to_message
+from bot.edge import attachments_of, guild_id_of, interaction_is_admin, read_attachments, to_incoming, to_message
 from bot.delivery import retried
 from bot.fair_use import ChatGate
-from bot.policy import FollowUps, Speaking, conversation_key, should_reply, should_store, speaks_unaddressed
+from bot.conversation import StoredReply
+from bot.policy import (
+    FollowUps, Speaking, channel_of, conversation_key, should_reply, should_store, speaks_unaddressed,
+)
 from bot.recovery import Recovery
-from bot.reply_stream import NO_PINGS
+from bot.reply_stream import NO_PINGS, Destination
 from bot.retention import purge_forever
 from bot.webhooks import WebhookDirectory
 
@@ -62,13 +65,26 @@ class Chat(commands.Cog):
         self.reading = asyncio.Semaphore(READS_AT_ONCE)  # attached files read at once
         self._reads: dict[str, set[asyncio.Task[None]]] = {}  # per conversation: files being read
 
-    def _answerer(self) -> Answerer:
+    def get_answerer(self) -> Answerer:
         if self.answerer is None:
             me = self.bot.user
             assert me is not None, "the bot is not logged in"
             self.answerer = Answerer(self.bot.responder, me.id, self.bot.settings.delivery_retry_seconds,
                                      self.bot.edit_interval, self.webhooks)
         return self.answerer
+
+    def destination_of(self, reply: StoredReply) -> Destination | None:
+        """Where a stored reply is shown: its channel, or a scene character's webhook there."""
+        channel_id = channel_of(reply.key)
+        if channel_id is None:
+            return None
+        channel = self.bot.get_partial_messageable(channel_id)
+        return Destination(
+            channel,
+            int(reply.reply_to) if reply.reply_to else None,
+            int(reply.requester_id or 0),
+            self.webhooks.poster(channel, channel_id, reply.persona, reply.author_name) if reply.persona else None,
+        )
 
     def is_under_way(self, reply_id: int) -> bool:
         return self.answerer is not None and self.answerer.is_under_way(reply_id)
@@ -159,7 +175,7 @@ class Chat(commands.Cog):
 
         async def answer() -> None:
             await self._files_read(question.key)
-            await self._answerer().answer(question, channel)
+            await self.get_answerer().answer(question, channel)
             self.follow_ups.answered(question.channel_id, question.author_id, time.monotonic())
 
         self.lanes.answer(question.key, answer, question.message_id or 0)
@@ -237,7 +253,7 @@ class Chat(commands.Cog):
                 "Only the person who asked, or an admin, can stop this reply.", ephemeral=True
             )
             return
-        generation = self._answerer().generation_of(interaction.message.id) if interaction.message else None
+        generation = self.get_answerer().generation_of(interaction.message.id) if interaction.message else None
         if generation is None:
             await interaction.response.send_message("This reply is already finished.", ephemeral=True)
             return
@@ -259,13 +275,13 @@ class Chat(commands.Cog):
         if self.gate.rate is not None and (wait := self.gate.rate.take(interaction.user.id, time.monotonic())):
             await interaction.response.send_message(f"Slow down: try again in {wait:.0f} s.", ephemeral=True)
             return
-        if self._answerer().is_under_way(stored.id):
+        if self.get_answerer().is_under_way(stored.id):
             await interaction.response.send_message("This reply is still being written.", ephemeral=True)
             return
         question = Question(key, interaction.channel_id or 0, int(stored.reply_to), requester_id,
                             interaction.user.display_name)
         channel = self.bot.get_partial_messageable(question.channel_id)
-        if not self.accepting or not self.lanes.other(key, lambda: self._answerer().answer(question, channel, stored)):
+        if not self.accepting or not self.lanes.other(key, lambda: self.get_answerer().answer(question, channel, stored)):
             await interaction.response.send_message("Too much is waiting here; try again in a minute.", ephemeral=True)
             return
         await interaction.response.defer()

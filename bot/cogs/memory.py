@@ -14,7 +14,7 @@ from discord import app_commands
 from discord.ext import commands
 
 from bot.author_note import DEFAULT_DEPTH, DEFAULT_EVERY, MAX_DEPTH, MAX_EVERY, MAX_NOTE_CHARS, AuthorNote, describe
-from bot.cogs.edge import interaction_may_manage
+from bot.edge import interaction_may_manage
 from bot.policy import conversation_key
 
 if TYPE_CHECKING:

@@ -14,7 +14,7 @@ from discord import app_commands
 from discord.ext import commands
 
 from bot.cards import MAX_CARD_BYTES
-from bot.cogs.edge import interaction_may_manage
+from bot.edge import interaction_may_manage
 from bot.personas import parse_card_off_loop, persona_key, scoped_key, short_key
 from bot.policy import conversation_key
 from bot.replies import split_message

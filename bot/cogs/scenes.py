@@ -12,7 +12,7 @@ import discord
 from discord import app_commands
 from discord.ext import commands
 
-from bot.cogs.edge import interaction_may_manage
+from bot.edge import interaction_may_manage
 from bot.personas import short_key
 from bot.policy import conversation_key
 from bot.scenes import DEFAULT_STRATEGY, MAX_MEMBERS

@@ -26,7 +26,7 @@ from discord import app_commands
 from discord.ext import commands
 
 from bot.answering import Question
-from bot.cogs.edge import interaction_is_admin
+from bot.edge import interaction_is_admin
 from bot.conversation import STREAMING, StoredReply
 from bot.policy import conversation_key
 from bot.reply_stream import sync_reply
@@ -105,7 +105,7 @@ class Swipes(commands.Cog):
         if swiped is None:
             return  # already at that end
         reply, _ = swiped
-        to = self._chat().recovery._destination(reply)  # the channel, or a scene character's webhook
+        to = self._chat().destination_of(reply)  # the channel, or a scene character's webhook
         if to is not None:
             await sync_reply(self.store, reply, to, self.bot.settings.delivery_retry_seconds)
 
@@ -154,4 +154,4 @@ class Swipes(commands.Cog):
         if latest is None or latest.id != stored.id or not latest.content.strip() or latest.status == STREAMING:
             log.info("%s: the reply to continue changed while the continuation waited; not continuing", stored.key)
             return
-        await self._chat()._answerer().answer(question, channel, latest, continuing=True)
+        await self._chat().get_answerer().answer(question, channel, latest, continuing=True)

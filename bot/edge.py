@@ -1,5 +1,7 @@
-"""The edge: discord.py objects in, plain data out. Nothing past this module sees discord.py
-types except the cogs that send replies."""
+"""The edge: discord.py objects in, plain data out (`to_message`, `to_incoming`, the files
+of a message, who may manage a channel). The decisions, the prompt and the store see only
+plain data; the modules that talk back to Discord (the cogs, `answering`, `reply_stream`,
+`delivery`, `webhooks`, `recovery`) hold discord.py objects to send and edit."""
 
 from __future__ import annotations
 
