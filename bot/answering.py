@@ -24,6 +24,7 @@ from bot.prompt import PromptTooLong
 from bot.replies import EditThrottle, queue_notice
 from bot.reply_stream import INTERRUPTED_NOTICE, Destination, Poster, ReplyStream
 from bot.responder import Responder
+from bot.store import ConversationGone
 from bot.scenes import Member, choose_speakers
 from bot.webhooks import WebhookDirectory
 
@@ -129,7 +130,11 @@ class Answerer:
                          self._poster(channel, question.channel_id, persona_key, persona.name))
         stream = ReplyStream(self.store, question.key, to, str(self.bot_user_id), persona.name,
                              self.retry_seconds, previous, continuing, persona=persona_key)
-        await stream.begin()
+        try:
+            await stream.begin()
+        except ConversationGone as error:
+            log.info("not answering: %s", error)
+            return
         assert stream.reply_id is not None
         under_way = self._under_way[stream.reply_id] = _UnderWay(stream)
         try:

@@ -241,7 +241,7 @@ class MemoryKeeper:
         if not summary:
             return False, False
         stored = await self.store.save_memory(
-            key, summary, since=state.until, first=chunk[0][0], until=chunk[-1][0], covered=len(chunk)
+            key, summary, since=state.until, covered=[row_id for row_id, _ in chunk]
         )
         log.info("conversation %s: memory summary of %d messages %s", key, len(chunk),
                  "stored" if stored else "discarded (the history changed meanwhile)")

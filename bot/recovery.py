@@ -24,6 +24,7 @@ must be answered once.
 from __future__ import annotations
 
 import asyncio
+import functools
 import logging
 from datetime import timedelta
 from typing import TYPE_CHECKING
@@ -32,7 +33,7 @@ import discord
 
 from bot.answering import Question
 from bot.edge import read_attachments, to_message
-from bot.conversation import INTERRUPTED, StoredReply, utcnow
+from bot.conversation import INTERRUPTED, STREAMING, StoredReply, utcnow
 from bot.policy import channel_of
 from bot.reply_stream import INTERRUPTED_NOTICE, Destination, sync_reply
 from bot.sharding import Shards, interrupt_streaming, owned_keys, undelivered_replies
@@ -59,6 +60,7 @@ class Recovery:
         self.shards = Shards.of(bot.settings)  # None: every conversation is this process's
         self._startup: asyncio.Task[None] | None = None
         self._redeliver: asyncio.Task[None] | None = None
+        self._queued: set[int] = set()  # replies waiting in their lane to be redelivered
 
     async def before_connect(self) -> None:
         if self.shards is None:
@@ -99,27 +101,41 @@ class Recovery:
                 log.exception("redelivery failed")
 
     async def redeliver(self) -> int:
-        """Bring Discord in step with every stored final reply it does not show yet."""
-        delivered = 0
+        """Bring Discord in step with every stored final reply it does not show yet. Each
+        is queued in its conversation's lane and read again there: a swipe, a Continue or a
+        Regenerate (lane jobs too) may change it meanwhile, and an older copy must never be
+        shown or stored over it. How many were queued."""
+        queued = 0
         replies = (await self.store.undelivered_replies() if self.shards is None
                    else await undelivered_replies(self.store, self.shards))
         for reply in replies:
             if not self.chat.accepting:
                 break
-            if self.chat.is_under_way(reply.id):
-                continue  # its own ReplyStream is delivering it right now
+            if self.chat.is_under_way(reply.id) or reply.id in self._queued:
+                continue  # its own ReplyStream is delivering it, or it waits in its lane already
+            self._queued.add(reply.id)
+            if self.chat.lanes.other(reply.key, functools.partial(self._redeliver_one, reply.id)):
+                queued += 1
+            else:  # the lane is full: next round
+                self._queued.discard(reply.id)
+        return queued
+
+    async def _redeliver_one(self, reply_id: int) -> None:
+        try:
+            reply = await self.store.reply(reply_id)
+            if reply is None or not reply.undelivered or reply.status == STREAMING or self.chat.is_under_way(reply_id):
+                return
             to = self.chat.destination_of(reply)
             if to is None:
-                continue
+                return
             try:
                 if await sync_reply(self.store, reply, to, self.bot.settings.delivery_retry_seconds):
-                    delivered += 1
+                    log.info("delivered stored reply %d, which Discord had not shown", reply_id)
             except discord.HTTPException as error:  # 403: the bot may not post there any more
-                log.warning("reply %d cannot be delivered (%s); giving up on it", reply.id, error)
-                await self.store.mark_delivered(reply.id, reply.content, list(reply.part_ids))
-        if delivered:
-            log.info("delivered %d stored replies that Discord had not shown", delivered)
-        return delivered
+                log.warning("reply %d cannot be delivered (%s); giving up on it", reply_id, error)
+                await self.store.mark_delivered(reply_id, reply.content, list(reply.part_ids))
+        finally:
+            self._queued.discard(reply_id)
 
     async def adopt_orphans(self) -> int:
         """A crash between Discord taking a new part of a reply and the store recording
@@ -143,7 +159,7 @@ class Recovery:
             if found:
                 log.info("recovery: reply %d had %d part(s) in Discord that the crash kept from the store",
                          reply.id, len(found))
-                await self.store.update_reply(reply.id, reply.content, [*reply.part_ids, *found])
+                await self.store.set_part_ids(reply.id, [*reply.part_ids, *found])
                 adopted += len(found)
         return adopted
 

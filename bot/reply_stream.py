@@ -253,6 +253,10 @@ class ReplyStream:
         """Store the final state, then bring Discord in step. True once Discord shows it."""
         assert self.reply_id is not None, "begin() first"
         self.text = self.text.strip()
+        if self.continuing and self.previous is not None and self.text == self.base:
+            # A Continue that wrote nothing (it failed, or was stopped before its first
+            # words): the reply stays as it was, a finished answer stays finished.
+            status, notice = self.previous.status, self.previous.notice
         await self.store.finish_reply(self.reply_id, status, self.text, notice)
         reply = StoredReply(
             id=self.reply_id, key=self.key, status=status, content=self.text, author_name=self.author_name,

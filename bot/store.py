@@ -69,6 +69,10 @@ LOCK_WAIT_SECONDS = 30.0  # how long a write waits for another process's lock (t
 Id = BigInteger().with_variant(Integer, "sqlite")
 
 
+class ConversationGone(LookupError):
+    """The conversation was deleted (the bot left its server, /forget everything)."""
+
+
 class Base(DeclarativeBase):
     pass
 
@@ -422,12 +426,24 @@ class Store:
 
     async def delete_message(self, key: str, platform_id: str) -> bool:
         """A message deleted in Discord: its text is erased; a tombstone without text (ids
-        and time) remains, so it never reaches a prompt again."""
+        and time) remains, so it never reaches a prompt again. A later part of a long reply
+        erases the whole reply (its text is stored once, unsplit)."""
+        platform_id = await self._reply_of_part(key, platform_id) or platform_id
         erased = await self._update_message(key, platform_id, content="", notice=None, attachments=None,
                                             deleted_at=utcnow())
         await self._drop_alternatives(key, platform_id)
         await self._forget_memory_of_message(key, platform_id)
         return erased
+
+    async def _reply_of_part(self, key: str, platform_id: str) -> str | None:
+        """The first part's id of the reply that has `platform_id` as a later part."""
+        async with self._sessions() as session:
+            return await session.scalar(
+                select(MessageRow.platform_id).where(
+                    MessageRow.conversation_id == self._conversation_id(key), MessageRow.reply_status.is_not(None),
+                    MessageRow.platform_id != platform_id, MessageRow.part_ids.contains(f'"{platform_id}"'))
+                .limit(1)
+            )
 
     # ---- privacy: deleting for good -----------------------------------------------------
 
@@ -456,8 +472,14 @@ class Store:
 
     async def purge_guild(self, guild_id: str) -> int:
         """The bot left (or was removed from) a server: every conversation of it goes, and
-        the descriptions people set there (`/me`)."""
+        the descriptions people set there (`/me`), and the character cards imported there."""
         await self._delete_user_personas(UserPersonaRow.guild_id == guild_id)
+
+        async def cards(session: AsyncSession) -> None:
+            await session.execute(delete(ImportedPersonaRow).where(
+                ImportedPersonaRow.key.startswith(f"g{guild_id}/", autoescape=True)))
+
+        await self._write(cards)
         return await self._delete_conversations(ConversationRow.guild_id == guild_id)
 
     @staticmethod
@@ -558,10 +580,14 @@ class Store:
         self, key: str, *, author_id: str, author_name: str, reply_to: str | None, requester_id: str | None,
         persona: str | None = None,
     ) -> int:
-        """A new reply, `streaming`, with no text yet; its row id."""
+        """A new reply, `streaming`, with no text yet; its row id. `ConversationGone` if the
+        conversation is not stored (any more): the bot left its server, or it was forgotten,
+        while the answer waited; it must not come back without its server."""
 
         async def work(session: AsyncSession) -> int:
-            conversation = await self._conversation(session, key)
+            conversation = await session.scalar(select(ConversationRow).where(ConversationRow.key == key))
+            if conversation is None:
+                raise ConversationGone(f"conversation {key} is not stored (deleted meanwhile)")
             row = MessageRow(
                 conversation_id=conversation.id, author_id=author_id, author_name=author_name, is_bot=True,
                 content="", created_at=utcnow(), reply_status=STREAMING, reply_to=reply_to,
@@ -587,6 +613,11 @@ class Store:
     async def update_reply(self, reply_id: int, content: str, part_ids: Sequence[str]) -> None:
         """What Discord shows now: the model's text so far, in these parts."""
         await self._update_reply(reply_id, **self._shown(content, part_ids))
+
+    async def set_part_ids(self, reply_id: int, part_ids: Sequence[str]) -> None:
+        """The Discord parts of a reply (found again after a crash), its text untouched."""
+        await self._update_reply(reply_id, part_ids=json.dumps(list(part_ids)),
+                                 platform_id=part_ids[0] if part_ids else None)
 
     async def finish_reply(self, reply_id: int, status: str, content: str, notice: str | None) -> None:
         """The reply's final state; Discord is brought in step next (`mark_delivered`)."""
@@ -1082,20 +1113,22 @@ class Store:
         return MemoryState(row.memory or "", row.memory_until), [(r.id, _to_message(r)) for r in reversed(rows)]
 
     async def save_memory(
-        self, key: str, summary: str, *, since: int | None, first: int, until: int, covered: int
+        self, key: str, summary: str, *, since: int | None, covered: Sequence[int]
     ) -> bool:
-        """Store a summary (covering everything up to row `until`) made from the `covered`
-        visible messages from row `first` to `until`, unless meanwhile the memory changed
-        (cleared, /reset, another summary; it covered up to `since`) or one of those messages
-        was deleted or forgotten. Whether it was stored."""
+        """Store a summary (covering everything up to the last row of `covered`) made from
+        the visible messages `covered` (row ids, oldest first), unless meanwhile the memory
+        changed (cleared, /reset, another summary; it covered up to `since`) or the visible
+        messages of that range are no longer exactly those (one deleted or forgotten, a
+        regenerated reply back). Whether it was stored."""
+        first, until = covered[0], covered[-1]
 
         async def work(session: AsyncSession) -> bool:
             row = await session.scalar(select(ConversationRow).where(ConversationRow.key == key))
             if row is None or row.memory_until != since:
                 return False
-            still = await session.scalar(select(func.count(MessageRow.id)).where(
-                *self._visible_after(row, first - 1), MessageRow.id <= until))
-            if still != covered:
+            still = set(await session.scalars(select(MessageRow.id).where(
+                *self._visible_after(row, first - 1), MessageRow.id <= until)))
+            if still != set(covered):
                 return False
             row.memory, row.memory_until = summary, until
             return True

@@ -23,7 +23,7 @@ from typing import Any
 import discord
 from discord.utils import MISSING
 
-from bot.delivery import retried
+from bot.delivery import is_transient, retried
 from bot.reply_stream import NO_PINGS, ChannelPoster
 
 log = logging.getLogger(__name__)
@@ -39,6 +39,11 @@ def missing_permission_notice(channel_id: int) -> str:
             f"in <#{channel_id}>. Until then the characters speak through my own messages.)*")
 
 
+def refused_notice(channel_id: int, reason: str) -> str:
+    return (f"*(Discord refused me a webhook in <#{channel_id}> ({reason[:200]}): free one in the channel's "
+            f"Integrations settings. Until then the characters speak through my own messages.)*")
+
+
 def webhook_name(name: str) -> str:
     """A character's name as Discord accepts it for a webhook or a username."""
     cleaned = " ".join(_FORBIDDEN_WORDS.sub(lambda m: m.group(0)[0] + "\u200b" + m.group(0)[1:], name).split())
@@ -46,7 +51,8 @@ def webhook_name(name: str) -> str:
 
 
 class NoWebhookPermission(Exception):
-    """The bot lacks Manage Webhooks in the channel's server."""
+    """The bot cannot have webhooks in the channel: it lacks Manage Webhooks there, or
+    Discord refused one for good (the channel's limit of 15)."""
 
 
 class WebhookDirectory:
@@ -58,6 +64,7 @@ class WebhookDirectory:
         self.avatar_of = avatar_of
         self.retry_seconds = retry_seconds
         self._hooks: dict[tuple[int, str], discord.Webhook] = {}
+        self._notices: dict[int, str] = {}  # channel → why it has no webhooks, for people
         self._ids: set[int] = set()  # every webhook the bot posts through
         self._locks: collections.defaultdict[int, asyncio.Lock] = collections.defaultdict(asyncio.Lock)
         self._denied: dict[int, float] = {}  # channel → when Discord refused (monotonic)
@@ -103,6 +110,16 @@ class WebhookDirectory:
             except discord.Forbidden as error:
                 log.warning("no Manage Webhooks in channel %d (%s)", text_channel.id, error)
                 self._denied[text_channel.id] = time.monotonic()
+                self._notices[text_channel.id] = missing_permission_notice(text_channel.id)
+                raise NoWebhookPermission from error
+            except discord.HTTPException as error:
+                if is_transient(error):
+                    raise
+                # Refused for good (400 30007: the channel has Discord's 15 webhooks already):
+                # the characters speak through the bot's own messages, as without the permission.
+                log.warning("Discord refused a webhook for %s in channel %d (%s)", wanted, text_channel.id, error)
+                self._denied[text_channel.id] = time.monotonic()
+                self._notices[text_channel.id] = refused_notice(text_channel.id, error.text or str(error))
                 raise NoWebhookPermission from error
             self._denied.pop(text_channel.id, None)
             self._hooks[key] = hook
@@ -122,8 +139,11 @@ class WebhookDirectory:
         if now - self._told.get(channel_id, -NOTICE_EVERY_SECONDS) < NOTICE_EVERY_SECONDS:
             return
         self._told[channel_id] = now
+        notice = self._notices.get(channel_id) or missing_permission_notice(channel_id)
+        if isinstance(channel, discord.Thread) and channel.parent_id in self._notices:
+            notice = self._notices[channel.parent_id]
         try:
-            await retried(lambda: channel.send(missing_permission_notice(channel_id), allowed_mentions=NO_PINGS),
+            await retried(lambda: channel.send(notice, allowed_mentions=NO_PINGS),
                           "say that Manage Webhooks is missing", self.retry_seconds)
         except (discord.HTTPException, OSError) as error:
             log.warning("could not say that Manage Webhooks is missing in %d: %s", channel_id, error)

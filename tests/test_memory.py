@@ -213,3 +213,25 @@ async def test_summaries_are_off_with_zero_words_and_never_delay_a_reply(store: 
     assert loop.time() - started < 1.0 and key in on.memory._tasks
     await on.memory.close()
     assert on.memory._tasks == {}
+
+
+async def test_a_summary_of_a_message_deleted_meanwhile_is_not_stored(store: Store) -> None:
+    """Found by a hostile review: the check counted rows, and a deletion (-1) and a
+    regenerated reply becoming visible again (+1) cancelled out: the deleted PIN was kept."""
+    key = "discord:77"
+    await store.add_message(key, Message("1", "Ann", "hello", platform_id="100"))
+    old_reply = await store.begin_reply(key, author_id="9", author_name="Bot", reply_to="100", requester_id="1")
+    await store.finish_reply(old_reply, "done", "Hi Ann.", None)
+    await store.mark_delivered(old_reply, "Hi Ann.", ["101"])
+    await store.add_message(key, Message("1", "Ann", "my bank PIN is 4471", platform_id="102"))
+    for i in range(6):
+        await store.add_message(key, Message("1", "Ann", f"chat {i}", platform_id=str(200 + i)))
+    await store.restart_reply(old_reply, "Bot")  # Regenerate: it streams again from nothing (hidden)
+    state, rows = await store.memory_rows(key, keep=2, limit=400)
+    assert "my bank PIN is 4471" in [m.content for _, m in rows]
+    await store.delete_message(key, "102")  # meanwhile, the PIN is deleted in Discord
+    await store.finish_reply(old_reply, "done", "Hello again, Ann.", None)
+    stored = await store.save_memory(key, "Ann's bank PIN is 4471.", since=state.until,
+                                     covered=[row_id for row_id, _ in rows])
+    memory, _, _ = await store.prompt_extras(key)
+    assert not stored and "4471" not in memory.summary

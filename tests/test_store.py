@@ -5,6 +5,7 @@ from __future__ import annotations
 import sqlite3
 from pathlib import Path
 
+import pytest
 from sqlalchemy import event, text
 
 from bot import migrate
@@ -149,6 +150,7 @@ async def test_recovery_reads_back_from_a_persons_message_and_finds_active_conve
 
 
 async def test_a_reply_deleted_while_it_streams_keeps_no_text(store: Store) -> None:
+    await store.set_enabled("c", False)  # the conversation exists (a reply never creates one)
     reply = await store.begin_reply("c", author_id="b", author_name="Hermes", reply_to="1", requester_id="2")
     await store.update_reply(reply, "first words", ["900"])
     assert await store.delete_message("c", "900")
@@ -156,3 +158,25 @@ async def test_a_reply_deleted_while_it_streams_keeps_no_text(store: Store) -> N
     await store.finish_reply(reply, "done", "first words and more, the end", None)
     stored = await store.reply(reply)
     assert stored is not None and stored.content == "", "the tombstone stays without text"
+
+
+async def test_leaving_a_server_deletes_the_cards_imported_there(store: Store) -> None:
+    """Found by a hostile review: purge_guild left the server's imported cards behind."""
+    card = {"name": "Nyx", "description": "a ghost"}
+    for key in ("g500/nyx", "g5000/nyx", "u500/nyx"):
+        await store.save_imported_persona(key, card, "nyx.json", "42")
+    await store.purge_guild("500")
+    assert set(await store.imported_personas()) == {"g5000/nyx", "u500/nyx"}
+
+
+async def test_a_reply_never_creates_its_conversation(store: Store) -> None:
+    """Found by a hostile review: the bot was removed from a server while a scene's second
+    character waited; its reply re-created the purged conversation (without its server id,
+    so no later purge could find it)."""
+    from bot.store import ConversationGone
+
+    await store.add_message("discord:5", Message("1", "Ann", "hi", platform_id="1"), guild_id="500")
+    assert await store.purge_guild("500") == 1
+    with pytest.raises(ConversationGone):
+        await store.begin_reply("discord:5", author_id="b", author_name="Vex", reply_to="1", requester_id="1")
+    assert await store.recent_messages("discord:5", 10) == [] and not (await store.state("discord:5")).known

@@ -180,6 +180,7 @@ async def test_reset_forgets_and_survives_reopen(postgres_url: str) -> None:
 
 
 async def _begin(store: Store, key: str, reply_to: str | None = "1000") -> int:
+    await store.set_enabled(key, False)  # the conversation exists (a reply never creates one)
     return await store.begin_reply(key, author_id="b", author_name="Hermes", reply_to=reply_to, requester_id="u1")
 
 

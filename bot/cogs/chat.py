@@ -234,6 +234,9 @@ class Chat(commands.Cog):
     async def on_guild_remove(self, guild: discord.Guild) -> None:
         """Removed from a server (or left it): that server's history is deleted."""
         purged = await self.store.purge_guild(str(guild.id))
+        personas = self.bot.responder.personas  # the cards imported there go with it
+        for key in [k for k in personas if k.startswith(f"g{guild.id}/")]:
+            del personas[key]
         log.info("left server %d: deleted the history of %d conversations", guild.id, purged)
 
     async def _purge_channel(self, channel_id: int) -> None:

@@ -115,3 +115,29 @@ async def test_a_deleted_channel_and_a_server_that_removed_the_bot_are_purged(
     await wait_for(lambda: keys() == {f"discord:{d.dm}"})
     assert all("hello" != t for t in texts(database_url)), "the server's messages are gone"
     assert "hi in private" in texts(database_url), "a DM is not the server's"
+
+
+async def test_deleting_a_later_part_of_a_long_reply_erases_it(start_bot: StartBot) -> None:
+    """Found by a hostile review: only the first part of a reply was matched, so deleting
+    its second Discord message (a moderator removing the offending half) erased nothing."""
+    from tests.e2e.test_swipes import FINAL, labels
+
+    h = await start_bot()
+    h.engine.delay = 0.0
+    d = h.discord
+    h.engine.say(("word " * 380 + "SECRET-IN-PART-TWO " * 20).strip())
+    question = await d.user_says(d.ann, d.dm, "write a lot")
+    first = int((await wait_for(lambda: d.replies_to(question)))[0]["id"])
+    await wait_for(lambda: len(d.bot_messages(d.dm)) == 2 and labels(d, first) == FINAL)
+    second = max(int(m["id"]) for m in d.bot_messages(d.dm))
+    assert "SECRET" in d.messages[second]["content"]
+    await d.user_deletes(second)
+
+    async def history() -> str:
+        return " ".join(m.content for m in await h.store.recent_messages(f"discord:{d.dm}", 10))
+
+    for _ in range(100):
+        if "SECRET" not in await history():
+            break
+        await asyncio.sleep(0.05)
+    assert "SECRET" not in await history() and "write a lot" in await history()

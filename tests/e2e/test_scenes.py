@@ -260,7 +260,7 @@ async def test_a_characters_reply_that_discord_did_not_take_is_delivered_through
     assert row.content == story == shown["content"], "the whole reply, in the character's own post"
     labels = [c["label"] for c in shown["components"][0]["components"]]
     assert "Regenerate" in labels and "Stop" not in labels
-    assert "delivered 1 stored replies" in caplog.text, "by the periodic redelivery, through the webhook"
+    assert "delivered stored reply" in caplog.text, "by the periodic redelivery, through the webhook"
     assert d.faults and all(f[1] == "/webhooks/{id}/{id}/messages/{id}" for f in d.faults)
     assert len(d.webhook_messages(d.general)) == 1 and [m for m in d.bot_messages(d.general)
                                                         if int(m["id"]) > asked] == []
@@ -361,3 +361,24 @@ async def test_the_named_character_answers_a_question_missed_while_down(start_bo
     (post,) = await wait_for(posts_after(d, asked, 1))
     await settle(h2, 2)
     assert post["author"]["username"] == "Marlowe", f"answered by {post['author']['username']}, not the one named"
+
+
+async def test_a_channel_with_discords_15_webhooks_still_gets_the_characters_replies(start_bot: StartBot) -> None:
+    """Found by a hostile review: 400 30007 (15 webhooks in the channel) failed every
+    character's reply, never shown; now the bot's own messages carry it, and people are told."""
+    h = await start_bot()
+    h.engine.delay = 0.0
+    d = h.discord
+    for i in range(15):  # other integrations' webhooks (GitHub, RSS, PluralKit, …)
+        d.webhooks[10_000 + i] = {"id": str(10_000 + i), "type": 1, "channel_id": str(d.general),
+                                  "guild_id": str(d.channels[d.general]["guild_id"]), "name": f"feed {i}",
+                                  "avatar": None, "token": f"t{i}", "application_id": None}
+    await scene_add(d, "marlowe")
+    h.engine.say("I see the harbour lights.")
+    asked = await d.user_says(d.ann, d.general, "Marlowe?")
+    shown = await wait_for(lambda: [m["content"] for m in d.bot_messages(d.general)
+                                    if int(m["id"]) > asked and "harbour" in m["content"]])
+    assert shown
+    await wait_for(lambda: any("refused me a webhook" in m["content"] for m in d.bot_messages(d.general)))
+    rows = await replies(h)
+    assert [(r.reply_status, r.content) for r in rows] == [("done", "I see the harbour lights.")]

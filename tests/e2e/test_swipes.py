@@ -3,6 +3,8 @@ and /continue), through real discord.py against the Discord stand-in."""
 
 from __future__ import annotations
 
+import asyncio
+
 from tests.e2e.conftest import Harness, StartBot
 from tests.e2e.fake_discord import FakeDiscord, User, wait_for
 from tests.e2e.nothing_lost import assert_nothing_lost
@@ -165,3 +167,22 @@ async def test_a_restart_mid_regeneration_keeps_the_earlier_alternative(start_bo
     await wait_for(lambda: d.messages[reply_id]["content"] == "Roses are red." and "1/2" in labels(d, reply_id))
     assert (await stored_reply(h, d.dm)).content == "Roses are red."
     await assert_nothing_lost(d, h.store, {d.dm: [question]})
+
+
+async def test_a_continue_that_cannot_start_leaves_the_finished_reply_finished(start_bot: StartBot) -> None:
+    """Found by a hostile review: with the engine briefly unavailable, Continue turned a
+    finished reply into `failed` (with a failure notice, out of the training export)."""
+    from bot.engine.base import EngineError
+
+    h = await start_bot()
+    d = h.discord
+    _, reply_id = await ask(h, "describe the sea", "The sea is wide and deep.")
+    assert (await stored_reply(h, d.dm)).status == "done"
+    h.engine.broken = EngineError("the model is being reloaded")
+    await d.click(d.ann, reply_id, f"hermes:continue:{d.ann.id}")
+    await wait_for(lambda: labels(d, reply_id) == FINAL, timeout=10)
+    await asyncio.sleep(0.5)
+    h.engine.broken = None
+    reply = await stored_reply(h, d.dm)
+    assert (reply.status, reply.content, reply.notice) == ("done", "The sea is wide and deep.", None)
+    assert d.messages[reply_id]["content"] == "The sea is wide and deep."
