@@ -5,6 +5,8 @@ from __future__ import annotations
 
 import asyncio
 
+import pytest
+
 from tests.e2e.conftest import Harness, StartBot
 from tests.e2e.fake_discord import FakeDiscord, User, wait_for
 from tests.e2e.nothing_lost import assert_nothing_lost
@@ -186,3 +188,53 @@ async def test_a_continue_that_cannot_start_leaves_the_finished_reply_finished(s
     reply = await stored_reply(h, d.dm)
     assert (reply.status, reply.content, reply.notice) == ("done", "The sea is wide and deep.", None)
     assert d.messages[reply_id]["content"] == "The sea is wide and deep."
+
+
+SWIPE_EDIT = "/channels/{id}/messages/{id}"
+
+
+async def test_a_redelivery_never_writes_an_older_copy_over_a_swipe(
+        start_bot: StartBot, monkeypatch: pytest.MonkeyPatch) -> None:
+    """Found by a hostile review: the periodic redelivery read a reply, then a swipe changed
+    it, then the redelivery wrote its older copy back (store and Discord); the next swipe
+    then saved that copy over the other take, which was lost for good."""
+    from bot import recovery
+
+    monkeypatch.setattr(recovery, "REDELIVER_SECONDS", 3600.0)  # only the redelivery this test runs
+    h = await start_bot(DELIVERY_RETRY_SECONDS="1")
+    d = h.discord
+    h.engine.say("Take A.")
+    q = await d.user_says(d.ann, d.dm, "tell me")
+    rid = int((await wait_for(lambda: d.replies_to(q)))[0]["id"])
+    await wait_for(lambda: d.messages[rid]["content"] == "Take A." and labels(d, rid) == FINAL)
+    h.engine.say("Take B.")
+    await d.click(d.ann, rid, f"hermes:regen:{d.ann.id}")
+    await wait_for(lambda: d.messages[rid]["content"] == "Take B." and "2/2" in labels(d, rid))
+    reply = await stored_reply(h, d.dm)
+    assert await h.store.alternatives(reply.id) == ["Take A.", "Take B."]
+
+    # Discord has a bad moment: ◀ is stored (content A) but not shown yet: undelivered.
+    d.fail_for("PATCH", SWIPE_EDIT, 503, 1.6)
+    await d.click(d.ann, rid, f"hermes:swipe:prev:{d.ann.id}")
+    for _ in range(100):
+        r = await h.store.reply(reply.id)
+        if r.content == "Take A." and r.undelivered:
+            break
+        await asyncio.sleep(0.05)
+    await asyncio.sleep(6)  # the swipe's own delivery gave up; Discord answers again
+    r = await h.store.reply(reply.id)
+    assert (r.content, r.undelivered) == ("Take A.", True)
+
+    # The periodic redelivery takes its snapshot (A); its edit meets one more 503 and
+    # retries, meanwhile Ann clicks ▶ (B), which is stored and shown.
+    chat = h.bot.get_cog("Chat")
+    d.fail_next("PATCH", SWIPE_EDIT, 503)
+    redelivery = asyncio.create_task(chat.recovery.redeliver())
+    await asyncio.sleep(0.1)
+    await d.click(d.ann, rid, f"hermes:swipe:next:{d.ann.id}")
+    await redelivery
+    await asyncio.sleep(1.0)
+    await wait_for(lambda: d.messages[rid]["content"] == "Take B.", timeout=10)
+    r = await h.store.reply(reply.id)
+    assert r.content == "Take B." and (await h.store.swipe_view(reply.id)).label == "2/2"
+    assert await h.store.alternatives(reply.id) == ["Take A.", "Take B."], "no take lost"
