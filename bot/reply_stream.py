@@ -14,9 +14,10 @@ notice under a reply is for people and never stored as the bot's words.
 
 from __future__ import annotations
 
+import contextlib
 import functools
 import logging
-from collections.abc import Sequence
+from collections.abc import Awaitable, Callable, Sequence
 from dataclasses import dataclass
 from typing import Any, Protocol
 
@@ -57,6 +58,11 @@ class Poster(Protocol):
     async def edit(self, message_id: int, content: str, **extra: Any) -> None: ...
 
     async def delete(self, message_id: int) -> None: ...
+
+
+class PartFrozen(Exception):
+    """A part that Discord still shows but nobody can edit any more (the webhook that posted
+    it was deleted): the writer posts it, and the parts after it, again."""
 
 
 class ChannelPoster:
@@ -101,25 +107,48 @@ class PartWriter:
         self.swipes: SwipeView | None = None  # the reply's alternatives, for the final buttons
         self._swipes_shown: SwipeView | None = None
         self.retry_seconds = retry_seconds
+        # Stores the reply's part ids when parts leave it (set by the reply's owner).
+        self.persist: Callable[[list[str]], Awaitable[None]] | None = None
 
     async def put(self, parts: list[str], running: bool) -> None:
         for index, part in enumerate(parts):
             if index < len(self.part_ids):
                 buttons_changed = index == 0 and (self.running, self._swipes_shown) != (running, self.swipes)
                 if self.shown[index] != part or buttons_changed:
-                    await self._edit(index, part, running)
+                    try:
+                        await self._edit(index, part, running)
+                    except PartFrozen:
+                        await self._abandon_from(index)
+                        await self._send(index, part, running)
             else:
                 await self._send(index, part, running)
 
     async def trim(self, count: int) -> None:
         """Delete the parts past the first `count` (a final reply shorter than before)."""
-        for message_id in self.part_ids[count:]:
+        for message_id in await self._drop_from(count):
             try:
                 await retried(functools.partial(self.poster.delete, message_id), "delete a surplus part",
                               self.retry_seconds)
             except discord.NotFound:
                 pass
-        del self.part_ids[count:], self.shown[count:]
+
+    async def _drop_from(self, index: int) -> list[int]:
+        """The parts from `index` on leave the reply: in the store first (`persist`), so
+        that the deletion Discord then reports is not taken for a person deleting a part
+        of the reply (which erases it); their ids, to delete in Discord."""
+        dropped = self.part_ids[index:]
+        del self.part_ids[index:], self.shown[index:]
+        if dropped and self.persist is not None:
+            await self.persist([str(i) for i in self.part_ids])
+        return dropped
+
+    async def _abandon_from(self, index: int) -> None:
+        """Parts from `index` on can no longer be edited: they are deleted where Discord lets
+        the bot (best effort) and forgotten, to be posted again after the ones before."""
+        log.warning("parts %s of a reply can no longer be edited; posting them again", self.part_ids[index:])
+        for message_id in await self._drop_from(index):
+            with contextlib.suppress(discord.HTTPException, OSError, PartFrozen):
+                await self.poster.delete(message_id)
 
     async def _edit(self, index: int, part: str, running: bool) -> None:
         message_id = self.part_ids[index]
@@ -155,6 +184,7 @@ async def sync_reply(store: Store, reply: StoredReply, to: Destination, retry_se
     """Make Discord show a stored reply's final state, then mark it delivered. False when
     Discord could not be reached in time: it stays undelivered, to be tried again."""
     writer = writer or PartWriter(to, [int(i) for i in reply.part_ids], retry_seconds)
+    writer.persist = writer.persist or functools.partial(store.set_part_ids, reply.id)
     writer.swipes = await store.swipe_view(reply.id)
     parts = split_message(display(reply.content, reply.notice))
     try:
@@ -192,6 +222,8 @@ class ReplyStream:
         self.previous = previous
         self.writer = PartWriter(to, [int(i) for i in previous.part_ids] if previous else [], retry_seconds)
         self.reply_id: int | None = previous.id if previous else None
+        if previous is not None:
+            self.writer.persist = functools.partial(store.set_part_ids, previous.id)
         self.continuing = continuing and previous is not None
         self.base = previous.content.strip() if previous is not None and self.continuing else ""
         self.text = self.base
@@ -215,6 +247,7 @@ class ReplyStream:
             reply_to=str(self.to.question_id) if self.to.question_id else None,
             requester_id=str(self.to.requester_id), persona=self.persona,
         )
+        self.writer.persist = functools.partial(self.store.set_part_ids, self.reply_id)
 
     async def show(self, text: str, notice: str | None = None) -> None:
         """Show the text so far (and a notice such as the queue position), Stop live; the

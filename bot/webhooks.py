@@ -24,7 +24,7 @@ import discord
 from discord.utils import MISSING
 
 from bot.delivery import is_transient, retried
-from bot.reply_stream import NO_PINGS, ChannelPoster
+from bot.reply_stream import NO_PINGS, ChannelPoster, PartFrozen
 
 log = logging.getLogger(__name__)
 NOTICE_EVERY_SECONDS = 600.0  # how often a channel is told the permission is missing
@@ -199,9 +199,12 @@ class WebhookPoster:
             except discord.NotFound as error:
                 if error.code == UNKNOWN_WEBHOOK:  # its messages can no longer be edited by anyone
                     self.directory.forget(self.channel_id, self.persona)
-                    raise
+                    raise PartFrozen(message_id) from error
                 # Unknown Message: not this webhook's, the bot posted it itself (no permission then).
-        await self._plain_call(self.fallback.edit(message_id, content, **extra))
+        try:
+            await self.fallback.edit(message_id, content, **extra)
+        except discord.Forbidden as error:  # another webhook's message (one deleted and made again)
+            raise PartFrozen(message_id) from error
 
     async def delete(self, message_id: int) -> None:
         if message_id not in self._plain:

@@ -382,3 +382,30 @@ async def test_a_channel_with_discords_15_webhooks_still_gets_the_characters_rep
     await wait_for(lambda: any("refused me a webhook" in m["content"] for m in d.bot_messages(d.general)))
     rows = await replies(h)
     assert [(r.reply_status, r.content) for r in rows] == [("done", "I see the harbour lights.")]
+
+
+async def test_a_webhook_deleted_mid_reply_the_reply_is_posted_again_whole(start_bot: StartBot) -> None:
+    """Found by a hostile review: a moderator deleting the character's webhook mid-reply left
+    Discord showing the first words with a live Stop (nobody can edit that post any more),
+    while the store said the whole reply was delivered. Now the reply is posted again
+    through a new webhook and the frozen post deleted (the bot may delete messages here)."""
+    import json
+
+    h = await start_bot()
+    h.engine.delay = 0.15
+    d = h.discord
+    await scene_add(d, "marlowe")
+    story = " ".join(f"Clue{i}." for i in range(20))
+    h.engine.say(story)
+    asked = await d.user_says(d.ann, d.general, "Marlowe, the clues?")
+    (post,) = await wait_for(posts_after(d, asked, 1))
+    (hook,) = d.channel_webhooks(d.general)
+    d.remove_webhook(int(hook["id"]))  # a moderator tidies the integrations mid-reply
+    (row,) = await settle(h, 1)
+    assert row.content == story
+    parts = [int(i) for i in json.loads(row.part_ids)]
+    assert int(post["id"]) not in parts and int(post["id"]) in d.deleted, "the frozen post is gone"
+    assert [d.messages[p]["content"] for p in parts] == [story] and not set(parts) & d.deleted
+    live = [m for m in d.webhook_messages(d.general)
+            if any(c["label"] == "Stop" for r in m["components"] for c in r["components"])]
+    assert live == [], "no live Stop button is left"
