@@ -105,7 +105,12 @@ class Answerer:
         replied = (await self.store.part_persona(question.key, str(question.replied_to))
                    if question.replied_to else None)
         recent = await self.store.scene_speakers(question.key)
-        return [m.key for m in choose_speakers(question.text, members, strategy, recent, self.rng, replied)]
+        chosen = [m.key for m in choose_speakers(question.text, members, strategy, recent, self.rng, replied)]
+        if question.message_id is None:
+            return chosen
+        # After a restart cut a turn short, the characters that answered already do not again.
+        answered = await self.store.replied_personas(question.key, str(question.message_id))
+        return [key for key in chosen if key not in answered]
 
     async def _others(self, key: str, persona_key: str | None) -> list[str]:
         """The names of the scene's other characters (their lines end this one's reply)."""

@@ -26,16 +26,17 @@ from __future__ import annotations
 import asyncio
 import functools
 import logging
-from datetime import timedelta
+from datetime import datetime, timedelta
 from typing import TYPE_CHECKING
 
 import discord
 
 from bot.answering import Question
 from bot.edge import read_attachments, to_message
-from bot.conversation import INTERRUPTED, STREAMING, StoredReply, utcnow
+from bot.conversation import INTERRUPTED, STREAMING, Message, StoredReply, utcnow
 from bot.policy import channel_of
 from bot.reply_stream import INTERRUPTED_NOTICE, Destination, sync_reply
+from bot.scenes import MAX_ADDRESSED, Member, named_in
 from bot.sharding import Shards, interrupt_streaming, owned_keys, undelivered_replies
 from bot.store import Store
 from bot.webhooks import webhook_name
@@ -208,7 +209,7 @@ class Recovery:
         since = utcnow() - timedelta(seconds=self.bot.settings.recovery_window_seconds)
         for key in await self._own(await self.store.active_keys(since)):
             channel_id = channel_of(key)
-            question = await self.store.unanswered(key, since)
+            question = await self.store.unanswered(key, since) or await self._named_left_unanswered(key, since)
             if channel_id is None or question is None or question.platform_id is None or not self.chat.accepting:
                 continue
             state = await self.store.state(key)
@@ -216,6 +217,18 @@ class Recovery:
             self.chat.queue_answer(Question(key, channel_id, int(question.platform_id), int(question.author_id),
                                             question.author_name, read_context=not (state.enabled or state.is_dm),
                                             text=question.content))  # a scene: who is named answers
+
+    async def _named_left_unanswered(self, key: str, since: datetime) -> Message | None:
+        """A scene question that named several characters, some of whom had not answered
+        when the bot stopped: it is answered again, by those (`Answerer` skips the others)."""
+        question = await self.store.last_question(key, since)
+        if question is None or question.platform_id is None:
+            return None
+        members, _ = await self.store.scene(key)
+        personas = self.bot.responder.personas
+        named = named_in(question.content, [Member(k, personas[k].name) for k in members if k in personas])
+        answered = await self.store.replied_personas(key, question.platform_id)
+        return question if any(m.key not in answered for m in named[:MAX_ADDRESSED]) else None
 
     async def _own(self, keys: list[str]) -> list[str]:
         """The keys of conversations this process looks after (all, unless sharded)."""

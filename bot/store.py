@@ -753,6 +753,28 @@ class Store:
             return None
         return _to_message(newest)
 
+    async def last_question(self, key: str, since: datetime) -> Message | None:
+        """The newest message from a person since `since`, whether replies follow it or not
+        (a scene question that several characters answer in turn)."""
+        async with self._sessions() as session:
+            newest = await session.scalar(
+                select(MessageRow)
+                .where(MessageRow.conversation_id == self._conversation_id(key), MessageRow.deleted_at.is_(None),
+                       MessageRow.is_bot.is_(False))
+                .order_by(MessageRow.id.desc()).limit(1)
+            )
+        return _to_message(newest) if newest is not None and _aware(newest.created_at) >= since else None
+
+    async def replied_personas(self, key: str, question_id: str) -> set[str | None]:
+        """Who answered a question: the persona keys of its replies (None: not a scene's)."""
+        async with self._sessions() as session:
+            found = await session.scalars(
+                select(MessageRow.persona).where(
+                    MessageRow.conversation_id == self._conversation_id(key), MessageRow.reply_to == question_id,
+                    MessageRow.reply_status.is_not(None))
+            )
+            return set(found)
+
     # ---- training export: /channel training-export, `hermes-bot export-dataset` ----------
 
     async def set_training_export(self, key: str, on: bool) -> None:

@@ -409,3 +409,32 @@ async def test_a_webhook_deleted_mid_reply_the_reply_is_posted_again_whole(start
     live = [m for m in d.webhook_messages(d.general)
             if any(c["label"] == "Stop" for r in m["components"] for c in r["components"])]
     assert live == [], "no live Stop button is left"
+
+
+async def test_a_restart_mid_turn_lets_the_other_named_characters_answer(start_bot: StartBot) -> None:
+    """Found by a hostile review: a restart while the first of two named characters spoke
+    left the second one silent for good (the question counted as answered)."""
+    h = await start_bot()
+    d = h.discord
+    await scene_add(d, "captain-vex")
+    await scene_add(d, "marlowe")
+    h.engine.delay = 0.1
+    h.engine.say(" ".join(f"Rain{i}." for i in range(30)), "East, crew!")
+    asked = await d.user_says(d.ann, d.general, "Marlowe and Captain Vex: which way?")
+    await wait_for(posts_after(d, asked, 1))
+    await h.bot.shutdown()  # systemctl restart while Marlowe is speaking
+    h2 = await start_bot()
+    h2.engine.delay = 0.0
+    h2.engine.say("East, crew!")
+    expected = [("marlowe", "interrupted"), ("captain-vex", "done")]
+    for _ in range(300):
+        rows = await replies(h2)
+        if [(r.persona, r.reply_status) for r in rows] == expected and not any(r.undelivered for r in rows):
+            break
+        await asyncio.sleep(0.1)
+    assert [(r.persona, r.reply_status) for r in rows] == expected
+    h3_engine_prompts = len(h2.engine.prompts)
+    await h2.bot.shutdown()
+    h3 = await start_bot()
+    await asyncio.sleep(1.5)
+    assert h3.engine.prompts == [] and h3_engine_prompts == 1, "each named character answers once"
