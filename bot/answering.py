@@ -163,9 +163,9 @@ class Answerer:
         except asyncio.CancelledError:
             # Cut off (a shutdown past its grace): keep the final state in the store at least;
             # the next start shows it in Discord.
+            status, notice = stream.ending(INTERRUPTED, INTERRUPTED_NOTICE)
             with contextlib.suppress(Exception):
-                await asyncio.shield(self.store.finish_reply(stream.reply_id, INTERRUPTED, stream.text.strip(),
-                                                             INTERRUPTED_NOTICE))
+                await asyncio.shield(self.store.finish_reply(stream.reply_id, status, stream.text.strip(), notice))
             raise
         except Exception:
             # A bug or an error Discord will not get over (403: the bot lost its rights
@@ -183,7 +183,7 @@ class Answerer:
         try:
             return [to_message(m) async for m in channel.history(
                 limit=CONTEXT_MESSAGES, before=discord.Object(question.message_id), oldest_first=False)
-                if m.author.id != self.bot_user_id]
+                if m.author.id != self.bot_user_id and not (self.webhooks and self.webhooks.owns(m))]
         except (discord.HTTPException, OSError) as error:
             log.info("cannot read the chat around the question in %s (%s); answering without it", question.key, error)
             return []

@@ -61,7 +61,7 @@ class Recovery:
         self.shards = Shards.of(bot.settings)  # None: every conversation is this process's
         self._startup: asyncio.Task[None] | None = None
         self._redeliver: asyncio.Task[None] | None = None
-        self._queued: set[int] = set()  # replies waiting in their lane to be redelivered
+        self._queued: dict[int, str] = {}  # reply id → its conversation: waiting in the lane
 
     async def before_connect(self) -> None:
         if self.shards is None:
@@ -109,16 +109,18 @@ class Recovery:
         queued = 0
         replies = (await self.store.undelivered_replies() if self.shards is None
                    else await undelivered_replies(self.store, self.shards))
+        waiting = set(self._queued.values())
         for reply in replies:
             if not self.chat.accepting:
                 break
-            if self.chat.is_under_way(reply.id) or reply.id in self._queued:
-                continue  # its own ReplyStream is delivering it, or it waits in its lane already
-            self._queued.add(reply.id)
+            if self.chat.is_under_way(reply.id) or reply.id in self._queued or reply.key in waiting:
+                continue  # being delivered, or waiting in its lane (one per conversation at a time)
+            waiting.add(reply.key)
+            self._queued[reply.id] = reply.key
             if self.chat.lanes.other(reply.key, functools.partial(self._redeliver_one, reply.id)):
                 queued += 1
             else:  # the lane is full: next round
-                self._queued.discard(reply.id)
+                self._queued.pop(reply.id, None)
         return queued
 
     async def _redeliver_one(self, reply_id: int) -> None:
@@ -130,13 +132,15 @@ class Recovery:
             if to is None:
                 return
             try:
-                if await sync_reply(self.store, reply, to, self.bot.settings.delivery_retry_seconds):
+                # One try per call: this runs in the conversation's lane, ahead of new answers
+                # and buttons; the next round (every REDELIVER_SECONDS) tries again.
+                if await sync_reply(self.store, reply, to, 0):
                     log.info("delivered stored reply %d, which Discord had not shown", reply_id)
             except discord.HTTPException as error:  # 403: the bot may not post there any more
                 log.warning("reply %d cannot be delivered (%s); giving up on it", reply_id, error)
                 await self.store.mark_delivered(reply_id, reply.content, list(reply.part_ids))
         finally:
-            self._queued.discard(reply_id)
+            self._queued.pop(reply_id, None)
 
     async def adopt_orphans(self) -> int:
         """A crash between Discord taking a new part of a reply and the store recording

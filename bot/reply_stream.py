@@ -262,7 +262,7 @@ class ReplyStream:
         await self.store.update_reply(self.reply_id, text, [str(i) for i in self.writer.part_ids])
         if self.undelivered:
             return
-        parts_before = len(self.writer.part_ids)
+        parts_before = list(self.writer.part_ids)
         try:
             await self.writer.put(split_message(display(text, notice)), running=True)
         except (discord.HTTPException, OSError) as error:
@@ -270,7 +270,7 @@ class ReplyStream:
                 raise
             log.warning("Discord is not taking reply %d (%s); it goes on in the store", self.reply_id, error)
             self.undelivered = True
-        if len(self.writer.part_ids) != parts_before:
+        if self.writer.part_ids != parts_before:  # added, or posted again (a frozen part)
             await self.store.update_reply(self.reply_id, text, [str(i) for i in self.writer.part_ids])
 
     async def finish(self, stopped: bool = False) -> bool:
@@ -282,14 +282,19 @@ class ReplyStream:
     async def interrupt(self) -> bool:
         return await self._final(INTERRUPTED, INTERRUPTED_NOTICE)
 
+    def ending(self, status: str, notice: str | None) -> tuple[str, str | None]:
+        """The final state to store: a Continue that wrote nothing (it failed, was stopped
+        or cut off before its first words) leaves the reply as it was, a finished answer
+        finished."""
+        if self.continuing and self.previous is not None and self.text.strip() == self.base:
+            return self.previous.status, self.previous.notice
+        return status, notice
+
     async def _final(self, status: str, notice: str | None) -> bool:
         """Store the final state, then bring Discord in step. True once Discord shows it."""
         assert self.reply_id is not None, "begin() first"
         self.text = self.text.strip()
-        if self.continuing and self.previous is not None and self.text == self.base:
-            # A Continue that wrote nothing (it failed, or was stopped before its first
-            # words): the reply stays as it was, a finished answer stays finished.
-            status, notice = self.previous.status, self.previous.notice
+        status, notice = self.ending(status, notice)
         await self.store.finish_reply(self.reply_id, status, self.text, notice)
         reply = StoredReply(
             id=self.reply_id, key=self.key, status=status, content=self.text, author_name=self.author_name,

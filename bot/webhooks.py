@@ -110,7 +110,7 @@ class WebhookDirectory:
             except discord.Forbidden as error:
                 log.warning("no Manage Webhooks in channel %d (%s)", text_channel.id, error)
                 self._denied[text_channel.id] = time.monotonic()
-                self._notices[text_channel.id] = missing_permission_notice(text_channel.id)
+                self._notices[text_channel.id] = self._notices[channel_id] = missing_permission_notice(text_channel.id)
                 raise NoWebhookPermission from error
             except discord.HTTPException as error:
                 if is_transient(error):
@@ -119,7 +119,8 @@ class WebhookDirectory:
                 # the characters speak through the bot's own messages, as without the permission.
                 log.warning("Discord refused a webhook for %s in channel %d (%s)", wanted, text_channel.id, error)
                 self._denied[text_channel.id] = time.monotonic()
-                self._notices[text_channel.id] = refused_notice(text_channel.id, error.text or str(error))
+                self._notices[text_channel.id] = self._notices[channel_id] = refused_notice(
+                    text_channel.id, error.text or str(error))
                 raise NoWebhookPermission from error
             self._denied.pop(text_channel.id, None)
             self._hooks[key] = hook
@@ -140,8 +141,6 @@ class WebhookDirectory:
             return
         self._told[channel_id] = now
         notice = self._notices.get(channel_id) or missing_permission_notice(channel_id)
-        if isinstance(channel, discord.Thread) and channel.parent_id in self._notices:
-            notice = self._notices[channel.parent_id]
         try:
             await retried(lambda: channel.send(notice, allowed_mentions=NO_PINGS),
                           "say that Manage Webhooks is missing", self.retry_seconds)

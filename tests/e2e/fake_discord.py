@@ -354,6 +354,10 @@ class FakeDiscord:
         "/channels/{id}/messages") with these statuses, unhandled; 0 cuts the connection."""
         self._faults.extend(_Fault(method.upper(), route_template(route), status) for status in statuses)
 
+    def clear_faults(self) -> None:
+        """Discord answers normally again (every fault still pending is dropped)."""
+        self._faults.clear()
+
     def fail_for(self, method: str, route: str, status: int, seconds: float) -> None:
         """Every matching request fails with `status` for the next `seconds` (Discord is down)."""
         self._faults.append(_Fault(method.upper(), route_template(route), status, time.monotonic() + seconds))

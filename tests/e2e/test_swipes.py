@@ -171,7 +171,8 @@ async def test_a_restart_mid_regeneration_keeps_the_earlier_alternative(start_bo
     await assert_nothing_lost(d, h.store, {d.dm: [question]})
 
 
-async def test_a_continue_that_cannot_start_leaves_the_finished_reply_finished(start_bot: StartBot) -> None:
+async def test_a_continue_that_cannot_start_leaves_the_finished_reply_finished(
+        start_bot: StartBot, caplog: pytest.LogCaptureFixture) -> None:
     """Found by a hostile review: with the engine briefly unavailable, Continue turned a
     finished reply into `failed` (with a failure notice, out of the training export)."""
     from bot.engine.base import EngineError
@@ -182,10 +183,12 @@ async def test_a_continue_that_cannot_start_leaves_the_finished_reply_finished(s
     assert (await stored_reply(h, d.dm)).status == "done"
     h.engine.broken = EngineError("the model is being reloaded")
     await d.click(d.ann, reply_id, f"hermes:continue:{d.ann.id}")
-    await wait_for(lambda: labels(d, reply_id) == FINAL, timeout=10)
-    await asyncio.sleep(0.5)
+    await wait_for(lambda: "cannot answer in" in caplog.text, timeout=30)  # the Continue ran and failed
+    for _ in range(300):
+        if (reply := await stored_reply(h, d.dm)).status != "streaming" and not reply.undelivered:
+            break
+        await asyncio.sleep(0.05)
     h.engine.broken = None
-    reply = await stored_reply(h, d.dm)
     assert (reply.status, reply.content, reply.notice) == ("done", "The sea is wide and deep.", None)
     assert d.messages[reply_id]["content"] == "The sea is wide and deep."
 
@@ -214,26 +217,28 @@ async def test_a_redelivery_never_writes_an_older_copy_over_a_swipe(
     assert await h.store.alternatives(reply.id) == ["Take A.", "Take B."]
 
     # Discord has a bad moment: ◀ is stored (content A) but not shown yet: undelivered.
-    d.fail_for("PATCH", SWIPE_EDIT, 503, 1.6)
+    d.fail_for("PATCH", SWIPE_EDIT, 503, 600)
     await d.click(d.ann, rid, f"hermes:swipe:prev:{d.ann.id}")
-    for _ in range(100):
+    for _ in range(600):  # the swipe's own delivery gives up (1 s of retries)
         r = await h.store.reply(reply.id)
         if r.content == "Take A." and r.undelivered:
             break
         await asyncio.sleep(0.05)
-    await asyncio.sleep(6)  # the swipe's own delivery gave up; Discord answers again
+    chat = h.bot.get_cog("Chat")
+    await wait_for(lambda: not chat.lanes.workers(), timeout=60)  # the swipe's delivery gave up
+    d.clear_faults()  # Discord answers again
     r = await h.store.reply(reply.id)
     assert (r.content, r.undelivered) == ("Take A.", True)
 
     # The periodic redelivery takes its snapshot (A); its edit meets one more 503 and
     # retries, meanwhile Ann clicks ▶ (B), which is stored and shown.
-    chat = h.bot.get_cog("Chat")
     d.fail_next("PATCH", SWIPE_EDIT, 503)
     redelivery = asyncio.create_task(chat.recovery.redeliver())
     await asyncio.sleep(0.1)
     await d.click(d.ann, rid, f"hermes:swipe:next:{d.ann.id}")
     await redelivery
-    await asyncio.sleep(1.0)
+    await asyncio.sleep(0.5)
+    await wait_for(lambda: not chat.lanes.workers(), timeout=60)  # the redelivery, then ▶, have run
     await wait_for(lambda: d.messages[rid]["content"] == "Take B.", timeout=10)
     r = await h.store.reply(reply.id)
     assert r.content == "Take B." and (await h.store.swipe_view(reply.id)).label == "2/2"
