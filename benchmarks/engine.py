@@ -36,6 +36,7 @@ from concurrent.futures import ProcessPoolExecutor
 from pathlib import Path
 from typing import Any
 
+from bot.engine import repack
 from bot.engine.base import GenerationRequest, SamplingParams
 from bot.engine.scheduler import BatchConfig, BatchedEngine
 
@@ -43,6 +44,7 @@ GREEDY = SamplingParams(temperature=0.0, repeat_penalty=1.0)
 SAMPLED = SamplingParams()  # the bot's defaults: temperature 0.7, top-k 40, top-p 0.9, penalty 1.1
 TOPICS = ["the sea", "stars", "dogs", "cats", "trains", "rain", "bread", "music"]
 TOOLS = Path.home() / ".cache" / "hermes-llama-tools" / "build" / "bin"
+REPACK = repack.choose()  # llama.cpp's tools get the engine's CPU weight repacking (LLAMA_REPACK)
 REPEATS = 2  # best of, within a round: a 2-core machine's timings swing by ±25% from run to run
 
 
@@ -63,7 +65,7 @@ def llama_bench_tg(tools: Path, model: Path, n_gpu_layers: int, tokens: int, thr
     (like the engine's figures, a best of a few runs; llama-bench itself prints their mean)."""
     out = subprocess.run(
         [str(tools / "llama-bench"), "-m", str(model), "-ngl", str(n_gpu_layers), "-p", "0", "-n", str(tokens),
-         "-d", str(depth), "-t", ",".join(map(str, threads)), "-r", "3", "-o", "json"],
+         "-d", str(depth), "-t", ",".join(map(str, threads)), "-r", "3", "-o", "json", *REPACK.bench_args()],
         capture_output=True, text=True, check=True,
     ).stdout
     return {row["n_threads"]: max(row["samples_ts"]) for row in json.loads(out)}
@@ -77,7 +79,7 @@ def batched_bench_tg(tools: Path, model: Path, n_gpu_layers: int, tokens: int, t
         out = subprocess.run(
             [str(tools / "llama-batched-bench"), "-m", str(model), "-ngl", str(n_gpu_layers),
              "-c", str(8 * 2 * (n_prompt + tokens)), "-b", "256", "-ub", "256", "-npp", str(n_prompt),
-             "-ntg", str(tokens), "-npl", "2,4,8", "-t", str(threads), "--output-format", "jsonl"],
+             "-ntg", str(tokens), "-npl", "2,4,8", "-t", str(threads), "--output-format", "jsonl", *REPACK.server_args()],
             capture_output=True, text=True, check=True,
         ).stdout
         for row in (json.loads(line) for line in out.splitlines() if line.startswith("{")):
@@ -90,9 +92,9 @@ def batched_bench_tg(tools: Path, model: Path, n_gpu_layers: int, tokens: int, t
 
 def plain_llama_tps(model: Path, n_gpu_layers: int, tokens: int, threads: int) -> float:
     """llama-cpp-python's own `Llama`, streaming the same kind of prompt (best of a few)."""
-    from llama_cpp import Llama
+    from bot.engine.repack import open_llama
 
-    llm = Llama(str(model), n_ctx=2048, n_gpu_layers=n_gpu_layers, n_threads=threads, n_threads_batch=threads, verbose=False)
+    llm = open_llama(model, n_ctx=2048, n_gpu_layers=n_gpu_layers, n_threads=threads, n_threads_batch=threads, verbose=False)
     best = 0.0
     try:
         for attempt in range(REPEATS + 1):

@@ -68,6 +68,11 @@ from collections.abc import Callable, Iterable, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 
+# CPU weight repacking off for llama.cpp's tools, as everywhere (bot.engine.repack): its AMX
+# kernels crash with SIGILL on the Xeons of most H100 servers. This script runs on bare
+# machines before the project is installed, so the flags are spelled out here.
+REPACK_OFF = {"llama-bench": ["--repack", "0"], "common": ["--no-repack"]}
+
 REPO = Path(__file__).resolve().parents[1]
 SDIST_PREFIX = "llama_cpp_python-0.3.36"
 VOCAB = 32000
@@ -677,7 +682,7 @@ class Run:
             return
         pp, tg, reps = ("64", "16", "1") if self.tiny else ("512", "128", "3")
         status, output = self.sh(step, [tools / "llama-bench", "-m", gguf, "-ngl", ngl, "-t", threads, "-p", pp, "-n", tg,
-                                        "-r", reps, "-o", "json"], min(self.left() - 10, 180))
+                                        "-r", reps, "-o", "json", *REPACK_OFF["llama-bench"]], min(self.left() - 10, 180))
         try:
             results = parse_llama_bench(output) if status == 0 else []
         except (ValueError, KeyError):
@@ -695,7 +700,8 @@ class Run:
             return
         npp, ntg = ("32", "16") if self.tiny else ("128", "64")
         status, output = self.sh(step, [batched, "-m", gguf, "-ngl", ngl, "-t", threads, "-c", "4096", "-b", "2048",
-                                        "-ub", "512", "-npp", npp, "-ntg", ntg, "-npl", "1,8"], min(self.left() - 10, 180))
+                                        "-ub", "512", "-npp", npp, "-ntg", ntg, "-npl", "1,8", *REPACK_OFF["common"]],
+                                 min(self.left() - 10, 180))
         rows = parse_batched_bench(output) if status == 0 else []
         if not rows:
             self.report.add(step, "llama-batched-bench", f"failed ({status}): {self.tail(output)}")

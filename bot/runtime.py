@@ -7,6 +7,7 @@ from collections.abc import AsyncIterator
 from contextlib import asynccontextmanager
 from pathlib import Path
 
+from bot.engine import repack
 from bot.engine.base import Engine
 from bot.engine.common import gpu_offload_warning
 from bot.engine.llama import LlamaConfig, LlamaEngine
@@ -34,15 +35,17 @@ async def start_engine(settings: Settings, model_path: Path | None) -> Engine:
     assert model_path is not None
     if warning := gpu_offload_warning(settings.n_gpu_layers):
         log.warning("%s", warning)
+    cpu = repack.choose(settings.llama_repack)
+    repack.log_choice(cpu)
     if settings.engine == "simple":
         return await LlamaEngine.start(LlamaConfig(
             model_path=model_path, n_ctx=settings.n_ctx, n_gpu_layers=settings.n_gpu_layers,
-            n_threads=settings.n_threads, seed=settings.seed, max_queue=settings.max_queue,
+            n_threads=settings.n_threads, seed=settings.seed, max_queue=settings.max_queue, repack=cpu.enabled,
         ))
     return await BatchedEngine.start(BatchConfig(
         model_path=model_path, n_ctx=settings.n_ctx, n_parallel=settings.n_parallel,
         n_gpu_layers=settings.n_gpu_layers, n_threads=settings.n_threads,
-        ram_cache_mb=settings.kv_ram_cache_mb, max_queue=settings.max_queue,
+        ram_cache_mb=settings.kv_ram_cache_mb, max_queue=settings.max_queue, repack=cpu.enabled,
     ))
 
 

@@ -106,6 +106,9 @@ class Settings(BaseSettings):
     n_gpu_layers: int = _setting(-1, "an integer >= -1 (-1 = every layer on the GPU)", ge=-1)
     n_ctx: int = _integer(4096, 256)
     n_threads: int | None = _integer(None, 1)  # None = physical cores (a few with every layer on the GPU)
+    # llama.cpp's CPU weight repacking (bot.engine.repack): off, since its AMX kernels crash
+    # with SIGILL on Intel CPUs with AMX; true turns it on.
+    llama_repack: bool = _setting(False, "true or false")
     max_new_tokens: int = _integer(512, 1)
     temperature: float = _number(0.7, 0.0, 5.0)
     top_p: float = _number(0.9, 0.0, 1.0)
@@ -159,6 +162,9 @@ class Settings(BaseSettings):
     user_messages_per_minute: int = _integer(12, 0)  # answers per person per minute; 0 = no limit
     user_queue_share: int = _integer(0, 0)  # answers one person may have waiting; 0 = a quarter of MAX_QUEUE
     bot_reply_limit: int = _integer(3, 0)  # answers to bots in a row without a person speaking
+    # Character cards a person may import in 10 minutes, all at once if they like; refused
+    # cards do not count, the bot's owners are never limited; 0 = no limit.
+    card_imports_per_10_minutes: int = _integer(10, 0)
     retention_days: int = _integer(0, 0)  # delete messages older than this; 0 = keep them
     # Discord shards: unset = one gateway connection; set = discord.py's AutoShardedBot.
     shard_count: int | None = _integer(None, 1)

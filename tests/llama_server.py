@@ -2,8 +2,8 @@
 
 `server_binary()` finds llama.cpp's server: `$LLAMA_SERVER_BIN`, else the cached build at
 `~/.cache/hermes-llama-tools/build/bin/llama-server` (`$HERMES_LLAMA_TOOLS` moves that
-folder). When it is missing it is built there from the llama.cpp tree vendored in the
-pinned llama-cpp-python sdist (about 5 minutes on 2 cores, once; `HERMES_LLAMA_NO_BUILD=1`
+folder); `tool_binary("llama-bench")` finds the other tools there. When one is missing it
+is built there from the llama.cpp tree vendored in the pinned llama-cpp-python sdist (about 5 minutes on 2 cores, once; `HERMES_LLAMA_NO_BUILD=1`
 skips the tests instead), the way /work/shared/NOTES.md describes, reusing whatever that
 build folder already holds (the benchmark tools are built in the same folder). Two builds
 never run in one folder at once: a file lock serializes ours, and we wait while another
@@ -35,6 +35,9 @@ from pathlib import Path
 
 import pytest
 
+from bot.engine import repack
+from tests import crashes
+
 LLAMA_CPP_PYTHON = "0.3.36"  # the pinned version (pyproject.toml); its sdist vendors llama.cpp
 CMAKE_FLAGS = [
     "-DCMAKE_BUILD_TYPE=Release", "-DLLAMA_CURL=OFF", "-DLLAMA_OPENSSL=OFF",
@@ -58,12 +61,18 @@ def server_binary(build: bool = True) -> Path | None:
     given = os.environ.get("LLAMA_SERVER_BIN")
     if given:
         return Path(given)
-    binary = tools_dir() / "build" / "bin" / "llama-server"
+    return tool_binary("llama-server", build)
+
+
+def tool_binary(target: str, build: bool = True) -> Path | None:
+    """One of llama.cpp's tools (`llama-server`, `llama-bench`, …) from the cached build,
+    built there if missing and `build`."""
+    binary = tools_dir() / "build" / "bin" / target
     if binary.is_file() and os.access(binary, os.X_OK):
         return binary
     if not build:
         return None
-    return build_server()
+    return build_tool(target)
 
 
 def _other_build_running(folder: Path) -> bool:
@@ -81,14 +90,15 @@ def _other_build_running(folder: Path) -> bool:
     return False
 
 
-def build_server(log: Path | None = None) -> Path:
-    """Build the `llama-server` target in the shared cache folder (serialized, resumable)."""
+def build_tool(target: str, log: Path | None = None) -> Path:
+    """Build one of llama.cpp's tools in the shared cache folder (serialized, resumable)."""
     folder = tools_dir()
     folder.mkdir(parents=True, exist_ok=True)
-    log = log or folder / "build-llama-server.log"
+    log = log or folder / f"build-{target}.log"
+    started = time.monotonic()
     with open(folder / ".build.lock", "w") as lock:
         fcntl.flock(lock, fcntl.LOCK_EX)  # another test session building: wait for it
-        binary = folder / "build" / "bin" / "llama-server"
+        binary = folder / "build" / "bin" / target
         if binary.is_file():
             return binary
         deadline = time.monotonic() + 3600
@@ -121,11 +131,12 @@ def build_server(log: Path | None = None) -> Path:
                 )
             jobs = str(max(1, os.cpu_count() or 1))
             subprocess.run(
-                ["cmake", "--build", str(build), "-j", jobs, "--target", "llama-server"],
+                ["cmake", "--build", str(build), "-j", jobs, "--target", target],
                 check=True, stdout=out, stderr=subprocess.STDOUT,
             )
         if not binary.is_file():
-            raise RuntimeError(f"the llama-server build finished without {binary}; see {log}")
+            raise RuntimeError(f"the {target} build finished without {binary}; see {log}")
+        print(f"built {target} in {time.monotonic() - started:.0f} s ({log})", file=sys.stderr)
         return binary
 
 
@@ -187,6 +198,7 @@ class LlamaServer:
             "-t", str(self.threads), "-tb", str(self.threads),
             "--swa-full",  # gemma-3's sliding-window layers keep whole prefixes: prompt reuse works
             "--no-webui",
+            *repack.choose().server_args(),  # --no-repack unless LLAMA_REPACK=true (bot.engine.repack)
         ]
         if self.slot_save_path is not None:
             command += ["--slot-save-path", str(self.slot_save_path)]
@@ -198,10 +210,12 @@ class LlamaServer:
         assert self.process is None or self.process.poll() is not None, "already running"
         with open(self.log_path, "ab") as log:
             self.process = subprocess.Popen(self.command(), stdout=log, stderr=subprocess.STDOUT)
+        crashes.watch(self)
         deadline = time.monotonic() + timeout
         while time.monotonic() < deadline:
             if self.process.poll() is not None:
-                raise RuntimeError(f"llama-server exited with {self.process.returncode}: {self.log_tail()}")
+                raise RuntimeError(f"llama-server {crashes.describe_exit(self.process.returncode)} while starting; "
+                                   f"the last lines of {self.log_path}:\n{self.log_tail()}")
             try:
                 with urllib.request.urlopen(f"{self.url}/health", timeout=1.0) as response:  # noqa: S310
                     if response.status == 200:
@@ -212,13 +226,22 @@ class LlamaServer:
         self.stop()
         raise RuntimeError(f"llama-server on port {self.port} was not ready in {timeout:.0f} s: {self.log_tail()}")
 
+    @property
+    def name(self) -> str:
+        return f"llama-server on port {self.port}"
+
+    def exit_code(self) -> int | None:
+        return None if self.process is None else self.process.poll()
+
     def kill(self) -> None:
         """SIGKILL: the way a crashed or unplugged server goes."""
+        crashes.expect_exit(self)
         if self.process is not None and self.process.poll() is None:
             self.process.send_signal(signal.SIGKILL)
             self.process.wait()
 
     def stop(self) -> None:
+        crashes.expect_exit(self)
         if self.process is not None and self.process.poll() is None:
             self.process.terminate()
             try:

@@ -450,10 +450,10 @@ def _references(model_dir: Path, prompts: Sequence[str]) -> list[_Reference]:
 
 def _compare(path: Path, references: Sequence[_Reference], tolerances: Mapping[str, float]) -> FileCheck:
     import numpy as np
-    from llama_cpp import Llama
+    from bot.engine.repack import open_llama
 
     n_ctx = max(512, max((len(r.ids) for r in references), default=0) + 8)
-    llm = Llama(str(path), n_ctx=n_ctx, n_gpu_layers=-1, logits_all=True, verbose=False)
+    llm = open_llama(path, n_ctx=n_ctx, n_gpu_layers=-1, logits_all=True, verbose=False)
     try:
         ftype = int(llm.metadata.get("general.file_type", -1))
         file_type = FILE_TYPES.get(ftype, f"file type {ftype}")
@@ -486,7 +486,10 @@ def check_exports(model_dir: Path, gguf_paths: Sequence[Path], prompts: Sequence
     """Compare llama.cpp on each GGUF with transformers on the checkpoint (loaded once for
     all files): token ids of each probe in the Alpaca template (newlines included) and the
     next-token logits. Returns one `FileCheck` per file; raises nothing about the results."""
+    from bot.engine import repack
+
     tolerances = {**LOGIT_TOLERANCES, **(tolerances or {})}
+    repack.log_choice(repack.choose())  # llama.cpp loads each file with LLAMA_REPACK's choice
     references = _references(model_dir, prompts)
     return [_compare(Path(path), references, tolerances) for path in gguf_paths]
 

@@ -25,11 +25,11 @@ import collections
 import logging
 import threading
 import time
-from dataclasses import dataclass, replace
+from dataclasses import dataclass, field, replace
 from pathlib import Path
 from typing import Any
 
-from bot.engine import common
+from bot.engine import common, repack
 from bot.engine.base import (
     Engine,
     EngineBusy,
@@ -61,19 +61,19 @@ class LlamaConfig:
     # token, not while llama.cpp evaluates a prompt: keep it above the longest prompt time.
     stuck_seconds: float = 60.0
     watchdog_seconds: float = 1.0  # how often the watchdog looks at the worker thread
+    repack: bool = field(default_factory=repack.from_environment)  # CPU weight repacking (bot.engine.repack)
 
 
 def load_llama(config: LlamaConfig) -> Any:
     """Load a GGUF with llama.cpp, turning its failures into `ModelLoadError`."""
     common.check_model_file(config.model_path, config.n_gpu_layers)
-    from llama_cpp import Llama
-
     share = common.gpu_share(common.offloading(config.n_gpu_layers), config.n_gpu_layers, None)
     threads, threads_batch, why = common.decode_threads(config.n_threads, share)
     log.info("simple engine: %d decode thread(s) (%s)", threads, why)
     try:
-        return Llama(
-            model_path=str(config.model_path),
+        return repack.open_llama(
+            config.model_path,
+            repack=config.repack,
             n_ctx=config.n_ctx,
             n_gpu_layers=config.n_gpu_layers,
             n_threads=threads,

@@ -70,6 +70,7 @@ from typing import Any
 
 import aiohttp
 
+from bot.engine import repack
 from bot.engine.base import (
     Engine,
     EngineBusy,
@@ -123,7 +124,7 @@ class VocabTokenizer:
         self.lib = llama_cpp
         logging.getLogger("llama-cpp-python").setLevel(logging.ERROR)  # llama.cpp's own chatter
         llama_cpp.llama_backend_init()
-        params = llama_cpp.llama_model_default_params()
+        params = repack.model_params(llama_cpp, False)  # the vocabulary only: no weights to repack
         params.vocab_only = True
         params.n_gpu_layers = 0
         self.model = llama_cpp.llama_model_load_from_file(str(path).encode(), params)

@@ -37,7 +37,7 @@ from typing import Any
 
 import numpy
 
-from bot.engine import common
+from bot.engine import common, repack
 from bot.engine.base import (
     Engine,
     EngineBusy,
@@ -73,6 +73,7 @@ class BatchConfig:
     reuse_prefix: bool = True  # False: evaluate every prompt from scratch (benchmarks)
     stuck_seconds: float = 60.0  # work but no step for this long: /status says "stuck"
     watchdog_seconds: float = 1.0  # how often the watchdog looks at the scheduler thread
+    repack: bool = field(default_factory=repack.from_environment)  # CPU weight repacking (bot.engine.repack)
 
 
 class _Llama:
@@ -87,15 +88,15 @@ class _Llama:
         llama_cpp.llama_backend_init()
         gpu = common.offloading(config.n_gpu_layers)
         memory = common.probe_memory(gpu)  # before loading: the model's own size is subtracted
-        params = llama_cpp.llama_model_default_params()
-        params.n_gpu_layers = 0x7FFFFFFF if config.n_gpu_layers < 0 else config.n_gpu_layers
-        # No repacked CPU weight layouts: their kernels change with the batch size, so a
-        # sequence decoded beside others got logits up to 0.8 away from decoding alone.
-        # Without them, batches of up to 7 sequences are bit-identical to decoding alone
+        # Repacked CPU weight layouts are off by default (bot.engine.repack: AMX hosts crash).
+        # Off also keeps batches exact: their kernels change with the batch size, so a
+        # sequence decoded beside others got logits up to 0.8 away from decoding alone;
+        # without them, batches of up to 7 sequences are bit-identical to decoding alone
         # (from 8 tokens on, ggml switches kernels again: up to 0.59 apart). Measured cost
         # on the small model: none beyond noise (prompt 715-720 vs 722-779 tokens/s,
         # decode 70-72 vs 69-74).
-        params.use_extra_bufts = False
+        params = repack.model_params(llama_cpp, config.repack)
+        params.n_gpu_layers = 0x7FFFFFFF if config.n_gpu_layers < 0 else config.n_gpu_layers
         self.model = llama_cpp.llama_model_load_from_file(str(config.model_path).encode(), params)
         if not self.model:
             raise ModelLoadError(f"llama.cpp could not load {config.model_path.name} (corrupt or unsupported file)")

@@ -19,6 +19,7 @@ import sys
 from pathlib import Path
 from typing import IO
 
+from tests import crashes
 from tests.e2e.fake_discord import FakeDiscord
 
 REPO = Path(__file__).resolve().parents[2]
@@ -71,6 +72,11 @@ class BotProcess:
         """None while it runs (or before it started); negative: killed by that signal."""
         return self._process.returncode if self._process is not None else None
 
+    name = "the bot process"
+
+    def exit_code(self) -> int | None:
+        return self.returncode
+
     @property
     def running(self) -> bool:
         return self._process is not None and self._process.returncode is None
@@ -95,6 +101,7 @@ class BotProcess:
             env=self.env, cwd=REPO, stdin=asyncio.subprocess.DEVNULL,
             stdout=self._log, stderr=asyncio.subprocess.STDOUT,
         )
+        crashes.watch(self)
 
     async def wait_ready(self, fake: FakeDiscord, timeout: float = 120.0) -> None:
         """Until the process IDENTIFYs to `fake` (clear `fake.identified` before `start`);
@@ -106,7 +113,7 @@ class BotProcess:
             while not waiter.done():
                 if not self.running:
                     raise AssertionError(
-                        f"the bot process exited with {self.returncode} before it connected;"
+                        f"the bot process {crashes.describe_exit(self.returncode)} before it connected;"
                         f" log tail:\n{self.log_tail()}"
                     )
                 if loop.time() > deadline:
@@ -125,17 +132,20 @@ class BotProcess:
 
     def terminate(self) -> None:
         """SIGTERM: what systemd or Ctrl-C-like shutdowns send."""
+        crashes.expect_exit(self)
         if self.running:
             self._process.send_signal(signal.SIGTERM)  # type: ignore[union-attr]
 
     def kill(self) -> None:
         """SIGKILL: a crash or the OOM killer; the process cleans nothing up."""
+        crashes.expect_exit(self)
         if self.running:
             self._process.kill()  # type: ignore[union-attr]
 
     async def wait(self, timeout: float = 30.0) -> int:
         """The exit code once it exited; AssertionError (with the log tail) after `timeout`."""
         assert self._process is not None, "the bot process was never started"
+        crashes.expect_exit(self)  # the test waits for the exit: it is expected
         try:
             code = await asyncio.wait_for(self._process.wait(), timeout)
         except TimeoutError:
@@ -147,6 +157,7 @@ class BotProcess:
 
     async def stop(self, timeout: float = 15.0) -> int | None:
         """SIGTERM, then SIGKILL if it is still running after `timeout`; safe to call twice."""
+        crashes.expect_exit(self)
         if self._process is None:
             return None
         if self.running:

@@ -55,6 +55,8 @@ from typing import Any
 
 from aiohttp import WSMsgType, web
 
+from tests import crashes
+
 DISCORD_EPOCH_MS = 1420070400000
 BOT_ID = 900000000000000001
 GUILD_ID = 800000000000000001
@@ -1221,5 +1223,6 @@ async def wait_for(predicate: Any, timeout: float = 30.0, interval: float = 0.05
         value = predicate()
         if value:
             return value
+        crashes.check()  # a bot process or llama-server that died: say how, not "timed out"
         await asyncio.sleep(interval)
     raise AssertionError(f"timed out after {timeout}s waiting for {getattr(predicate, '__name__', predicate)}")

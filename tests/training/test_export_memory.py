@@ -108,7 +108,7 @@ def template_gguf(tiny_base: Path, tmp_path_factory: pytest.TempPathFactory) -> 
 
 def test_gguf_carries_the_alpaca_chat_template(template_gguf: Path) -> None:
     import gguf
-    from llama_cpp import Llama
+    from bot.engine.repack import open_llama
 
     from bot.prompt import INSTRUCTION, RESPONSE
     from training.export import chat_template
@@ -116,7 +116,7 @@ def test_gguf_carries_the_alpaca_chat_template(template_gguf: Path) -> None:
     field = gguf.GGUFReader(template_gguf).get_field("tokenizer.chat_template")
     assert field is not None and field.contents() == chat_template()
     assert INSTRUCTION in chat_template() and RESPONSE in chat_template()
-    llm = Llama(str(template_gguf), n_ctx=64, verbose=False)  # what llama-cpp-python's server uses
+    llm = open_llama(template_gguf, n_ctx=64, verbose=False)  # what llama-cpp-python's server uses
     try:
         assert llm.metadata["tokenizer.chat_template"] == chat_template()
         assert llm.chat_format == "chat_template.default"
