@@ -21,13 +21,12 @@ import yarl
 from discord import app_commands
 from discord.ext import commands
 
-from bot.fair_use import Cooldown
+from bot.fair_use import RateLimit
 from bot.responder import Responder
 from bot.settings import Settings
 
 log = logging.getLogger(__name__)
-RELOAD_COOLDOWN_SECONDS = 60.0
-IMPORT_COOLDOWN_SECONDS = 30.0
+IMPORT_WINDOW_SECONDS = 600.0  # CARD_IMPORTS_PER_10_MINUTES counts imports in this window
 
 
 def point_discord_at(api_base: str, gateway_url: str) -> None:
@@ -51,9 +50,10 @@ class HermesBot(commands.Bot):
         self.responder = responder
         self.edit_interval = edit_interval
         self.stopping = False  # set by shutdown(): no new work
-        # Per person: a reload loads tens of GB; parsing a card costs memory and time.
-        self.reload_cooldown = Cooldown(RELOAD_COOLDOWN_SECONDS)
-        self.import_cooldown = Cooldown(IMPORT_COOLDOWN_SECONDS)
+        # Per person, for strangers: parsing a card costs memory and time. (Reloads need no
+        # limit: only the bot's owners may reload, one reload at a time.)
+        per_10_min = settings.card_imports_per_10_minutes
+        self.import_limit = RateLimit(per_10_min, IMPORT_WINDOW_SECONDS) if per_10_min else None
         self.tree.on_error = self._on_command_error
         self.tree.interaction_check = self._allowed_interaction  # type: ignore[method-assign]
 

@@ -36,6 +36,14 @@ class RateLimit:
         return 0.0
 
 
+    def refund(self, who: int, at: float) -> None:
+        """Forget the event `take` recorded at `at`: what it allowed was refused or failed,
+        and a refused request does not count."""
+        events = self._events.get(who)
+        if events is not None and at in events:
+            events.remove(at)
+
+
 class Cooldown(RateLimit):
     """Once per `seconds` per person."""
 

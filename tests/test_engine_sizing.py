@@ -307,7 +307,7 @@ async def test_reload_model_command_announces_the_outage(
 
     bot = SimpleNamespace(
         settings=Settings(models_dir=models), is_bot_owner=owner, stopping=False,
-        reload_cooldown=SimpleNamespace(take=lambda *a: 0.0), responder=SimpleNamespace(engine=engine),
+        responder=SimpleNamespace(engine=engine),
     )
     interaction = SimpleNamespace(
         user=SimpleNamespace(id=1), response=SimpleNamespace(defer=nothing, send_message=nothing), edit_original_response=edit,

@@ -38,3 +38,13 @@ def test_bot_loop_guard_resets_when_a_person_speaks() -> None:
     assert guard.may_answer_bot("other"), "per conversation"
     guard.person_spoke("c")
     assert guard.may_answer_bot("c")
+
+
+def test_a_refunded_event_does_not_count() -> None:
+    limit = RateLimit(2, 60.0)
+    assert limit.take(1, 0.0) == 0.0
+    limit.refund(1, 0.0)  # what it allowed was refused
+    assert limit.take(1, 1.0) == 0.0 and limit.take(1, 2.0) == 0.0, "a burst of two"
+    assert limit.take(1, 3.0) == 58.0, "the third waits until the first leaves the window"
+    limit.refund(1, 99.0)  # nothing recorded then: nothing changes
+    assert limit.take(1, 4.0) == 57.0

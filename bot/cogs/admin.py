@@ -187,9 +187,6 @@ class Admin(commands.Cog):
                 ephemeral=True,
             )
             return
-        if wait := self.bot.reload_cooldown.take(interaction.user.id, time.monotonic()):
-            await interaction.response.send_message(f"Slow down: you can reload again in {wait:.0f} s.", ephemeral=True)
-            return
         try:
             target = parse_reload_target(model, settings.models_dir) if model else None
         except ModelLoadError as error:

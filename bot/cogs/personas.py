@@ -114,14 +114,28 @@ class Personas(commands.Cog):
         if not self._may_manage(interaction):
             await interaction.response.send_message(NEEDS_MANAGE, ephemeral=True)
             return
-        if wait := self.bot.import_cooldown.take(interaction.user.id, time.monotonic()):
-            await interaction.response.send_message(f"Slow down: you can import again in {wait:.0f} s.", ephemeral=True)
-            return
         if card.size > MAX_CARD_BYTES:
             await interaction.response.send_message(
                 f"That file is {card.size} bytes; cards may be at most {MAX_CARD_BYTES}.", ephemeral=True
             )
             return
+        limit = None if await self.bot.is_bot_owner(interaction.user) else self.bot.import_limit
+        now = time.monotonic()
+        if limit is not None and (wait := limit.take(interaction.user.id, now)):
+            await interaction.response.send_message(
+                f"Slow down: you have imported {limit.count} cards in the last {limit.window / 60:.0f} minutes; "
+                f"you can import again in {wait:.0f} s.", ephemeral=True
+            )
+            return
+        imported = False
+        try:
+            imported = await self._import(interaction, card)
+        finally:
+            if limit is not None and not imported:
+                limit.refund(interaction.user.id, now)  # a refused card does not count
+
+    async def _import(self, interaction: discord.Interaction, card: discord.Attachment) -> bool:
+        """Parse, check and store one card; True once it is imported (False: refused, told why)."""
         await interaction.response.defer(ephemeral=True, thinking=True)
         try:
             data = await card.read()
@@ -132,7 +146,7 @@ class Personas(commands.Cog):
             log.info("rejected card %s from %s: %s", card.filename, interaction.user, error)
             reason = str(error).removeprefix(f"{card.filename}: ")
             await interaction.followup.send(f"I can't import {card.filename}: {reason}"[:2000], ephemeral=True)
-            return
+            return False
         scope = self._scope(interaction)
         key = scoped_key(scope, persona.name)
         if persona_key(persona.name) in self.responder.personas:
@@ -140,14 +154,14 @@ class Personas(commands.Cog):
                 f"`{persona_key(persona.name)}` is a persona shipped with the bot (read-only); "
                 "rename the character to import it.", ephemeral=True
             )
-            return
+            return False
         owned = sum(k.startswith(f"{scope}/") for k in self.responder.personas)
         if key not in self.responder.personas and owned >= PERSONA_QUOTA:
             await interaction.followup.send(
                 f"This {'server' if interaction.guild_id else 'DM'} already has {owned} imported personas, "
                 f"the most it may keep ({PERSONA_QUOTA}).", ephemeral=True
             )
-            return
+            return False
         await self.responder.store.save_imported_persona(key, raw, card.filename, str(interaction.user.id),
                                                          avatar=data if data.startswith(PNG_SIGNATURE) else None)
         self.responder.personas[key] = replace(persona, source="imported")
@@ -161,3 +175,4 @@ class Personas(commands.Cog):
              f"Use `/persona set {short_key(key)}`." + note)[:2000],
             ephemeral=True,
         )
+        return True

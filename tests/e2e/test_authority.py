@@ -30,15 +30,35 @@ async def test_commands_declare_who_may_see_them(start_bot: StartBot) -> None:
     assert commands["status"].get("default_member_permissions") is None, "anyone may ask for /status"
 
 
-async def test_reload_has_a_per_person_cooldown(start_bot: StartBot) -> None:
-    h = await start_bot()
+async def import_card(d, who, name: str, card: bytes) -> str:  # type: ignore[no-untyped-def]
+    """`/persona import` one card in #general; the bot's answer to it."""
+    before = len(d.followups)
+    interaction = await d.slash(who, d.general, "persona", sub="import", files={"card": (f"{name}.png", card)})
+    await wait_for(lambda: interaction.response_type == 4 or len(d.followups) > before)
+    return d.original(interaction)["content"] if interaction.response_type == 4 else d.followups[-1]["content"]
+
+
+async def test_an_owner_imports_many_cards_and_refused_imports_never_count(start_bot: StartBot) -> None:
+    from tests.card_files import png, png_card, v3_card
+
+    h = await start_bot(CARD_IMPORTS_PER_10_MINUTES="2")
     d = h.discord
-    first = await d.slash(d.bob, d.dm, "reload-model", options={"model": "../../etc/passwd.gguf"})
-    await wait_for(lambda: first.response_type == 4)
-    assert "Refused" in d.original(first)["content"], "bob is in ADMIN_USER_IDS: his request is judged, and refused"
-    second = await d.slash(d.bob, d.dm, "reload-model", options={"model": "../../etc/passwd.gguf"})
-    await wait_for(lambda: second.response_type == 4)
-    assert "Slow down" in d.original(second)["content"]
+    # The application's owner sets up a roleplay server: a bad card, then five in a row.
+    assert "can't import" in await import_card(d, d.owner, "bad", png({"chara": b"%%%"}))
+    for i in range(5):
+        answer = await import_card(d, d.owner, f"c{i}", png_card(v3_card(name=f"Owner Card {i}")))
+        assert f"Imported **Owner Card {i}**" in answer, answer
+    # A server manager who is no owner: refused cards do not count, two imports are a burst
+    # (CARD_IMPORTS_PER_10_MINUTES=2), the third is asked to wait.
+    for bad in range(3):
+        assert "can't import" in await import_card(d, d.mod, f"bad{bad}", png({"chara": b"%%%"}))
+    for i in range(2):
+        answer = await import_card(d, d.mod, f"m{i}", png_card(v3_card(name=f"Mod Card {i}")))
+        assert f"Imported **Mod Card {i}**" in answer, answer
+    slow = await import_card(d, d.mod, "m2", png_card(v3_card(name="Mod Card 2")))
+    assert "Slow down" in slow and "imported 2 cards in the last 10 minutes" in slow, slow
+    assert not [key for key in h.bot.responder.personas if key.endswith("/mod-card-2")], "not imported"
+    assert len([key for key in h.bot.responder.personas if "-card-" in key]) == 7
 
 
 async def test_allowed_guild_ids_leaves_other_servers_and_ignores_them(start_bot: StartBot) -> None:

@@ -146,8 +146,8 @@ async def test_reload_model_with_the_real_batched_engine(start_bot: StartBot, gg
     (models / "corrupt.gguf").write_bytes(gguf_path.read_bytes()[:3_000_000])
     engine = await BatchedEngine.start(BatchConfig(gguf_path, n_ctx=2048, n_parallel=2, n_gpu_layers=0))
     try:
-        # Bob and Mod are bot admins (ADMIN_USER_IDS), Owner owns the application: each may
-        # reload once a minute, so each tries once.
+        # Bob and Mod are bot admins (ADMIN_USER_IDS), Owner owns the application: owners
+        # have no reload cooldown, a refused reload least of all.
         h = await start_bot(engine=engine, TEMPERATURE="0", MAX_NEW_TOKENS="24",
                             ADMIN_USER_IDS="100000000000000002,100000000000000003")
         d = h.discord
@@ -164,11 +164,14 @@ async def test_reload_model_with_the_real_batched_engine(start_bot: StartBot, gg
         escape = await d.slash(d.bob, d.dm, "reload-model", options={"model": "../../etc/passwd.gguf"})
         await wait_for(lambda: escape.response_type == 4)
         assert "only files under MODELS_DIR" in d.original(escape)["content"]
+        for _ in range(2):  # right after the refused one, and twice in a row
+            valid = await d.slash(d.bob, d.dm, "reload-model", options={"model": "good.gguf"})
+            await wait_for(lambda: "Now serving `good`" in (d.original(valid) or {}).get("content", ""), timeout=60)
 
         corrupt = await d.slash(d.mod, d.general, "reload-model", options={"model": "corrupt.gguf"})
         await wait_for(lambda: "Still serving" in (d.original(corrupt) or {}).get("content", ""), timeout=60)
         assert corrupt.response_type == 5, "deferred within Discord's 3 seconds"
-        assert engine.info.name == gguf_path.stem
+        assert engine.info.name == "good"
         still = await d.user_says(d.ann, d.dm, "Still there?")
         await wait_for(lambda: d.replies_to(still), timeout=60)
 
