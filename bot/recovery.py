@@ -35,6 +35,7 @@ from bot.answering import Question
 from bot.edge import read_attachments, to_message
 from bot.conversation import INTERRUPTED, STREAMING, Message, StoredReply, utcnow
 from bot.policy import channel_of
+from bot.reconnect import DatabaseUnavailable
 from bot.reply_stream import INTERRUPTED_NOTICE, Destination, sync_reply
 from bot.scenes import MAX_ADDRESSED, Member, named_in
 from bot.sharding import Shards, interrupt_streaming, owned_keys, undelivered_replies
@@ -47,6 +48,7 @@ if TYPE_CHECKING:
 
 log = logging.getLogger(__name__)
 REDELIVER_SECONDS = 10.0
+DATABASE_PING_SECONDS = 2.0  # how often a recovery waiting for the database asks again
 BACKFILL_LIMIT = 500  # messages read back per conversation at most
 ORPHAN_LOOKAHEAD = 20  # messages read after an interrupted reply, looking for its unknown parts
 
@@ -84,13 +86,21 @@ class Recovery:
         return [self._startup] if self._startup is not None and not self._startup.done() else []
 
     async def _recover(self) -> None:
-        try:
-            await self.backfill_all()
-            await self.adopt_orphans()
-            await self.redeliver()
-            await self.answer_unanswered()
-        except Exception:
-            log.exception("recovery at start failed")
+        while True:
+            try:
+                await self.backfill_all()
+                await self.adopt_orphans()
+                await self.redeliver()
+                await self.answer_unanswered()
+            except DatabaseUnavailable as error:  # each step is safe to run again
+                log.warning("recovery at start waits for the database: %s", error)
+                while self.chat.accepting and not await self.store.ping():
+                    await asyncio.sleep(DATABASE_PING_SECONDS)
+                if self.chat.accepting:
+                    continue
+            except Exception:
+                log.exception("recovery at start failed")
+            break
         self._redeliver = asyncio.create_task(self._redeliver_forever(), name="redelivery")
 
     async def _redeliver_forever(self) -> None:

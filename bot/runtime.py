@@ -52,7 +52,7 @@ async def start_engine(settings: Settings, model_path: Path | None) -> Engine:
 @asynccontextmanager
 async def open_runtime(settings: Settings) -> AsyncIterator[Responder]:
     """Open the store (migrating it), load personas and the model; close them on exit."""
-    store = await Store.open(settings.database_url)
+    store = await Store.open(settings.database_url, retry_seconds=settings.database_retry_seconds)
     try:
         personas = merge_imported(load_personas(settings.personas_dir), await store.imported_personas())
         if settings.engine == "remote":  # the servers hold the model; never download it here

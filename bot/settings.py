@@ -149,6 +149,9 @@ class Settings(BaseSettings):
         "INFO", f"one of {', '.join(LOG_LEVELS)} (any case)"
     )
     delivery_retry_seconds: float = _number(30.0, 0.0, 3600.0)  # Discord send/edit retried on 5xx
+    # A database that went away (a PostgreSQL restart, a failover): each operation is retried
+    # on a fresh connection this long; messages arriving after that are kept until it is back.
+    database_retry_seconds: float = _number(60.0, 0.0, 3600.0)
     recovery_window_seconds: float = _number(300.0, 0.0, 7 * 86400.0)  # after a restart, answer these
     shutdown_grace_seconds: float = _number(10.0, 0.0, 600.0)  # SIGTERM: time for in-flight replies
     # Authority and fair use (see the README's "Who governs what").

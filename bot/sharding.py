@@ -67,28 +67,36 @@ class Shards:
 async def owned_keys(store: Store, shards: Shards, keys: Iterable[str]) -> list[str]:
     """Those of `keys` whose conversation is on these shards, in the given order."""
     keys = list(keys)
-    owned: set[str] = set()
-    async with store._sessions() as session:
-        for start in range(0, len(keys), KEYS_PER_QUERY):
-            chunk = keys[start:start + KEYS_PER_QUERY]
-            owned.update(await session.scalars(
-                select(ConversationRow.key).where(ConversationRow.key.in_(chunk), shards.condition())
-            ))
+
+    async def read() -> set[str]:  # run again whole while the database is away (Store._retry)
+        owned: set[str] = set()
+        async with store._sessions() as session:
+            for start in range(0, len(keys), KEYS_PER_QUERY):
+                chunk = keys[start:start + KEYS_PER_QUERY]
+                owned.update(await session.scalars(
+                    select(ConversationRow.key).where(ConversationRow.key.in_(chunk), shards.condition())
+                ))
+        return owned
+
+    owned = await store._retry(read)
     return [key for key in keys if key in owned]
 
 
 async def undelivered_replies(store: Store, shards: Shards, limit: int = 100) -> list[StoredReply]:
     """`Store.undelivered_replies`, of these shards' conversations only (so that another
     process's undelivered replies never crowd this one's out of the page)."""
-    async with store._sessions() as session:
-        rows = (await session.execute(
-            select(MessageRow, ConversationRow.key)
-            .join(ConversationRow, ConversationRow.id == MessageRow.conversation_id)
-            .where(MessageRow.undelivered, MessageRow.reply_status != STREAMING, shards.condition())
-            .order_by(MessageRow.id)
-            .limit(limit)
-        )).all()
-    return [_to_reply(row, key) for row, key in rows]
+
+    async def read() -> list[Any]:
+        async with store._sessions() as session:
+            return list((await session.execute(
+                select(MessageRow, ConversationRow.key)
+                .join(ConversationRow, ConversationRow.id == MessageRow.conversation_id)
+                .where(MessageRow.undelivered, MessageRow.reply_status != STREAMING, shards.condition())
+                .order_by(MessageRow.id)
+                .limit(limit)
+            )).all())
+
+    return [_to_reply(row, key) for row, key in await store._retry(read)]
 
 
 async def interrupt_streaming(store: Store, shards: Shards, notice: str) -> int:

@@ -9,6 +9,13 @@ Writes wait instead of failing: SQLite waits up to `LOCK_WAIT_SECONDS` for a loc
 process holds (busy timeout), starts write transactions with `BEGIN IMMEDIATE` (so a
 transaction never has to upgrade a stale read lock), takes one writer at a time inside the
 process, and retries a whole transaction that still met a lock until the same bound again.
+A database that went away (a PostgreSQL restart or failover, `bot.reconnect`) is waited
+out the same way: the pool checks a connection before handing it out (`pool_pre_ping`) and
+replaces those older than `POOL_RECYCLE_SECONDS`; a read or a write transaction that failed
+with a disconnect is run again on a fresh connection, with backoff, for up to
+`DATABASE_RETRY_SECONDS`, then `DatabaseUnavailable`. Inserts stay exactly-once when a retry
+follows a commit whose answer was lost: messages are keyed by their Discord id, get-or-create
+is `ON CONFLICT DO NOTHING`, and `begin_reply` looks for the row its first try made.
 Bot replies keep their lifecycle here (`begin_reply` … `finish_reply`, `mark_delivered`):
 see `bot.reply_stream`.
 """
@@ -16,6 +23,8 @@ see `bot.reply_stream`.
 from __future__ import annotations
 
 import asyncio
+import contextvars
+import functools
 import json
 import logging
 import time
@@ -50,11 +59,12 @@ from sqlalchemy import (
 )
 from sqlalchemy.dialects import postgresql, sqlite
 from sqlalchemy.engine import make_url
-from sqlalchemy.exc import OperationalError
+from sqlalchemy.exc import DBAPIError, OperationalError
 from sqlalchemy.ext.asyncio import AsyncEngine, AsyncSession, async_sessionmaker, create_async_engine
 from sqlalchemy.orm import DeclarativeBase, Mapped, mapped_column
 
 from bot.author_note import DEFAULT_DEPTH as DEFAULT_NOTE_DEPTH
+from bot.reconnect import Availability, DatabaseUnavailable, is_disconnect
 from bot.author_note import DEFAULT_EVERY as DEFAULT_NOTE_EVERY
 from bot.author_note import AuthorNote
 from bot.conversation import DONE, FINAL_STATES, STREAMING, ConversationState, Message, StoredReply, utcnow
@@ -65,6 +75,9 @@ log = logging.getLogger(__name__)
 T = TypeVar("T")
 MAX_AVATAR_BYTES = 1024 * 1024  # an imported card's image kept as its avatar (Discord's limit is 8 MB)
 LOCK_WAIT_SECONDS = 30.0  # how long a write waits for another process's lock (then again, retried)
+DATABASE_RETRY_SECONDS = 60.0  # how long an operation is retried while the database is away
+POOL_RECYCLE_SECONDS = 1800  # PostgreSQL connections older than this are replaced, never reused
+_retrying = contextvars.ContextVar("store_retrying", default=False)  # inside a retried operation
 # SQLite only autoincrements an INTEGER PRIMARY KEY; elsewhere ids are 64-bit.
 Id = BigInteger().with_variant(Integer, "sqlite")
 
@@ -266,7 +279,9 @@ def create_engine(database_url: str, immediate: bool = False) -> AsyncEngine:
     starts with BEGIN IMMEDIATE (for the writer: it takes the write lock up front)."""
     url = make_url(database_url)
     if url.get_backend_name() != "sqlite":
-        return create_async_engine(url)
+        # A restarted server closed the pooled connections: test each before use, and never
+        # keep one so long that a load balancer or failover proxy dropped it silently.
+        return create_async_engine(url, pool_pre_ping=True, pool_recycle=POOL_RECYCLE_SECONDS)
     if url.database and url.database != ":memory:":
         Path(url.database).parent.mkdir(parents=True, exist_ok=True)
     engine = create_async_engine(url, connect_args={"timeout": LOCK_WAIT_SECONDS})
@@ -289,15 +304,28 @@ def create_engine(database_url: str, immediate: bool = False) -> AsyncEngine:
     return engine
 
 
-def _is_lock_error(error: OperationalError) -> bool:
+def _is_lock_error(error: BaseException) -> bool:
+    if not isinstance(error, OperationalError):
+        return False
     text = str(error.orig).lower()
     return "locked" in text or "busy" in text
+
+
+def _reads(method: Callable[..., Awaitable[T]]) -> Callable[..., Awaitable[T]]:
+    """A read run again, whole, while the database is away (`Store._retry`)."""
+
+    @functools.wraps(method)
+    async def retried(self: Store, *args: Any, **kwargs: Any) -> T:
+        return await self._retry(lambda: method(self, *args, **kwargs))
+
+    return retried
 
 
 class Store:
     """All reads and writes of conversations and their messages."""
 
-    def __init__(self, engine: AsyncEngine, writer: AsyncEngine | None = None) -> None:
+    def __init__(self, engine: AsyncEngine, writer: AsyncEngine | None = None,
+                 retry_seconds: float = DATABASE_RETRY_SECONDS) -> None:
         self.engine = engine
         self.writer = writer or engine
         self._sessions = async_sessionmaker(engine, expire_on_commit=False)
@@ -306,9 +334,12 @@ class Store:
         # SQLite has one writer at a time: queue ours here instead of in the lock.
         self._write_lock = asyncio.Lock() if self._dialect == "sqlite" else None
         self.lock_wait = LOCK_WAIT_SECONDS
+        self.retry_seconds = retry_seconds
+        self.availability = Availability()
 
     @classmethod
-    async def open(cls, database_url: str, migrate: bool = True) -> Store:
+    async def open(cls, database_url: str, migrate: bool = True,
+                   retry_seconds: float = DATABASE_RETRY_SECONDS) -> Store:
         """Open the database, first applying any pending migrations."""
         if migrate:
             from bot.migrate import upgrade_async
@@ -316,7 +347,19 @@ class Store:
             await upgrade_async(database_url)
         engine = create_engine(database_url)
         writer = create_engine(database_url, immediate=True) if engine.dialect.name == "sqlite" else None
-        return cls(engine, writer)
+        return cls(engine, writer, retry_seconds)
+
+    async def ping(self) -> bool:
+        """Whether the database answers now (one `SELECT 1`, no retry)."""
+        try:
+            async with self.engine.connect() as connection:
+                await connection.exec_driver_sql("SELECT 1")
+        except (DBAPIError, OSError) as error:
+            if not is_disconnect(error):
+                raise
+            return False
+        self.availability.answered()
+        return True
 
     async def close(self) -> None:
         await self.engine.dispose()
@@ -324,22 +367,50 @@ class Store:
             await self.writer.dispose()
 
     async def _write(self, work: Callable[[AsyncSession], Awaitable[T]]) -> T:
-        """Run `work` in one write transaction; a lock held elsewhere is waited out (busy
-        timeout), and a transaction that still met one is retried until `lock_wait` more."""
-        deadline = time.monotonic() + self.lock_wait
-        delay = 0.05
-        while True:
-            try:
-                if self._write_lock is None:
-                    return await self._transaction(work)
-                async with self._write_lock:
-                    return await self._transaction(work)
-            except OperationalError as error:
-                if not _is_lock_error(error) or time.monotonic() > deadline:
-                    raise
-                log.warning("the database is locked by another process; retrying the write")
-                await asyncio.sleep(delay)
-                delay = min(1.0, delay * 2)
+        """Run `work` in one write transaction, retried as `_retry` says."""
+
+        async def transaction() -> T:
+            if self._write_lock is None:
+                return await self._transaction(work)
+            async with self._write_lock:
+                return await self._transaction(work)
+
+        return await self._retry(transaction)
+
+    async def _retry(self, operation: Callable[[], Awaitable[T]]) -> T:
+        """Run `operation`; again while it meets a lock held elsewhere (SQLite: after the
+        busy timeout, until `lock_wait` more), or a database that went away (on a fresh
+        connection, with backoff, until `retry_seconds`: then `DatabaseUnavailable`). An
+        operation inside another is retried by the outer one only."""
+        if _retrying.get():
+            return await operation()
+        token = _retrying.set(True)
+        try:
+            locked_until = time.monotonic() + self.lock_wait
+            away_until: float | None = None
+            delay = 0.05
+            while True:
+                try:
+                    result = await operation()
+                except (DBAPIError, OSError) as error:
+                    now = time.monotonic()
+                    if _is_lock_error(error) and now < locked_until:
+                        log.warning("the database is locked by another process; retrying the write")
+                    elif is_disconnect(error):
+                        self.availability.went_away(error, self.retry_seconds)
+                        away_until = away_until or now + self.retry_seconds
+                        if now >= away_until:
+                            raise DatabaseUnavailable(
+                                f"the database did not answer for {self.retry_seconds:.0f} s: {error}") from error
+                    else:
+                        raise
+                    await asyncio.sleep(delay)
+                    delay = min(2.0, delay * 2)
+                    continue
+                self.availability.answered()
+                return result
+        finally:
+            _retrying.reset(token)
 
     async def _transaction(self, work: Callable[[AsyncSession], Awaitable[T]]) -> T:
         async with self._write_sessions() as session, session.begin():
@@ -366,6 +437,7 @@ class Store:
             row.guild_id = guild_id
         return row
 
+    @_reads
     async def state(self, key: str) -> ConversationState:
         async with self._sessions() as session:
             row = await session.scalar(select(ConversationRow).where(ConversationRow.key == key))
@@ -389,6 +461,7 @@ class Store:
 
         return await self._write(work)
 
+    @_reads
     async def recent_messages(self, key: str, limit: int, after_id: int | None = None) -> list[Message]:
         """The newest `limit` visible messages after the forget point (and after row
         `after_id`: the turns a memory summary covers), oldest first.
@@ -435,6 +508,7 @@ class Store:
         await self._forget_memory_of_message(key, platform_id)
         return erased
 
+    @_reads
     async def _reply_of_part(self, key: str, platform_id: str) -> str | None:
         """The first part's id of the reply that has `platform_id` as a later part."""
         async with self._sessions() as session:
@@ -563,12 +637,14 @@ class Store:
 
         await self._write(work)
 
+    @_reads
     async def imported_personas(self) -> dict[str, dict[str, Any]]:
         """Every imported card, key → card JSON object."""
         async with self._sessions() as session:
             rows = (await session.scalars(select(ImportedPersonaRow).order_by(ImportedPersonaRow.key))).all()
         return {row.key: json.loads(row.card) for row in rows}
 
+    @_reads
     async def enabled_keys(self) -> set[str]:
         async with self._sessions() as session:
             keys = await session.scalars(select(ConversationRow.key).where(ConversationRow.enabled))
@@ -584,10 +660,25 @@ class Store:
         conversation is not stored (any more): the bot left its server, or it was forgotten,
         while the answer waited; it must not come back without its server."""
 
+        began = utcnow()
+        tries = 0
+
         async def work(session: AsyncSession) -> int:
+            nonlocal tries
+            tries += 1
             conversation = await session.scalar(select(ConversationRow).where(ConversationRow.key == key))
             if conversation is None:
                 raise ConversationGone(f"conversation {key} is not stored (deleted meanwhile)")
+            if tries > 1:  # a retry: the first try's commit may have landed with its answer lost
+                made = await session.scalar(select(MessageRow.id).where(
+                    MessageRow.conversation_id == conversation.id, MessageRow.is_bot.is_(True),
+                    MessageRow.reply_status == STREAMING, MessageRow.content == "",
+                    MessageRow.author_id == author_id, MessageRow.created_at >= began,
+                    MessageRow.reply_to.is_(None) if reply_to is None else MessageRow.reply_to == reply_to,
+                    MessageRow.persona.is_(None) if persona is None else MessageRow.persona == persona,
+                ).order_by(MessageRow.id.desc()).limit(1))
+                if made is not None:
+                    return int(made)
             row = MessageRow(
                 conversation_id=conversation.id, author_id=author_id, author_name=author_name, is_bot=True,
                 content="", created_at=utcnow(), reply_status=STREAMING, reply_to=reply_to,
@@ -645,6 +736,7 @@ class Store:
 
         await self._write(work)
 
+    @_reads
     async def reply(self, reply_id: int) -> StoredReply | None:
         async with self._sessions() as session:
             found = (await session.execute(
@@ -654,6 +746,7 @@ class Store:
             )).first()
         return _to_reply(found[0], found[1]) if found else None
 
+    @_reads
     async def reply_by_part(self, key: str, platform_id: str) -> StoredReply | None:
         """The reply whose first Discord part has this id."""
         async with self._sessions() as session:
@@ -665,6 +758,7 @@ class Store:
             )
         return _to_reply(row, key) if row else None
 
+    @_reads
     async def holds_part(self, key: str, platform_id: str) -> bool:
         """Whether a Discord message is stored in this conversation: as a message, or as
         any part of a reply."""
@@ -691,6 +785,7 @@ class Store:
 
         return await self._write(work)
 
+    @_reads
     async def undelivered_replies(self, limit: int = 100) -> list[StoredReply]:
         """Final replies that Discord does not show as such yet, oldest first."""
         async with self._sessions() as session:
@@ -703,6 +798,7 @@ class Store:
             )).all()
         return [_to_reply(row, key) for row, key in rows]
 
+    @_reads
     async def recovery_keys(self) -> list[str]:
         """Conversations to back-fill after a restart: enabled channels and DMs."""
         async with self._sessions() as session:
@@ -711,6 +807,7 @@ class Store:
             )
         return list(keys)
 
+    @_reads
     async def active_keys(self, since: datetime) -> list[str]:
         """Conversations where someone wrote since `since` (one range scan of the time index)."""
         async with self._sessions() as session:
@@ -721,6 +818,7 @@ class Store:
             )
         return list(keys)
 
+    @_reads
     async def newest_platform_id(self, key: str, window: int = 50) -> int | None:
         """The newest Discord message id of a person stored in a conversation (among its
         newest rows): where reading back what was missed starts. (The bot's own messages do
@@ -737,6 +835,7 @@ class Store:
             numbers = [int(i) for i in ids if i.isdigit()]
         return max(numbers, default=None)
 
+    @_reads
     async def unanswered(self, key: str, since: datetime) -> Message | None:
         """The newest message from a person since `since` that no reply of the bot follows."""
         async with self._sessions() as session:
@@ -753,6 +852,7 @@ class Store:
             return None
         return _to_message(newest)
 
+    @_reads
     async def last_question(self, key: str, since: datetime) -> Message | None:
         """The newest message from a person since `since`, whether replies follow it or not
         (a scene question that several characters answer in turn)."""
@@ -765,6 +865,7 @@ class Store:
             )
         return _to_message(newest) if newest is not None and _aware(newest.created_at) >= since else None
 
+    @_reads
     async def replied_personas(self, key: str, question_id: str) -> set[str | None]:
         """Who answered a question: the persona keys of its replies (None: not a scene's)."""
         async with self._sessions() as session:
@@ -785,6 +886,7 @@ class Store:
 
         await self._write(work)
 
+    @_reads
     async def training_export_conversations(self) -> list[tuple[int, str, str | None, int | None]]:
         """The opted-in conversations: (id, key, persona, forget_before_id), oldest first."""
         async with self._sessions() as session:
@@ -795,6 +897,7 @@ class Store:
             )).all()
         return [(row[0], row[1], row[2], row[3]) for row in rows]
 
+    @_reads
     async def conversation_people(self, conversation_id: int) -> list[tuple[str, str]]:
         """Every (author id, display name) of the people (not the bot) stored in a
         conversation, hidden rows included, in order of first appearance; then the people
@@ -818,6 +921,7 @@ class Store:
             people += [(str(i), str(name)) for i, name in json.loads(mentions) if str(i) not in own]
         return list(dict.fromkeys(people))
 
+    @_reads
     async def reply_author_ids(self, conversation_id: int) -> set[str]:
         """Who wrote the bot's replies in a conversation (its own words, as against other
         bots' and webhooks' messages)."""
@@ -828,6 +932,7 @@ class Store:
             )
             return set(ids)
 
+    @_reads
     async def export_turns(
         self, conversation_id: int, after_id: int, limit: int
     ) -> list[tuple[int, Message, str | None, str | None]]:
@@ -844,6 +949,7 @@ class Store:
 
     # ---- swipes: a reply's alternatives, Continue (rules in bot.swipes) ------------------
 
+    @_reads
     async def swipe_view(self, reply_id: int) -> SwipeView:
         """The alternatives of a reply, as the buttons show them."""
         async with self._sessions() as session:
@@ -852,6 +958,7 @@ class Store:
                 select(ReplyAlternativeRow.position).where(ReplyAlternativeRow.message_id == reply_id))
             return SwipeView.of(list(saved), shown)
 
+    @_reads
     async def alternatives(self, reply_id: int) -> list[str]:
         """The texts of a reply's alternatives in order, the shown one as it is now."""
         async with self._sessions() as session:
@@ -899,6 +1006,7 @@ class Store:
 
         return await self._write(work)
 
+    @_reads
     async def latest_reply(self, key: str) -> StoredReply | None:
         """The conversation's newest reply of the bot that is not deleted (the only one
         that can be swiped or continued)."""
@@ -966,6 +1074,7 @@ class Store:
 
         await self._write(work)
 
+    @_reads
     async def user_persona(self, user_id: str, guild_id: str) -> tuple[str, str] | None:
         """The description that applies to a person in a server (theirs there, else their
         default) and the guild id it was set for ("" for the default); None if neither."""
@@ -982,6 +1091,7 @@ class Store:
         return bool(await self._delete_user_personas(UserPersonaRow.user_id == user_id,
                                                      UserPersonaRow.guild_id == guild_id))
 
+    @_reads
     async def user_personas_in(self, key: str, user_ids: Sequence[str]) -> dict[str, str]:
         """user id → the description that applies in this conversation's server (or, in a
         DM, the default), for the people asked about who have one."""
@@ -1025,6 +1135,7 @@ class Store:
 
     # ---- scenes: several characters in a channel (rules in bot.scenes) -------------------
 
+    @_reads
     async def scene(self, key: str) -> tuple[list[str], str | None]:
         """A conversation's scene: its characters' persona keys in listed order, and its
         strategy (None: the default)."""
@@ -1068,6 +1179,7 @@ class Store:
 
         await self._write(work)
 
+    @_reads
     async def scene_speakers(self, key: str, limit: int = 50) -> list[str]:
         """The characters of the newest `limit` replies that named one, oldest first."""
         async with self._sessions() as session:
@@ -1079,6 +1191,7 @@ class Store:
             )
             return [p for p in reversed(list(personas)) if p]
 
+    @_reads
     async def part_persona(self, key: str, platform_id: str) -> str | None:
         """The character that spoke in the reply with this Discord part (None: none, or not a reply)."""
         async with self._sessions() as session:
@@ -1089,6 +1202,7 @@ class Store:
                 .limit(1)
             )
 
+    @_reads
     async def imported_avatar(self, key: str) -> bytes | None:
         """The image of an imported PNG card (None for JSON cards and shipped personas)."""
         async with self._sessions() as session:
@@ -1096,6 +1210,7 @@ class Store:
 
     # ---- memory and author's note (bot.memory, bot.author_note) --------------------------
 
+    @_reads
     async def prompt_extras(self, key: str) -> tuple[MemoryState, AuthorNote, int]:
         """The conversation's memory summary, its author's note, and how many messages people
         wrote in it since the forget point (counted only when the note's frequency needs it)."""
@@ -1121,6 +1236,7 @@ class Store:
                 not_(and_(MessageRow.is_bot, MessageRow.content == "")),
                 MessageRow.id > max(after_id or 0, conversation.forget_before_id or 0)]
 
+    @_reads
     async def memory_rows(self, key: str, keep: int, limit: int) -> tuple[MemoryState, list[tuple[int, Message]]]:
         """The memory now, and the visible messages it does not cover yet, except the newest
         `keep`: the newest `limit` of those, oldest first, with their row ids."""

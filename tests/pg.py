@@ -4,7 +4,8 @@ Use it from a test module with `pytest_plugins = ["tests.pg"]`, then ask for `po
 a fresh, empty database on a cluster that the whole test session shares. The cluster is
 made with the server's own `initdb` and `pg_ctl` in a temporary folder, listens on a free
 port of 127.0.0.1 only (and a Unix socket inside that folder), and is stopped and removed
-when the session ends. Durability is switched off (fsync, synchronous commit): nothing
+when the session ends, or by a watcher process once pytest is gone, however it died.
+Durability is switched off (fsync, synchronous commit): nothing
 here has to survive a crash of the machine.
 
 The binaries are found through `$PG_BINDIR`, then `PATH`, then Debian's
@@ -133,8 +134,21 @@ class PostgresCluster:
                                f"{self.server_log()[-3000:]}")
         self.timings["start"] = time.monotonic() - started
 
-    def stop(self) -> None:
-        self._run([str(self.bindir / "pg_ctl"), "-D", str(self.data), "-m", "immediate", "-w", "stop"], timeout=60)
+    def stop(self, mode: str = "immediate") -> None:
+        self._run([str(self.bindir / "pg_ctl"), "-D", str(self.data), "-m", mode, "-w", "stop"], timeout=60)
+
+    def restart(self, mode: str = "fast") -> None:
+        """`pg_ctl restart`: what a minor upgrade, a maintenance window or a failover does."""
+        self.stop(mode)
+        self.start()
+
+    def reap_when_gone(self, pid: int) -> None:
+        """Stop the server and remove its folder once process `pid` is gone, however it
+        ends: a pytest that dies (SIGILL, SIGKILL) never leaves a cluster running."""
+        stop = " ".join(self._as_server_user([str(self.bindir / "pg_ctl"), "-D", str(self.data), "-m", "immediate", "stop"]))
+        script = f"while kill -0 {pid} 2>/dev/null; do sleep 1; done; {stop}; rm -rf '{self.folder}'"
+        subprocess.Popen(["sh", "-c", script], start_new_session=True, stdin=subprocess.DEVNULL,
+                         stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
 
 
 def start_cluster() -> PostgresCluster:
@@ -174,6 +188,7 @@ def start_cluster() -> PostgresCluster:
         shutil.rmtree(folder, ignore_errors=True)
         raise
     cluster.timings["total"] = time.monotonic() - started
+    cluster.reap_when_gone(os.getpid())
     return cluster
 
 

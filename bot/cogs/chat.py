@@ -27,10 +27,12 @@ from bot.attachments import MAX_FILE_BYTES, MAX_FILES, READS_AT_ONCE, unread
 from bot.edge import attachments_of, guild_id_of, interaction_is_admin, read_attachments, to_incoming, to_message
 from bot.delivery import retried
 from bot.fair_use import ChatGate
+from bot.held_messages import HeldMessages
 from bot.conversation import StoredReply
 from bot.policy import (
     FollowUps, Speaking, channel_of, conversation_key, should_reply, should_store, speaks_unaddressed,
 )
+from bot.reconnect import DatabaseUnavailable
 from bot.recovery import Recovery
 from bot.reply_stream import NO_PINGS, Destination
 from bot.retention import purge_forever
@@ -64,6 +66,8 @@ class Chat(commands.Cog):
         self.chance = random.random
         self.reading = asyncio.Semaphore(READS_AT_ONCE)  # attached files read at once
         self._reads: dict[str, set[asyncio.Task[None]]] = {}  # per conversation: files being read
+        # Messages that arrived while the database was away past its retries (bot.held_messages).
+        self.held: HeldMessages[discord.Message] = HeldMessages(self._arrive_again, self.store.ping)
 
     def get_answerer(self) -> Answerer:
         if self.answerer is None:
@@ -104,6 +108,25 @@ class Chat(commands.Cog):
             return
         if self.webhooks.owns(message):
             return  # a scene character's reply: stored by the reply path
+        if len(self.held):  # behind those kept while the database was away: Discord's order
+            if not self.held.hold(message):
+                await self._notify(message, "*(I could not save your message; please send it again in a minute)*")
+            return
+        try:
+            await self._arrive(message)
+        except DatabaseUnavailable:
+            if not self.held.hold(message):
+                await self._notify(message, "*(I could not save your message; please send it again in a minute)*")
+
+    async def _arrive_again(self, message: discord.Message) -> None:
+        """A message kept while the database was away, now that it answers again."""
+        await self._arrive(message)
+
+    async def _arrive(self, message: discord.Message) -> None:
+        """Store `message` if it is to be kept, and queue its answer if it is to be answered;
+        `DatabaseUnavailable` when the database stayed away past the retries (nothing done)."""
+        me = self.bot.user
+        assert me is not None
         key = conversation_key(message.channel.id)
         arrival = self._arrivals.setdefault(message.channel.id, asyncio.Lock())
         async with arrival:
@@ -123,7 +146,9 @@ class Chat(commands.Cog):
                 try:
                     await self.store.add_message(key, to_message(message), is_dm=incoming.is_dm,
                                                  guild_id=str(guild_id) if guild_id else None)
-                except Exception:  # the database stayed locked past every retry, or is gone
+                except DatabaseUnavailable:
+                    raise  # kept by on_message until the database is back
+                except Exception:  # the database stayed locked past every retry
                     log.exception("could not store message %d in %s", message.id, key)
                     await self._notify(message, "*(I could not save your message; please send it again in a minute)*")
                     return
@@ -297,6 +322,7 @@ class Chat(commands.Cog):
         self.accepting = False
         if self._retention is not None:
             self._retention.cancel()
+        await self.held.close()
         dropped = self.lanes.close()
         under_way = self.answerer.interrupt_all() if self.answerer else 0
         log.info("shutting down: %d replies under way, %d waiting (stored, answered after the restart)",

@@ -69,7 +69,7 @@ async def start_bot(fake_discord: FakeDiscord, database_url: str, tmp_path: Path
 
     async def start(engine: Engine | None = None, **settings_extra: str) -> Harness:
         settings = e2e_settings(fake_discord, database_url, tmp_path / "models", **settings_extra)
-        store = await Store.open(settings.database_url)
+        store = await Store.open(settings.database_url, retry_seconds=settings.database_retry_seconds)
         engine = engine or ScriptedEngine(n_ctx=settings.n_ctx)
         personas = merge_imported(load_personas(REPO / "personas"), await store.imported_personas())
         responder = Responder(settings, store, engine, personas)
