@@ -5,7 +5,7 @@
 Builds the worst PNG cards we could make within the 8 MB file limit (`tests.card_files.
 worst_cards`: thousands of zTXt/iTXt compression bombs, a card chunk that would inflate to
 ~8 GiB, 700k empty chunks, the costliest card that is accepted) and, for each, reads it
-as `/persona import` does (`bot.personas.card_and_persona`) and prints:
+as `/persona import` does (`bot.roleplay.personas.card_and_persona`) and prints:
 
 * the peak memory the parse adds under `tracemalloc` (Python allocations, zlib's included);
 * the parse time without tracing (median of `--repeats`);
@@ -29,12 +29,12 @@ import time
 import tracemalloc
 from pathlib import Path
 
-from bot.personas import PersonaError, card_and_persona
+from bot.roleplay.personas import PersonaError, card_and_persona
 from tests.card_files import MiB, worst_cards
 
 _CHILD = r"""
 import json, resource, sys, time
-from bot.personas import PersonaError, card_and_persona
+from bot.roleplay.personas import PersonaError, card_and_persona
 
 
 def peak_kib():

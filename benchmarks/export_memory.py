@@ -60,7 +60,7 @@ def make_tokenizer(folder: Path) -> Path:
     """A toy Llama-like SentencePiece model (byte fallback, identity normalization)."""
     import sentencepiece as spm
 
-    from bot.prompt import alpaca_prompt
+    from bot.core.prompt import alpaca_prompt
 
     folder.mkdir(parents=True, exist_ok=True)
     corpus = folder / "corpus.txt"

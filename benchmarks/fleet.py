@@ -30,10 +30,10 @@ import statistics
 import time
 from pathlib import Path
 
-from bot.conversation import Message
+from bot.core.conversation import Message
 from bot.engine.base import GenerationRequest, GenerationStats, SamplingParams
 from bot.engine.remote import RemoteEngine
-from bot.prompt import build_prompt
+from bot.core.prompt import build_prompt
 from tests.llama_server import LlamaServer, server_binary, small_model
 
 GREEDY = SamplingParams(temperature=0.0, seed=1)

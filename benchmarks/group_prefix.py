@@ -9,7 +9,7 @@ small GGUF. Two ways of rendering `{{user}}` in the preamble:
 
 * before: the person being answered, as the bot did until issue #11 item 5 (reproduced here by
   replacing `bot.responder.preamble_user` with "always the speaker"; the bot has no such flag);
-* after: the bot as it is (`bot.personas.preamble_user`: "the user" once two people spoke).
+* after: the bot as it is (`bot.roleplay.personas.preamble_user`: "the user" once two people spoke).
 
 Every turn a person's message is stored, the reply is generated (greedy, `--new-tokens`) and a
 fixed reply text is stored in its place, so both modes see histories of the same length.
@@ -27,13 +27,13 @@ from collections.abc import Iterable
 from dataclasses import dataclass
 from pathlib import Path
 
-import bot.responder
-from bot.conversation import Message
+import bot.lifecycle.responder
+from bot.core.conversation import Message
 from bot.engine.scheduler import BatchConfig, BatchedEngine
-from bot.personas import load_personas, preamble_user
-from bot.responder import Responder
-from bot.settings import load_settings
-from bot.store import Store
+from bot.roleplay.personas import load_personas, preamble_user
+from bot.lifecycle.responder import Responder
+from bot.core.settings import load_settings
+from bot.storage.store import Store
 
 REPO = Path(__file__).resolve().parents[1]
 PEOPLE = ("Ann", "Bob", "Cid")

@@ -18,7 +18,7 @@ from pathlib import Path
 
 from sqlalchemy import insert, select
 
-from bot.store import ConversationRow, MessageRow, Store
+from bot.storage.store import ConversationRow, MessageRow, Store
 
 
 async def fill(store: Store, key: str, count: int) -> None:

@@ -27,13 +27,13 @@ import time
 from os.path import commonprefix
 from pathlib import Path
 
-from bot.conversation import Message
+from bot.core.conversation import Message
 from bot.engine.base import Engine, Generation, GenerationRequest, ModelInfo
-from bot.memory import SUMMARY_HEADING
-from bot.personas import persona_from_dict
-from bot.responder import Responder
-from bot.settings import load_settings
-from bot.store import Store
+from bot.roleplay.memory import SUMMARY_HEADING
+from bot.roleplay.personas import persona_from_dict
+from bot.lifecycle.responder import Responder
+from bot.core.settings import load_settings
+from bot.storage.store import Store
 
 FACTS = {
     3: ("My ship is called the Kestrel, remember that.", "Kestrel"),

@@ -14,10 +14,10 @@ import asyncio
 import statistics
 from pathlib import Path
 
-from bot.conversation import Message
+from bot.core.conversation import Message
 from bot.engine.base import GenerationRequest, SamplingParams
 from bot.engine.llama import LlamaConfig, LlamaEngine
-from bot.prompt import build_prompt
+from bot.core.prompt import build_prompt
 
 GREEDY = SamplingParams(temperature=0.0, seed=1)
 

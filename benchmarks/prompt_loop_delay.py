@@ -18,13 +18,13 @@ import tempfile
 import time
 from pathlib import Path
 
-from bot.conversation import Message
+from bot.core.conversation import Message
 from bot.engine.scheduler import BatchConfig, BatchedEngine
-from bot.personas import load_personas
-from bot.prompt import build_prompt
-from bot.responder import Responder
-from bot.settings import load_settings
-from bot.store import Store
+from bot.roleplay.personas import load_personas
+from bot.core.prompt import build_prompt
+from bot.lifecycle.responder import Responder
+from bot.core.settings import load_settings
+from bot.storage.store import Store
 
 WORDS = "the of and to in is you that it he was for on are as with his they at be this from have or".split()
 

@@ -21,11 +21,11 @@ import time
 from pathlib import Path
 from typing import Any
 
-from bot.app import create_bot
+from bot.edge.bot import create_bot
 from bot.engine.base import Engine
-from bot.personas import load_personas, merge_imported
-from bot.responder import Responder
-from bot.store import Store
+from bot.roleplay.personas import load_personas, merge_imported
+from bot.lifecycle.responder import Responder
+from bot.storage.store import Store
 from tests.card_files import png_card, v3_card
 from tests.e2e.conftest import e2e_settings
 from tests.e2e.fake_discord import FakeDiscord, wait_for

@@ -18,7 +18,7 @@ from collections.abc import Callable, Iterator, Sequence
 from contextlib import contextmanager
 from pathlib import Path
 
-from bot.settings import Settings, SettingsError, load_settings
+from bot.core.settings import Settings, SettingsError, load_settings
 
 log = logging.getLogger("bot")
 
@@ -59,9 +59,9 @@ async def _chat(settings: Settings, persona: str | None, session: str) -> None:
 
 
 async def _export_dataset(settings: Settings, out: Path, tokenizer: Path | None) -> None:
-    from bot.dataset_export import PromptLimits, export_dataset
-    from bot.personas import load_personas, merge_imported
-    from bot.store import Store
+    from bot.lifecycle.dataset_export import PromptLimits, export_dataset
+    from bot.roleplay.personas import load_personas, merge_imported
+    from bot.storage.store import Store
 
     count_tokens, close = _token_counter(tokenizer or settings.model_path)
     store = await Store.open(settings.database_url)
@@ -116,7 +116,7 @@ def main(argv: Sequence[str] | None = None) -> int:
         if args.command == "chat":
             asyncio.run(_chat(settings, args.persona, args.session))
         elif args.command == "db":
-            from bot import migrate
+            from bot.storage import migrate
 
             if args.db_command == "upgrade":
                 migrate.upgrade(settings.database_url)
@@ -127,11 +127,11 @@ def main(argv: Sequence[str] | None = None) -> int:
         elif args.command == "export-dataset":
             asyncio.run(_export_dataset(settings, args.out, args.tokenizer))
         elif args.command == "download":
-            from bot.model_source import configured_model
+            from bot.engine.model_source import configured_model
 
             print(configured_model(settings))
         else:
-            from bot.app import run
+            from bot.service import run
 
             run(settings)
     except (SettingsError, ModelLoadError) as error:

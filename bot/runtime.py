@@ -12,11 +12,11 @@ from bot.engine.base import Engine
 from bot.engine.common import gpu_offload_warning
 from bot.engine.llama import LlamaConfig, LlamaEngine
 from bot.engine.scheduler import BatchConfig, BatchedEngine
-from bot.model_source import configured_model
-from bot.personas import load_personas, merge_imported
-from bot.responder import Responder
-from bot.settings import Settings
-from bot.store import Store
+from bot.engine.model_source import configured_model
+from bot.roleplay.personas import load_personas, merge_imported
+from bot.lifecycle.responder import Responder
+from bot.core.settings import Settings
+from bot.storage.store import Store
 
 log = logging.getLogger(__name__)
 

@@ -9,8 +9,8 @@ import asyncio
 import sys
 from typing import TextIO
 
-from bot.conversation import Message
-from bot.responder import Responder
+from bot.core.conversation import Message
+from bot.lifecycle.responder import Responder
 
 HELP = "commands: /reset  /persona NAME  /personas  /quit"
 

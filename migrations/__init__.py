@@ -1,1 +1,1 @@
-"""Alembic migrations that own the bot's database schema (applied by `bot.migrate`)."""
+"""Alembic migrations that own the bot's database schema (applied by `bot.storage.migrate`)."""

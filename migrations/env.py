@@ -7,11 +7,11 @@ import asyncio
 from alembic import context
 from sqlalchemy.engine import Connection
 
-from bot.store import Base, create_engine
+from bot.storage.store import Base, create_engine
 
 config = context.config
 target_metadata = Base.metadata
-# Processes migrating one PostgreSQL database at once take turns (see bot.migrate).
+# Processes migrating one PostgreSQL database at once take turns (see bot.storage.migrate).
 MIGRATION_LOCK_ID = 0x4E52_4D49_4752  # an arbitrary constant of this project
 
 

@@ -11,7 +11,7 @@ import struct
 import zlib
 from typing import Any
 
-from bot.cards import MAX_CARD_JSON_BYTES, MAX_JSON_LISTS, MAX_JSON_OBJECTS
+from bot.roleplay.cards import MAX_CARD_JSON_BYTES, MAX_JSON_LISTS, MAX_JSON_OBJECTS
 
 SIGNATURE = b"\x89PNG\r\n\x1a\n"
 

@@ -9,7 +9,7 @@ from pathlib import Path
 import pytest
 
 from bot.engine.llama import LlamaConfig, LlamaEngine
-from bot.store import Store
+from bot.storage.store import Store
 
 _PIECES = re.compile(r"\w+|[^\w\s]|\s+")
 

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import asyncio
 
-from bot.attachments import (
+from bot.roleplay.attachments import (
     CUT_MARK,
     LEFT_OUT,
     MAX_FILE_BYTES,
@@ -23,11 +23,11 @@ from bot.attachments import (
     unread,
     with_attachments,
 )
-from bot.conversation import Message
-from bot.prompt import build_prompt
+from bot.core.conversation import Message
+from bot.core.prompt import build_prompt
 from sqlalchemy import text
 
-from bot.store import Store
+from bot.storage.store import Store
 from tests.conftest import word_tokens
 from tests.test_user_personas import any_store  # noqa: F401  (SQLite and PostgreSQL)
 

@@ -3,10 +3,10 @@ chat, and that their text cannot forge a turn (SillyTavern's "In-chat @ depth").
 
 from __future__ import annotations
 
-from bot.author_note import AuthorNote, card_depth_prompt, is_due, note_insertions
-from bot.conversation import Message
-from bot.personas import Persona, persona_from_dict
-from bot.prompt import INPUT, INSTRUCTION, RESPONSE, build_prompt, render_chat
+from bot.roleplay.author_note import AuthorNote, card_depth_prompt, is_due, note_insertions
+from bot.core.conversation import Message
+from bot.roleplay.personas import Persona, persona_from_dict
+from bot.core.prompt import INPUT, INSTRUCTION, RESPONSE, build_prompt, render_chat
 from tests.card_files import v2_card
 from tests.conftest import word_tokens
 from tests.test_prompt_integrity import parse

@@ -13,8 +13,8 @@ from pathlib import Path
 
 import pytest
 
-import bot.cards
-from bot.cards import (
+import bot.roleplay.cards
+from bot.roleplay.cards import (
     MAX_CARD_BYTES,
     MAX_CARD_TEXT_BYTES,
     MAX_JSON_LISTS,
@@ -24,7 +24,7 @@ from bot.cards import (
     CardError,
     card_from_bytes,
 )
-from bot.personas import PersonaError, load_personas, persona_from_card, persona_from_dict
+from bot.roleplay.personas import PersonaError, load_personas, persona_from_card, persona_from_dict
 from tests.card_files import (
     MiB,
     PYGMALION_CARD,
@@ -214,7 +214,7 @@ def test_only_the_card_chunk_is_ever_inflated(monkeypatch: pytest.MonkeyPatch) -
         calls.append(1)
         return real()
 
-    monkeypatch.setattr(bot.cards.zlib, "decompressobj", counting)
+    monkeypatch.setattr(bot.roleplay.cards.zlib, "decompressobj", counting)
     for kind in (b"zTXt", b"iTXt"):
         with pytest.raises(CardError, match="no character card"):
             card_from_bytes(many_chunk_bomb(kind)[0])

@@ -5,7 +5,7 @@ from __future__ import annotations
 
 import asyncio
 
-from bot.channel_queue import ChannelQueue
+from bot.lifecycle.channel_queue import ChannelQueue
 
 
 async def test_questions_that_arrive_meanwhile_get_one_answer_to_the_newest() -> None:

@@ -9,13 +9,13 @@ from pathlib import Path
 
 from sqlalchemy import update
 
-from bot.conversation import DONE, FAILED, INTERRUPTED, STOPPED, Message
-from bot.dataset_export import Pseudonyms, PromptLimits, export_dataset, split_prompt
-from bot.personas import Persona, load_personas
-from bot.prompt import alpaca_prompt, render_chat
-from bot.responder import Responder
-from bot.settings import load_settings
-from bot.store import MessageRow, ReplyAlternativeRow, Store
+from bot.core.conversation import DONE, FAILED, INTERRUPTED, STOPPED, Message
+from bot.lifecycle.dataset_export import Pseudonyms, PromptLimits, export_dataset, split_prompt
+from bot.roleplay.personas import Persona, load_personas
+from bot.core.prompt import alpaca_prompt, render_chat
+from bot.lifecycle.responder import Responder
+from bot.core.settings import load_settings
+from bot.storage.store import MessageRow, ReplyAlternativeRow, Store
 from tests.conftest import word_tokens
 from tests.e2e.scripted_engine import ScriptedEngine
 

@@ -8,10 +8,10 @@ from pathlib import Path
 
 import pytest
 
-from bot.conversation import Message
+from bot.core.conversation import Message
 from bot.engine.base import EngineBusy, GenerationRequest, ModelLoadError, SamplingParams
 from bot.engine.llama import LlamaConfig, LlamaEngine
-from bot.prompt import build_prompt
+from bot.core.prompt import build_prompt
 
 pytestmark = pytest.mark.llama
 GREEDY = SamplingParams(temperature=0.0, seed=1)

@@ -17,10 +17,10 @@ from pathlib import Path
 
 import pytest
 
-from bot.conversation import Message
+from bot.core.conversation import Message
 from bot.engine.base import EngineError, GenerationRequest, ModelLoadError, SamplingParams
 from bot.engine.remote import HashRing, RemoteEngine
-from bot.prompt import build_prompt
+from bot.core.prompt import build_prompt
 from tests.llama_server import LlamaServer, llama_server_bin, post_json, small_model  # noqa: F401 - fixture
 
 GREEDY = SamplingParams(temperature=0.0, seed=1)

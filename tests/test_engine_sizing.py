@@ -127,7 +127,7 @@ def test_gpu_offload_without_gpu_support_warns_with_the_reinstall_command(monkey
 
 async def test_start_engine_logs_the_warning(gguf_path: Path, caplog: pytest.LogCaptureFixture) -> None:
     from bot.runtime import start_engine
-    from bot.settings import Settings
+    from bot.core.settings import Settings
 
     if common.supports_gpu_offload():
         pytest.skip("this llama.cpp has GPU support: nothing to warn about")
@@ -287,8 +287,8 @@ async def test_reload_model_command_announces_the_outage(
 ) -> None:
     """/reload-model's own body, with a stand-in interaction: it edits its response to say
     the bot is offline for the swap, then that the new model serves."""
-    from bot.cogs.admin import Admin
-    from bot.settings import Settings
+    from bot.edge.cogs.admin import Admin
+    from bot.core.settings import Settings
 
     models = tmp_path / "models"
     models.mkdir()

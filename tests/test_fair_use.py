@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import pytest
 
-from bot.fair_use import BotLoopGuard, Cooldown, RateLimit
+from bot.core.fair_use import BotLoopGuard, Cooldown, RateLimit
 
 
 def test_rate_limit_is_a_sliding_window_per_person() -> None:
@@ -24,7 +24,7 @@ def test_cooldown_once_per_period() -> None:
 
 
 def test_memory_stays_bounded(monkeypatch: pytest.MonkeyPatch) -> None:
-    monkeypatch.setattr("bot.fair_use.MAX_TRACKED", 100)
+    monkeypatch.setattr("bot.core.fair_use.MAX_TRACKED", 100)
     limit = RateLimit(1, 60.0)
     for who in range(1000):
         limit.take(who, 0.0)

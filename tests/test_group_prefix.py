@@ -6,12 +6,12 @@ from __future__ import annotations
 
 from os.path import commonprefix
 
-from bot.conversation import Message
-from bot.personas import GROUP_USER, Persona, persona_from_dict
-from bot.prompt import INPUT, INSTRUCTION
-from bot.responder import Responder
-from bot.settings import load_settings
-from bot.store import Store
+from bot.core.conversation import Message
+from bot.roleplay.personas import GROUP_USER, Persona, persona_from_dict
+from bot.core.prompt import INPUT, INSTRUCTION
+from bot.lifecycle.responder import Responder
+from bot.core.settings import load_settings
+from bot.storage.store import Store
 from tests.card_files import v2_card
 from tests.e2e.scripted_engine import ScriptedEngine
 

@@ -9,12 +9,12 @@ from typing import Any
 
 import pytest
 
-from bot.conversation import Message
-from bot.lorebook import DEFAULT_SCAN_DEPTH, DEFAULT_TOKEN_BUDGET, LoreEntry, Lorebook, lorebook_from_dict
-from bot.personas import persona_from_dict
-from bot.responder import Responder
-from bot.settings import load_settings
-from bot.store import Store
+from bot.core.conversation import Message
+from bot.roleplay.lorebook import DEFAULT_SCAN_DEPTH, DEFAULT_TOKEN_BUDGET, LoreEntry, Lorebook, lorebook_from_dict
+from bot.roleplay.personas import persona_from_dict
+from bot.lifecycle.responder import Responder
+from bot.core.settings import load_settings
+from bot.storage.store import Store
 from tests.card_files import LOREBOOK, v2_card
 from tests.conftest import word_tokens
 from tests.e2e.scripted_engine import ScriptedEngine
@@ -128,7 +128,7 @@ def book_with(index: int, **fields: Any) -> dict[str, Any]:
 
 
 def test_a_non_integer_insertion_order_skips_that_entry_only(caplog: pytest.LogCaptureFixture) -> None:
-    with caplog.at_level(logging.WARNING, logger="bot.lorebook"):
+    with caplog.at_level(logging.WARNING, logger="bot.roleplay.lorebook"):
         book = lorebook_from_dict(book_with(1, insertion_order="abc", comment="Hale"), "vex.json")
     contents = [e.content for e in book.entries]
     assert "Governor Hale hunts smugglers personally." not in contents
@@ -309,7 +309,7 @@ def test_recursion_settings_of_the_wrong_type_are_ignored_with_a_note() -> None:
 def test_recursion_is_bounded_for_any_card() -> None:
     """A stranger's card: 500 entries chained (each names the next), a huge budget. Before the
     bounds it scanned 500 steps of a growing 2 MB text (47 s per reply); now 8 steps at most."""
-    from bot.lorebook import MAX_RECURSION_STEPS
+    from bot.roleplay.lorebook import MAX_RECURSION_STEPS
 
     entries = [{"keys": [f"zq{i:04d}x"], "content": f"zq{i + 1:04d}x " + "a" * 3900, "insertion_order": i}
                for i in range(500)]
@@ -320,7 +320,7 @@ def test_recursion_is_bounded_for_any_card() -> None:
 
 
 def test_a_book_with_too_many_keys_keeps_the_entries_before_the_limit() -> None:
-    from bot.lorebook import MAX_KEYS
+    from bot.roleplay.lorebook import MAX_KEYS
 
     entries = [{"keys": [f"k{i}-{j}" for j in range(100)], "content": f"entry {i}"} for i in range(MAX_KEYS // 100 + 5)]
     book = lorebook_from_dict({"entries": entries})

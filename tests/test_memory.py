@@ -5,8 +5,8 @@ from __future__ import annotations
 
 import asyncio
 
-from bot.conversation import Message, utcnow
-from bot.memory import (
+from bot.core.conversation import Message, utcnow
+from bot.roleplay.memory import (
     SUMMARY_HEADING,
     MemoryState,
     clean_summary,
@@ -16,11 +16,11 @@ from bot.memory import (
     summary_stops,
     with_memory,
 )
-from bot.personas import persona_from_dict
-from bot.prompt import HEADERS, INPUT, INSTRUCTION, RESPONSE
-from bot.responder import Responder
-from bot.settings import load_settings
-from bot.store import Store
+from bot.roleplay.personas import persona_from_dict
+from bot.core.prompt import HEADERS, INPUT, INSTRUCTION, RESPONSE
+from bot.lifecycle.responder import Responder
+from bot.core.settings import load_settings
+from bot.storage.store import Store
 from tests.conftest import word_tokens
 from tests.e2e.scripted_engine import ScriptedEngine
 from tests.test_prompt_integrity import parse, speaker_of

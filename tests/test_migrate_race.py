@@ -2,7 +2,7 @@
 loop) and each migrates it at start: one migrates, the others wait and find it done. Real
 OS processes, on a SQLite file and on a real PostgreSQL.
 
-Checked by hand that these fail without the locks in bot/migrate.py and migrations/env.py:
+Checked by hand that these fail without the locks in bot/storage/migrate.py and migrations/env.py:
 the SQLite test failed in 3 runs of 3 (3 of the 4 processes died of "database is locked"),
 the PostgreSQL one in 2 of 3."""
 
@@ -16,7 +16,7 @@ import asyncio
 
 from sqlalchemy import text
 
-from bot.store import create_engine
+from bot.storage.store import create_engine
 
 pytest_plugins = ["tests.pg"]
 PROCESSES = 4
@@ -30,7 +30,7 @@ def upgrade_at_once(url: str) -> list[subprocess.CompletedProcess[str]]:
 
 
 def head_revision() -> str:
-    from bot.migrate import alembic_config
+    from bot.storage.migrate import alembic_config
     from alembic.script import ScriptDirectory
 
     return ScriptDirectory.from_config(alembic_config("sqlite://")).get_current_head() or ""

@@ -8,8 +8,8 @@ from pathlib import Path
 import pytest
 
 from bot.engine.base import ModelLoadError
-from bot.model_source import HubFile, available_models, configured_model, download, parse_reload_target
-from bot.settings import load_settings
+from bot.engine.model_source import HubFile, available_models, configured_model, download, parse_reload_target
+from bot.core.settings import load_settings
 
 COMMIT = "0123456789abcdef0123456789abcdef01234567"
 
@@ -94,7 +94,7 @@ def test_other_bad_names(models_dir: Path, name: str, message: str) -> None:
 
 
 def test_hub_reloads_only_from_allowed_repositories() -> None:
-    from bot.model_source import check_hub_source
+    from bot.engine.model_source import check_hub_source
 
     with pytest.raises(ModelLoadError, match="not in HUB_ALLOWED_REPOS"):
         check_hub_source(HubFile("stranger/evil", "x.gguf"), frozenset({"TheBloke/good"}), 10**12)
@@ -108,7 +108,7 @@ def test_hub_file_larger_than_the_cap_is_refused_before_download(monkeypatch: py
 
     import huggingface_hub.constants
 
-    from bot.model_source import check_hub_source
+    from bot.engine.model_source import check_hub_source
 
     class Hub(BaseHTTPRequestHandler):
         def do_HEAD(self) -> None:  # noqa: N802 (http.server's naming)

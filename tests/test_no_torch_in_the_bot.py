@@ -6,8 +6,8 @@ import sys
 
 def test_bot_modules_do_not_import_torch() -> None:
     code = (
-        "import sys, bot.app, bot.cli, bot.runtime, bot.terminal, bot.cogs.chat, bot.cogs.admin, "
-        "bot.cogs.personas, bot.engine.llama; "
+        "import sys, bot.edge.bot, bot.cli, bot.runtime, bot.terminal, bot.edge.cogs.chat, bot.edge.cogs.admin, "
+        "bot.edge.cogs.personas, bot.engine.llama; "
         "print(sorted(m for m in ('torch', 'transformers', 'peft', 'bitsandbytes', 'accelerate') if m in sys.modules))"
     )
     result = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=120)

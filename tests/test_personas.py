@@ -11,9 +11,9 @@ from pathlib import Path
 
 import pytest
 
-import bot.personas
-from bot.conversation import Message
-from bot.personas import (
+import bot.roleplay.personas
+from bot.core.conversation import Message
+from bot.roleplay.personas import (
     DEFAULT_PERSONA,
     GROUP_USER,
     MAX_NAME_CHARS,
@@ -28,7 +28,7 @@ from bot.personas import (
     render_macros,
     safe_name,
 )
-from bot.prompt import render_chat
+from bot.core.prompt import render_chat
 from tests.card_files import LOREBOOK, png_card, v2_card, worst_cards
 
 REPO = Path(__file__).resolve().parents[1]
@@ -153,14 +153,14 @@ def test_a_personas_dir_with_broken_files_still_loads_the_others(
     for name, data in files.items():
         (tmp_path / name).write_bytes(data)
     (tmp_path / "folder.json").mkdir()
-    real = bot.personas.persona_from_dict
+    real = bot.roleplay.personas.persona_from_dict
 
     def explode(raw: object, origin: str = "") -> Persona:  # a bug in the parser, say
         if origin == "explodes.yaml":
             raise RuntimeError("unexpected")
         return real(raw, origin)  # type: ignore[arg-type]
 
-    monkeypatch.setattr(bot.personas, "persona_from_dict", explode)
+    monkeypatch.setattr(bot.roleplay.personas, "persona_from_dict", explode)
     with caplog.at_level(logging.WARNING):
         personas = load_personas(tmp_path)
     assert set(personas) == {"good", "lore", DEFAULT_PERSONA}
@@ -222,7 +222,7 @@ async def test_a_parse_past_the_time_limit_is_refused_clearly(monkeypatch: pytes
     def slow(data: bytes, filename: str) -> None:
         time.sleep(0.5)
 
-    monkeypatch.setattr(bot.personas, "card_and_persona", slow)
+    monkeypatch.setattr(bot.roleplay.personas, "card_and_persona", slow)
     started = time.perf_counter()
     with pytest.raises(PersonaError, match="slow.png: reading the card took longer than 0.1 s"):
         await parse_card_off_loop(b"{}", "slow.png", timeout=0.1)

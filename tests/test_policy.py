@@ -6,7 +6,7 @@ import itertools
 
 import pytest
 
-from bot.policy import Incoming, is_admin, may_manage, should_reply, should_store
+from bot.core.policy import Incoming, is_admin, may_manage, should_reply, should_store
 
 
 def incoming(**kw: bool) -> Incoming:
@@ -52,7 +52,7 @@ def test_admins() -> None:
 
 # ---- when to speak (/channel speak): messages that do not address the bot --------------
 
-from bot.policy import FollowUps, Speaking, names, speaks_unaddressed  # noqa: E402
+from bot.core.policy import FollowUps, Speaking, names, speaks_unaddressed  # noqa: E402
 
 
 class Draws:

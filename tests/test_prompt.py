@@ -8,8 +8,8 @@ import pytest
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
-from bot.conversation import Message
-from bot.prompt import (
+from bot.core.conversation import Message
+from bot.core.prompt import (
     RESPONSE,
     PromptTooLong,
     alpaca_prompt,

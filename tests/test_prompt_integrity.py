@@ -21,9 +21,9 @@ import pytest
 from hypothesis import HealthCheck, assume, example, given, settings
 from hypothesis import strategies as st
 
-from bot.conversation import Message
-from bot.personas import Persona
-from bot.prompt import (
+from bot.core.conversation import Message
+from bot.roleplay.personas import Persona
+from bot.core.prompt import (
     HEADERS,
     INPUT,
     INSTRUCTION,

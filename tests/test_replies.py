@@ -13,7 +13,7 @@ import pytest
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from bot.replies import DISCORD_LIMIT, MIN_LIMIT, EditThrottle, queue_notice, split_message
+from bot.core.replies import DISCORD_LIMIT, MIN_LIMIT, EditThrottle, queue_notice, split_message
 
 FENCE = re.compile(r"^[ \t]*```", re.M)
 REOPEN_LINE = re.compile(r"```[A-Za-z0-9_+#.-]*")

@@ -4,9 +4,9 @@ from __future__ import annotations
 
 import random
 
-from bot.conversation import Message
-from bot.prompt import render_chat, stop_sequences
-from bot.scenes import MAX_ADDRESSED, Member, as_seen_by, choose_speakers, named_in
+from bot.core.conversation import Message
+from bot.core.prompt import render_chat, stop_sequences
+from bot.roleplay.scenes import MAX_ADDRESSED, Member, as_seen_by, choose_speakers, named_in
 
 VEX = Member("captain-vex", "Captain Vex")
 MARLOWE = Member("marlowe", "Marlowe")
@@ -91,7 +91,7 @@ def test_each_character_sees_the_others_as_speakers() -> None:
 
 
 def test_webhook_names_are_ones_discord_accepts() -> None:
-    from bot.webhooks import MAX_NAME_CHARS, webhook_name
+    from bot.edge.webhooks import MAX_NAME_CHARS, webhook_name
 
     assert webhook_name("Captain Vex") == "Captain Vex"
     assert "discord" not in webhook_name("Discord Dan").lower() and "clyde" not in webhook_name("clyde").lower()

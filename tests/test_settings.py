@@ -5,7 +5,7 @@ from pathlib import Path
 
 import pytest
 
-from bot.settings import (
+from bot.core.settings import (
     DEFAULT_MODEL_FILE,
     DISCORD_API_BASE,
     DISCORD_GATEWAY_URL,

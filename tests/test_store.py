@@ -8,9 +8,9 @@ from pathlib import Path
 import pytest
 from sqlalchemy import event, text
 
-from bot import migrate
-from bot.conversation import Message
-from bot.store import Store
+from bot.storage import migrate
+from bot.core.conversation import Message
+from bot.storage.store import Store
 
 
 def sqlite_path(database_url: str) -> str:
@@ -173,7 +173,7 @@ async def test_a_reply_never_creates_its_conversation(store: Store) -> None:
     """Found by a hostile review: the bot was removed from a server while a scene's second
     character waited; its reply re-created the purged conversation (without its server id,
     so no later purge could find it)."""
-    from bot.store import ConversationGone
+    from bot.storage.store import ConversationGone
 
     await store.add_message("discord:5", Message("1", "Ann", "hi", platform_id="1"), guild_id="500")
     assert await store.purge_guild("500") == 1

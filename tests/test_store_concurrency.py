@@ -28,8 +28,8 @@ from sqlalchemy import func, select
 from sqlalchemy.exc import IntegrityError
 from sqlalchemy.ext.asyncio import AsyncSession
 
-from bot.conversation import Message, utcnow
-from bot.store import ConversationRow, MessageRow, Store
+from bot.core.conversation import Message, utcnow
+from bot.storage.store import ConversationRow, MessageRow, Store
 
 pytest_plugins = ["tests.pg"]
 

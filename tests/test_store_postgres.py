@@ -15,9 +15,9 @@ from alembic.script import ScriptDirectory
 from sqlalchemy import inspect, text
 from sqlalchemy.ext.asyncio import create_async_engine
 
-from bot import migrate
-from bot.conversation import DONE, FAILED, INTERRUPTED, STOPPED, STREAMING, Message
-from bot.store import Base, Store
+from bot.storage import migrate
+from bot.core.conversation import DONE, FAILED, INTERRUPTED, STOPPED, STREAMING, Message
+from bot.storage.store import Base, Store
 from tests.test_store import msg
 
 pytest_plugins = ["tests.pg"]

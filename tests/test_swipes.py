@@ -1,5 +1,5 @@
-"""Swipes and Continue without Discord: the rules (bot.swipes), the prompt that continues a
-reply (bot.prompt), and the alternatives in a real migrated store (SQLite and PostgreSQL)."""
+"""Swipes and Continue without Discord: the rules (bot.roleplay.swipes), the prompt that continues a
+reply (bot.core.prompt), and the alternatives in a real migrated store (SQLite and PostgreSQL)."""
 
 from __future__ import annotations
 
@@ -9,10 +9,10 @@ from pathlib import Path
 import pytest
 from sqlalchemy import func, select
 
-from bot.conversation import DONE, FAILED, STOPPED, STREAMING, Message
-from bot.prompt import HEADERS, INPUT, RESPONSE, PromptTooLong, build_prompt, render_chat
-from bot.store import ReplyAlternativeRow, Store
-from bot.swipes import MAX_ALTERNATIVES, SwipeView, history_to_continue, plan_regeneration
+from bot.core.conversation import DONE, FAILED, STOPPED, STREAMING, Message
+from bot.core.prompt import HEADERS, INPUT, RESPONSE, PromptTooLong, build_prompt, render_chat
+from bot.storage.store import ReplyAlternativeRow, Store
+from bot.roleplay.swipes import MAX_ALTERNATIVES, SwipeView, history_to_continue, plan_regeneration
 from tests.conftest import word_tokens
 from tests.test_dataset_export import ANN as ANN_ID, BOT_ID, Chat, export
 

@@ -11,10 +11,10 @@ from pathlib import Path
 import pytest
 
 from bot.engine.llama import LlamaEngine
-from bot.personas import load_personas
-from bot.responder import Responder
-from bot.settings import load_settings
-from bot.store import Store
+from bot.roleplay.personas import load_personas
+from bot.lifecycle.responder import Responder
+from bot.core.settings import load_settings
+from bot.storage.store import Store
 from bot.terminal import chat
 
 pytestmark = pytest.mark.llama

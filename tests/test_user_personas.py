@@ -6,11 +6,11 @@ from collections.abc import AsyncIterator
 
 import pytest
 
-from bot.conversation import Message
-from bot.personas import Persona
-from bot.prompt import HEADERS, build_prompt
-from bot.store import Store
-from bot.user_personas import (
+from bot.core.conversation import Message
+from bot.roleplay.personas import Persona
+from bot.core.prompt import HEADERS, build_prompt
+from bot.storage.store import Store
+from bot.roleplay.user_personas import (
     MAX_DESCRIPTION_CHARS,
     DescriptionError,
     check_description,

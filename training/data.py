@@ -4,7 +4,7 @@ Each record has `instruction`, optional `input`, and `output`, and may have a `p
 text that goes before the instruction as it is (a persona's preamble and the turns before
 the first instruction, as `hermes-bot export-dataset` writes them from the bot's chats).
 The prompt is rendered by
-`bot.prompt.alpaca_prompt` — the same code the bot serves with — and its tokens are
+`bot.core.prompt.alpaca_prompt` — the same code the bot serves with — and its tokens are
 masked out of the loss (label -100); the response and EOS are trained. Examples longer
 than `seq_len` are cut (or dropped) and counted. With packing, several examples share a
 row; their position ids restart at 0 so attention never crosses from one to the next.
@@ -23,7 +23,7 @@ from dataclasses import asdict, dataclass
 from pathlib import Path
 from typing import Any
 
-from bot.prompt import alpaca_prompt
+from bot.core.prompt import alpaca_prompt
 from training.config import DatasetSpec, TrainConfig
 
 log = logging.getLogger(__name__)

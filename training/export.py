@@ -10,7 +10,7 @@ whole, so the peak resident set is the same for a 1 B and a 70 B model
 (`benchmarks/export_memory.py` measures it; tests/training/test_export_memory.py checks it).
 
 Chat template. The GGUF carries `tokenizer.chat_template`, a Jinja template of the bot's
-Alpaca format built from `bot.prompt`'s header constants, so llama-server, Ollama and LM
+Alpaca format built from `bot.core.prompt`'s header constants, so llama-server, Ollama and LM
 Studio prompt the model the way it was trained (see `chat_template`).
 
 Checks. `verify_exports` loads the reference (transformers, the merged checkpoint) once,
@@ -31,7 +31,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-from bot.prompt import INPUT, INSTRUCTION, RESPONSE, alpaca_prompt
+from bot.core.prompt import INPUT, INSTRUCTION, RESPONSE, alpaca_prompt
 
 log = logging.getLogger(__name__)
 
@@ -78,13 +78,13 @@ def _jinja_str(text: str) -> str:
 def chat_template() -> str:
     """The bot's Alpaca format as a Jinja chat template (`tokenizer.chat_template`).
 
-    Built from `bot.prompt`'s header strings. Roles: ``system`` is the preamble (stripped,
+    Built from `bot.core.prompt`'s header strings. Roles: ``system`` is the preamble (stripped,
     then a blank line); ``user`` messages (and any unknown role) are the instruction block,
     one line per message, ``name: content`` when the message has a ``name``; ``assistant``
     messages the response block (each stripped); ``input`` an ``### Input:`` block.
     Consecutive messages of one role share a block, joined by a newline, and blocks end with
-    a blank line, as `bot.prompt.render_chat` writes them; ``add_generation_prompt`` opens the
-    response. So for contents that `bot.prompt.neutralize` leaves as they are, the template
+    a blank line, as `bot.core.prompt.render_chat` writes them; ``add_generation_prompt`` opens the
+    response. So for contents that `bot.core.prompt.neutralize` leaves as they are, the template
     renders exactly `render_chat(messages)` (no response prefix), and for one ``user`` turn
     (and an optional ``input``) exactly `alpaca_prompt(instruction, input)`, the training
     format. It writes no BOS: llama.cpp's tokenizer adds it.

@@ -10,12 +10,12 @@ from pathlib import Path
 
 import pytest
 
-from bot.app import HermesBot, create_bot
+from bot.edge.bot import HermesBot, create_bot
 from bot.engine.base import Engine
-from bot.personas import load_personas, merge_imported
-from bot.responder import Responder
-from bot.settings import Settings, load_settings
-from bot.store import Store
+from bot.roleplay.personas import load_personas, merge_imported
+from bot.lifecycle.responder import Responder
+from bot.core.settings import Settings, load_settings
+from bot.storage.store import Store
 from tests.e2e.fake_discord import FakeDiscord
 from tests.e2e.scripted_engine import ScriptedEngine
 

@@ -12,8 +12,8 @@ from dataclasses import dataclass
 
 from sqlalchemy import select
 
-from bot.conversation import FINAL_STATES
-from bot.store import ConversationRow, MessageRow, Store
+from bot.core.conversation import FINAL_STATES
+from bot.storage.store import ConversationRow, MessageRow, Store
 from tests.e2e.fake_discord import FakeDiscord
 
 

@@ -13,7 +13,7 @@ from typing import Any
 
 import pytest
 
-from bot.store import Store
+from bot.storage.store import Store
 from tests.e2e.bot_process import BotProcess, bot_env
 from tests.e2e.fake_discord import FakeDiscord, wait_for
 from tests.e2e.nothing_lost import assert_nothing_lost, live_stop_buttons, rows

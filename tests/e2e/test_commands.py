@@ -229,7 +229,7 @@ async def test_a_failing_command_answers_briefly_and_logs_the_error(
     d = h.discord
 
     h.engine.broken = RuntimeError("disk on fire")
-    with caplog.at_level(logging.ERROR, logger="bot.app"):
+    with caplog.at_level(logging.ERROR, logger="bot.edge.bot"):
         status = await d.slash(d.ann, d.dm, "status")
         await wait_for(lambda: status.response_type == 4)
     answer = d.original(status)

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import asyncio
 
-from bot.conversation import Message
+from bot.core.conversation import Message
 from tests.e2e.conftest import Harness, StartBot
 from tests.e2e.fake_discord import wait_for
 

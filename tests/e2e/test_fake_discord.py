@@ -15,7 +15,7 @@ import discord
 import pytest
 from discord import app_commands
 
-from bot.app import point_discord_at
+from bot.edge.bot import point_discord_at
 from tests.e2e.bot_process import BotProcess, bot_env
 from tests.e2e.fake_discord import BOT_ID, GUILD2_ID, GUILD_ID, FakeDiscord, wait_for
 

@@ -5,7 +5,7 @@ from __future__ import annotations
 
 import re
 
-from bot.replies import DISCORD_LIMIT, split_message
+from bot.core.replies import DISCORD_LIMIT, split_message
 from tests.card_files import png_card, v3_card
 from tests.e2e.conftest import StartBot
 from tests.e2e.fake_discord import GUILD_ID, wait_for

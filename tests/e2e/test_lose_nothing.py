@@ -10,7 +10,7 @@ import time
 
 import pytest
 
-from bot import recovery
+from bot.edge import recovery
 from tests.e2e.conftest import StartBot
 from tests.e2e.fake_discord import wait_for
 from tests.e2e.nothing_lost import assert_nothing_lost, rows
@@ -220,7 +220,7 @@ async def test_a_mention_still_waiting_at_shutdown_is_answered_after_the_restart
 
 
 async def test_a_crash_before_the_first_text_does_not_hide_what_was_said_meanwhile(start_bot: StartBot) -> None:
-    from bot.conversation import Message
+    from bot.core.conversation import Message
 
     h = await start_bot()
     d = h.discord
@@ -264,7 +264,7 @@ async def test_a_reply_deleted_while_it_streams_keeps_no_text(start_bot: StartBo
 async def _crash_left(h, d, question_text: str, shown: list[str], stored_parts: int) -> tuple[int, list[int]]:  # type: ignore[no-untyped-def]
     """What a kill -9 leaves when Discord took a reply's parts but the store holds only the
     first `stored_parts` of their ids: the question stored, the reply `streaming`."""
-    from bot.conversation import Message
+    from bot.core.conversation import Message
 
     question = await d.user_says(d.ann, d.dm, question_text)
     key = f"discord:{d.dm}"

@@ -6,11 +6,11 @@ from __future__ import annotations
 
 import asyncio
 
-from bot.conversation import Message
-from bot.memory import SUMMARY_HEADING
-from bot.prompt import INPUT, INSTRUCTION
+from bot.core.conversation import Message
+from bot.roleplay.memory import SUMMARY_HEADING
+from bot.core.prompt import INPUT, INSTRUCTION
 from tests.e2e.conftest import StartBot
-from bot.store import Store
+from bot.storage.store import Store
 from tests.e2e.fake_discord import FakeDiscord, wait_for
 
 SMALL = {"N_CTX": "700", "MAX_NEW_TOKENS": "64", "MEMORY_SUMMARY_WORDS": "30"}

@@ -9,8 +9,8 @@ import discord
 import pytest
 from sqlalchemy import select
 
-from bot.attachments import MAX_FILE_BYTES
-from bot.store import MessageRow
+from bot.roleplay.attachments import MAX_FILE_BYTES
+from bot.storage.store import MessageRow
 from tests.e2e.conftest import Harness, StartBot
 from tests.e2e.fake_discord import FakeDiscord, Interaction, User, wait_for
 from tests.e2e.test_conversations import stored

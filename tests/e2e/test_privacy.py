@@ -8,7 +8,7 @@ import asyncio
 import sqlite3
 from datetime import UTC, datetime, timedelta
 
-from bot.conversation import Message
+from bot.core.conversation import Message
 from tests.e2e.conftest import StartBot
 from tests.e2e.fake_discord import GUILD_ID, wait_for
 

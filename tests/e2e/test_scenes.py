@@ -12,9 +12,9 @@ import aiohttp
 import pytest
 from sqlalchemy import select
 
-from bot import recovery
-from bot.conversation import Message
-from bot.store import MessageRow
+from bot.edge import recovery
+from bot.core.conversation import Message
+from bot.storage.store import MessageRow
 from tests.card_files import png_card, v3_card
 from tests.e2e.conftest import Harness, StartBot
 from tests.e2e.fake_discord import BOT_ID, GUILD_ID, PERM_MANAGE_CHANNELS, FakeDiscord, wait_for
@@ -245,7 +245,7 @@ async def test_webhook_posts_are_never_answered_and_the_scene_survives_a_restart
 async def test_a_characters_reply_that_discord_did_not_take_is_delivered_through_its_webhook_later(
         start_bot: StartBot, monkeypatch: pytest.MonkeyPatch, caplog: pytest.LogCaptureFixture) -> None:
     monkeypatch.setattr(recovery, "REDELIVER_SECONDS", 0.5)
-    caplog.set_level(logging.INFO, logger="bot.recovery")
+    caplog.set_level(logging.INFO, logger="bot.edge.recovery")
     h = await start_bot(DELIVERY_RETRY_SECONDS="1")
     h.engine.delay = 0.1
     d = h.discord

@@ -18,12 +18,12 @@ from typing import Any
 import pytest
 from discord.ext import commands
 
-from bot import migrate
-from bot.app import ShardedHermesBot
-from bot.reply_stream import INTERRUPTED_NOTICE
-from bot.settings import SettingsError, load_settings
-from bot.sharding import Shards, shard_of
-from bot.store import Store
+from bot.storage import migrate
+from bot.edge.bot import ShardedHermesBot
+from bot.edge.reply_stream import INTERRUPTED_NOTICE
+from bot.core.settings import SettingsError, load_settings
+from bot.edge.sharding import Shards, shard_of
+from bot.storage.store import Store
 from tests.e2e.conftest import Harness, StartBot
 from tests.e2e.fake_discord import GUILD2_ID, GUILD3_ID, GUILD_ID, FakeDiscord, wait_for
 from tests.e2e.nothing_lost import assert_nothing_lost

@@ -201,7 +201,7 @@ async def test_a_redelivery_never_writes_an_older_copy_over_a_swipe(
     """Found by a hostile review: the periodic redelivery read a reply, then a swipe changed
     it, then the redelivery wrote its older copy back (store and Discord); the next swipe
     then saved that copy over the other take, which was lost for good."""
-    from bot import recovery
+    from bot.edge import recovery
 
     monkeypatch.setattr(recovery, "REDELIVER_SECONDS", 3600.0)  # only the redelivery this test runs
     h = await start_bot(DELIVERY_RETRY_SECONDS="1")

@@ -7,7 +7,7 @@ import asyncio
 import json
 from pathlib import Path
 
-from bot.dataset_export import PromptLimits, export_dataset
+from bot.lifecycle.dataset_export import PromptLimits, export_dataset
 from tests.e2e.conftest import StartBot
 from tests.e2e.fake_discord import wait_for
 from tests.e2e.test_conversations import stored

@@ -12,7 +12,7 @@ import pytest
 
 pytest.importorskip("torch", reason="the training extra is not installed (pip install -e '.[train]')")
 
-from bot.prompt import alpaca_prompt  # noqa: E402
+from bot.core.prompt import alpaca_prompt  # noqa: E402
 
 pytestmark = pytest.mark.training
 

@@ -15,8 +15,8 @@ from pathlib import Path
 
 import pytest
 
-from bot.conversation import DONE, Message
-from bot.store import Store
+from bot.core.conversation import DONE, Message
+from bot.storage.store import Store
 from tests.training.conftest import tiny_config
 from tests.test_dataset_export import trainer_text
 from tests.training.test_multiprocess import cpu_env, write_recipe

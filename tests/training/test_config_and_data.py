@@ -7,7 +7,7 @@ from pathlib import Path
 
 import pytest
 
-from bot.prompt import alpaca_prompt
+from bot.core.prompt import alpaca_prompt
 from tests.training.conftest import alpaca_records, tiny_config
 from training.config import ConfigError, config_from_dict, load_config
 from training.data import IGNORE, DataStats, load_records, mix, pack, prepare_dataset, tokenize_example

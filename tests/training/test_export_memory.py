@@ -11,8 +11,8 @@ from typing import Any
 import pytest
 
 from benchmarks.export_memory import build_llama, make_tokenizer, measure_export
-from bot.conversation import Message
-from bot.prompt import alpaca_prompt, render_chat
+from bot.core.conversation import Message
+from bot.core.prompt import alpaca_prompt, render_chat
 
 PROBES = ["What colour is the sky?", "Add the numbers.\n\nTwo lines, then:\nthree", "  spaces  and\ttabs "]
 
@@ -110,7 +110,7 @@ def test_gguf_carries_the_alpaca_chat_template(template_gguf: Path) -> None:
     import gguf
     from bot.engine.repack import open_llama
 
-    from bot.prompt import INSTRUCTION, RESPONSE
+    from bot.core.prompt import INSTRUCTION, RESPONSE
     from training.export import chat_template
 
     field = gguf.GGUFReader(template_gguf).get_field("tokenizer.chat_template")

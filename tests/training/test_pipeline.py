@@ -13,10 +13,10 @@ from typing import Any
 
 import pytest
 
-from bot.conversation import Message
+from bot.core.conversation import Message
 from bot.engine.base import GenerationRequest, SamplingParams
 from bot.engine.llama import LlamaConfig, LlamaEngine
-from bot.prompt import build_prompt
+from bot.core.prompt import build_prompt
 from tests.training.conftest import alpaca_records, tiny_config
 from training.data import prepare_dataset
 from training.model import load_tokenizer
