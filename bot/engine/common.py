@@ -204,7 +204,7 @@ def kv_bytes_per_token(lib: Any, model: Any) -> int:
 def decode_threads(n_threads: int | None, gpu_share: float, cores: int | None = None) -> tuple[int, int, str]:
     """Threads for one-token steps and for prompt batches, and why: N_THREADS when set;
     with every layer on the GPU a few (they only feed it); otherwise the physical cores,
-    for both (measured on 2 cores: 1 thread decodes at 0.70-0.94x the speed of 2; see README)."""
+    for both (measured on 2 cores: 1 thread decodes at 0.70-0.94x the speed of 2; see docs/engine.md)."""
     cores = cores or physical_cores()
     if n_threads:
         return n_threads, n_threads, "N_THREADS"
@@ -321,7 +321,7 @@ def check_model_file(path: Path, n_gpu_layers: int = 0) -> None:
         )
         raise ModelLoadError(
             f"{path.name} is {size / GiB:.1f} GiB but this machine has {where}: it cannot be loaded here; "
-            "pick a smaller quantization" + ("" if gpu else " or install llama-cpp-python with CUDA (see README)")
+            "pick a smaller quantization" + ("" if gpu else " or install llama-cpp-python with CUDA (see docs/engine.md)")
         )
 
 

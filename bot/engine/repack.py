@@ -7,7 +7,7 @@ llama.cpp dies with SIGILL there: ggml asks the kernel for AMX tile permission o
 thread only, and the worker threads that run the kernels then fault (llama.cpp PR 26954).
 Any layer left on the CPU takes that path: a CPU-only bot, partial offload, the export's
 parity gate. So repacking is off unless `LLAMA_REPACK=true` turns it on; measured cost of
-having it off on a CPU without the problem: see the README ("CPU weight repacking").
+having it off on a CPU without the problem: docs/engine.md ("CPU weight repacking").
 
 One mechanism for every entry point:
 - `model_params(lib, enabled)` for the low-level loaders (the batched engine, vocabularies);

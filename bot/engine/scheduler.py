@@ -119,7 +119,7 @@ class _Llama:
         context.kv_unified = False  # one KV stream of n_ctx cells per slot, laid out as if alone
         context.swa_full = True  # sliding-window models keep whole prefixes reusable
         # Not llama-cpp-python's half the cores for one-token steps: measured on 2 cores,
-        # 1 thread decodes at 0.70-0.94x the speed of 2 (README, "The batching engine").
+        # 1 thread decodes at 0.70-0.94x the speed of 2 (docs/engine.md, "The batching engine").
         context.n_threads = self.sizing.n_threads
         context.n_threads_batch = self.sizing.n_threads_batch
         self.ctx = llama_cpp.llama_init_from_model(self.model, context)
