@@ -17,16 +17,16 @@ from dataclasses import dataclass
 
 import discord
 
-from bot.edge.convert import to_message
 from bot.core.conversation import INTERRUPTED, Message, StoredReply
-from bot.engine.base import EngineError, Generation
 from bot.core.prompt import PromptTooLong
 from bot.core.replies import EditThrottle, queue_notice
+from bot.edge.convert import to_message
 from bot.edge.reply_stream import INTERRUPTED_NOTICE, Destination, Poster, ReplyStream
-from bot.lifecycle.responder import Responder
-from bot.storage.store import ConversationGone
-from bot.roleplay.scenes import Member, choose_speakers
 from bot.edge.webhooks import WebhookDirectory
+from bot.engine.base import EngineError, Generation
+from bot.lifecycle.responder import Responder
+from bot.roleplay.scenes import Member, choose_speakers
+from bot.storage.store import ConversationGone
 
 log = logging.getLogger(__name__)
 QUEUE_REFRESH_SECONDS = 2.0  # how often a queued reply's place in the queue is refreshed

@@ -15,7 +15,6 @@ import discord
 from bot.roleplay.swipes import SwipeView
 
 
-
 class StopButton(discord.ui.DynamicItem[discord.ui.Button], template=r"hermes:stop:(?P<user>\d+)"):
     """Ends the generation under way; what was written stays."""
 

@@ -31,16 +31,21 @@ from typing import TYPE_CHECKING, Protocol
 
 import discord
 
-from bot.edge.answering import Question
-from bot.edge.convert import read_attachments, to_message
 from bot.core.conversation import INTERRUPTED, STREAMING, Message, StoredReply, utcnow
 from bot.core.policy import channel_of
-from bot.storage.reconnect import DatabaseUnavailable
+from bot.edge.answering import Question
+from bot.edge.convert import read_attachments, to_message
 from bot.edge.reply_stream import INTERRUPTED_NOTICE, Destination, sync_reply
-from bot.roleplay.scenes import MAX_ADDRESSED, Member, named_in
-from bot.edge.sharding import Shards, interrupt_streaming, owned_keys, undelivered_replies
-from bot.storage.store import Store
+from bot.edge.sharding import (
+    Shards,
+    interrupt_streaming,
+    owned_keys,
+    undelivered_replies,
+)
 from bot.edge.webhooks import webhook_name
+from bot.roleplay.scenes import MAX_ADDRESSED, Member, named_in
+from bot.storage.reconnect import DatabaseUnavailable
+from bot.storage.store import Store
 
 if TYPE_CHECKING:
     from bot.edge.bot import HermesBot

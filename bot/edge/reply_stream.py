@@ -23,12 +23,12 @@ from typing import Any, Protocol
 
 import discord
 
-from bot.edge.buttons import controls
 from bot.core.conversation import DONE, FAILED, INTERRUPTED, STOPPED, StoredReply
-from bot.edge.delivery import is_gone, is_transient, retried
 from bot.core.replies import EMPTY_REPLY, split_message
-from bot.storage.store import Store
+from bot.edge.buttons import controls
+from bot.edge.delivery import is_gone, is_transient, retried
 from bot.roleplay.swipes import SwipeView
+from bot.storage.store import Store
 
 log = logging.getLogger(__name__)
 NO_PINGS = discord.AllowedMentions.none()

@@ -20,7 +20,17 @@ from collections.abc import Iterable
 from dataclasses import dataclass
 from typing import Any
 
-from sqlalchemy import BigInteger, ColumnElement, Integer, case, cast, literal, literal_column, select, update
+from sqlalchemy import (
+    BigInteger,
+    ColumnElement,
+    Integer,
+    case,
+    cast,
+    literal,
+    literal_column,
+    select,
+    update,
+)
 
 from bot.core.conversation import STREAMING, StoredReply
 from bot.core.settings import Settings

@@ -34,11 +34,10 @@ from bot.core.policy import (
 from bot.edge.answering import Answerer, Question
 from bot.edge.bot import HermesBot
 from bot.edge.convert import (
-    attachments_of,
-    guild_id_of,
+    Arrival,
+    arrive,
     interaction_is_admin,
     read_attachments,
-    to_incoming,
     to_message,
 )
 from bot.edge.delivery import retried
@@ -77,7 +76,7 @@ class Chat(commands.Cog):
         self.reading = asyncio.Semaphore(READS_AT_ONCE)  # attached files read at once
         self._reads: dict[str, set[asyncio.Task[None]]] = {}  # per conversation: files being read
         # Messages that arrived while the database was away past its retries (bot.edge.held_messages).
-        self.held: HeldMessages[discord.Message] = HeldMessages(self._arrive_again, self.store.ping)
+        self.held: HeldMessages[tuple[discord.Message, Arrival]] = HeldMessages(self._arrive_again, self.store.ping)
 
     def get_answerer(self) -> Answerer:
         if self.answerer is None:
@@ -114,73 +113,70 @@ class Chat(commands.Cog):
     @commands.Cog.listener()
     async def on_message(self, message: discord.Message) -> None:
         me = self.bot.user
-        if me is None or message.author.id == me.id or not self.bot.allowed_guild(guild_id_of(message)):
+        if me is None or message.author.id == me.id:
             return
-        if self.webhooks.owns(message):
-            return  # a scene character's reply: stored by the reply path
+        came = arrive(message, me)  # the one conversion: the path below reads `came`
+        if not self.bot.allowed_guild(came.guild_id) or self.webhooks.owns(message):
+            return  # another server, or a scene character's reply (stored by the reply path)
         if len(self.held):  # behind those kept while the database was away: Discord's order
-            if not self.held.hold(message):
+            if not self.held.hold((message, came)):
                 await self._notify(message, "*(I could not save your message; please send it again in a minute)*")
             return
         try:
-            await self._arrive(message)
+            await self._arrive(message, came)
         except DatabaseUnavailable:
-            if not self.held.hold(message):
+            if not self.held.hold((message, came)):
                 await self._notify(message, "*(I could not save your message; please send it again in a minute)*")
 
-    async def _arrive_again(self, message: discord.Message) -> None:
+    async def _arrive_again(self, kept: tuple[discord.Message, Arrival]) -> None:
         """A message kept while the database was away, now that it answers again."""
-        await self._arrive(message)
+        await self._arrive(*kept)
 
-    async def _arrive(self, message: discord.Message) -> None:
-        """Store `message` if it is to be kept, and queue its answer if it is to be answered;
-        `DatabaseUnavailable` when the database stayed away past the retries (nothing done)."""
-        me = self.bot.user
-        assert me is not None
-        key = conversation_key(message.channel.id)
-        arrival = self._arrivals.setdefault(message.channel.id, asyncio.Lock())
+    async def _arrive(self, message: discord.Message, came: Arrival) -> None:
+        """Store the message if it is to be kept, and queue its answer if it is to be answered;
+        `DatabaseUnavailable` when the database stayed away past the retries (nothing done).
+        Everything is read from `came`; the discord.py object is kept only to talk back (a
+        notice, the answer's channel, reading the files)."""
+        key = conversation_key(came.channel_id)
+        arrival = self._arrivals.setdefault(came.channel_id, asyncio.Lock())
         async with arrival:
             state = await self.store.state(key)
-            incoming = to_incoming(message, me, state.enabled)
+            incoming = came.incoming(state.enabled)
             reply_to_bots = self.bot.settings.reply_to_bots
             answering = should_reply(incoming, reply_to_bots) or bool(speaks_unaddressed(
-                incoming, message.content,
+                incoming, came.text,
                 Speaking(state.reply_chance, state.follow_up_seconds, state.name_trigger),
                 await self._names(key, state.persona, state.name_trigger and not state.enabled),
-                self.follow_ups.within(message.channel.id, message.author.id, time.monotonic(),
-                                       state.follow_up_seconds),
+                self.follow_ups.within(came.channel_id, came.author_id, time.monotonic(), state.follow_up_seconds),
                 self.chance, reply_to_bots))
             stored = should_store(incoming, reply_to_bots) or answering
             if stored:
-                guild_id = guild_id_of(message)
                 try:
-                    await self.store.add_message(key, to_message(message), is_dm=incoming.is_dm,
-                                                 guild_id=str(guild_id) if guild_id else None)
+                    await self.store.add_message(key, came.message, is_dm=came.is_dm,
+                                                 guild_id=str(came.guild_id) if came.guild_id else None)
                 except DatabaseUnavailable:
                     raise  # kept by on_message until the database is back
                 except Exception:  # the database stayed locked past every retry
-                    log.exception("could not store message %d in %s", message.id, key)
+                    log.exception("could not store message %d in %s", came.platform_id, key)
                     await self._notify(message, "*(I could not save your message; please send it again in a minute)*")
                     return
-        if stored and message.attachments:
+        if stored and came.attachments:
             # Read beside the answer, not before it: the answer's order in the lane is the
             # message's, and its prompt waits for the files (`_files_read`).
             self._track_read(key, asyncio.create_task(self._read_files(key, message)))
         if not answering:
             return
-        under_way = self.answerer.under_way_for(message.author.id) if self.answerer else 0
-        verdict = self.gate.check(key, message.author.id, message.author.bot, under_way, time.monotonic())
+        under_way = self.answerer.under_way_for(came.author_id) if self.answerer else 0
+        verdict = self.gate.check(key, came.author_id, came.author_bot, under_way, time.monotonic())
         if verdict is None:
-            if skipped := unread(attachments_of(message)):
+            if skipped := unread(list(came.attachments)):
                 await self._notify(message, f"*(I read text files only, up to {MAX_FILE_BYTES // 1024} KiB each, "
                                             f"{MAX_FILES} per message: {', '.join(skipped)} not read)*")
             # Outside DMs and enabled channels, the chat around the question is read from
             # Discord when answering (it is not stored).
-            self.queue_answer(Question(key, message.channel.id, message.id, message.author.id,
-                                       message.author.display_name,
+            self.queue_answer(Question(key, came.channel_id, came.platform_id, came.author_id, came.author_name,
                                        read_context=not (incoming.is_dm or incoming.channel_enabled),
-                                       text=message.content,
-                                       replied_to=message.reference.message_id if message.reference else None),
+                                       text=came.text, replied_to=came.reference_id),
                               message.channel)
         elif verdict:
             await self._notify(message, verdict)
