@@ -20,7 +20,7 @@ from bot.storage.store import create_engine
 
 pytest_plugins = ["tests.pg"]
 PROCESSES = 4
-UPGRADE = "import sys; from bot import migrate; migrate.upgrade(sys.argv[1])"
+UPGRADE = "import sys; from bot.storage import migrate; migrate.upgrade(sys.argv[1])"
 
 
 def upgrade_at_once(url: str) -> list[subprocess.CompletedProcess[str]]:

@@ -5,7 +5,7 @@ from __future__ import annotations
 
 import pytest
 
-from bot.cogs import personas as personas_cog
+from bot.edge.cogs import personas as personas_cog
 from tests.card_files import png_card, v3_card
 from tests.e2e.conftest import StartBot
 from tests.e2e.fake_discord import GUILD2_ID, GUILD_ID, FakeDiscord, User, wait_for
