@@ -3,9 +3,10 @@ real discord.py, with a second server owned by a stranger."""
 
 from __future__ import annotations
 
+import sys
+
 import pytest
 
-from bot.edge.cogs import personas as personas_cog
 from tests.card_files import png_card, v3_card
 from tests.e2e.conftest import StartBot
 from tests.e2e.fake_discord import GUILD2_ID, GUILD_ID, FakeDiscord, User, wait_for
@@ -54,8 +55,9 @@ async def test_dm_imports_are_private_and_shipped_personas_read_only(start_bot: 
 
 
 async def test_a_quota_per_server(start_bot: StartBot, monkeypatch: pytest.MonkeyPatch) -> None:
-    monkeypatch.setattr(personas_cog, "PERSONA_QUOTA", 2)
     h = await start_bot()
+    # The module discord.py loaded as the extension (load_extension executes it anew).
+    monkeypatch.setattr(sys.modules[type(h.bot.get_cog("Personas")).__module__], "PERSONA_QUOTA", 2)
     d = h.discord
     people = [d.mod, d.owner, User(100000000000000099, "Another", permissions=d.mod.permissions)]
     results = [await import_card(d, person, d.general, f"Card {i}", "x") for i, person in enumerate(people)]
