@@ -3,7 +3,7 @@
     python -m benchmarks.gpu_check [--out DIR] [--budget-s 570] [--also-70b]
     python -m benchmarks.gpu_check --tiny        # every step on tiny shapes, on this CPU machine
 
-Never in CI: nothing here is collected by pytest (tests/test_gpu_check.py checks only the pure
+Never in CI: nothing here is collected by pytest (tests/engine/test_gpu_check.py checks only the pure
 helpers). Nothing is downloaded: every input is written by the script or found on the machine.
 
 Steps (each with its own time budget, inside the whole run's `--budget-s`; a step that cannot
@@ -93,7 +93,7 @@ NEEDS = {
 }
 
 
-# --- Pure helpers (tests/test_gpu_check.py) -----------------------------------------------------
+# --- Pure helpers (tests/engine/test_gpu_check.py) -----------------------------------------------------
 
 def llama_tensors(shape: dict[str, int], vocab: int = VOCAB) -> list[tuple[str, tuple[int, ...]]]:
     """The tensors of a Hugging Face Llama checkpoint of this shape: names and shapes, in order."""

@@ -79,7 +79,7 @@ async def _export_dataset(settings: Settings, out: Path, tokenizer: Path | None)
 def _token_counter(gguf: Path | None) -> tuple[Callable[[str], int], Callable[[], None]]:
     """The model's own token count (its GGUF vocabulary), else about four characters a token."""
     if gguf is not None and gguf.is_file():
-        from bot.engine.remote import VocabTokenizer
+        from bot.engine.vocab import VocabTokenizer
 
         vocab = VocabTokenizer(gguf)
         return lambda text: len(vocab.tokenize(text)), vocab.close

@@ -5,7 +5,7 @@ engine, the export's parity gate and the engine benchmark's plain `Llama`. Each 
 small real GGUF (or MODEL), evaluates a prompt of a few hundred tokens (the prompt path is
 where llama.cpp's repacked AMX kernels crashed) and completes a few tokens, then prints one
 JSON line: the entry, whether CPU weight repacking was on, and the text. Run in a process of
-its own by `tests/test_cpu_repack.py`, so that a SIGILL fails that test instead of killing
+its own by `tests/engine/test_cpu_repack.py`, so that a SIGILL fails that test instead of killing
 pytest.
 """
 

@@ -52,7 +52,7 @@ add one, whatever its callers did before:
 
 So the headers of a rendered chat are exactly the ones the template writes, and its speaker
 lines are exactly one per person's message, with that person's cleaned name
-(tests/test_prompt_integrity.py parses rendered prompts to check this for any input).
+(tests/core/test_prompt_integrity.py parses rendered prompts to check this for any input).
 
 Everything here is pure: strings in, strings out, a token counter passed in. The trainer
 imports `alpaca_prompt` so the model is served exactly as it was trained; `alpaca_prompt`

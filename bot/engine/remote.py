@@ -52,17 +52,12 @@ reply while the prompt is fitted into the context):
 from __future__ import annotations
 
 import asyncio
-import bisect
 import collections
-import ctypes
-import hashlib
-import json
 import logging
 import math
 import threading
 import time
 import urllib.error
-import urllib.request
 from collections.abc import Sequence
 from dataclasses import dataclass, field, fields
 from pathlib import Path
@@ -70,7 +65,6 @@ from typing import Any
 
 import aiohttp
 
-from bot.engine import repack
 from bot.engine.base import (
     Engine,
     EngineBusy,
@@ -83,13 +77,24 @@ from bot.engine.base import (
     ModelLoadError,
 )
 from bot.engine.common import describe_error
+from bot.engine.hash_ring import HashRing
+from bot.engine.http_calls import error_text, post_json_blocking
+from bot.engine.remote_server import (
+    Server,
+    ServerFailed,
+    local_vocab,
+    probe,
+    read_slots,
+    slot_action,
+    tokenize,
+)
+from bot.engine.sse import data_events
+from bot.engine.token_cache import TokenCache, digest
+from bot.engine.vocab import VocabTokenizer
 
 log = logging.getLogger(__name__)
-VIRTUAL_NODES = 64  # points per server on the hash ring
 LOAD_BOUND = 1.25  # a new conversation skips servers homing more than this × the average
 STICKY_LIMIT = 100_000  # conversations remembered in the sticky table (LRU)
-COUNT_CACHE = 8192  # token counts remembered (by a digest of the text)
-TOKENS_CACHE = 16  # whole tokenizations remembered (the prompt just counted is submitted next)
 RECENT_SECONDS = 60.0  # window of the per-server tokens/s
 
 
@@ -110,146 +115,15 @@ class RemoteConfig:
     tokenize_seconds: float = 2.0  # a blocking /tokenize call (count_tokens without a vocab)
 
 
-# ---- tokenizers ------------------------------------------------------------------------
-
-
-class VocabTokenizer:
-    """A GGUF's vocabulary alone (`vocab_only`: no weights, no context), via llama.cpp."""
-
-    def __init__(self, path: Path) -> None:
-        import llama_cpp
-
-        if not path.is_file():
-            raise ModelLoadError(f"tokenizer file not found: {path}")
-        self.lib = llama_cpp
-        logging.getLogger("llama-cpp-python").setLevel(logging.ERROR)  # llama.cpp's own chatter
-        llama_cpp.llama_backend_init()
-        params = repack.model_params(llama_cpp, False)  # the vocabulary only: no weights to repack
-        params.vocab_only = True
-        params.n_gpu_layers = 0
-        self.model = llama_cpp.llama_model_load_from_file(str(path).encode(), params)
-        if not self.model:
-            raise ModelLoadError(f"llama.cpp could not read the vocabulary of {path.name}")
-        self.vocab = llama_cpp.llama_model_get_vocab(self.model)
-        self.path = path
-
-    def tokenize(self, text: str) -> list[int]:
-        data = text.encode("utf-8")
-        size = len(data) + 8
-        buffer = (self.lib.llama_token * size)()
-        n = self.lib.llama_tokenize(self.vocab, data, len(data), buffer, size, True, False)
-        if n < 0:
-            size = -n
-            buffer = (self.lib.llama_token * size)()
-            n = self.lib.llama_tokenize(self.vocab, data, len(data), buffer, size, True, False)
-        return list(buffer[:n])
-
-    def close(self) -> None:
-        if self.model:
-            self.lib.llama_model_free(self.model)
-            self.model = ctypes.c_void_p()
-
-
-def _post_json_blocking(url: str, body: dict[str, Any], timeout: float) -> Any:
-    request = urllib.request.Request(
-        url, data=json.dumps(body).encode(), headers={"Content-Type": "application/json"}, method="POST"
-    )
-    with urllib.request.urlopen(request, timeout=timeout) as response:  # noqa: S310 - configured URLs
-        return json.loads(response.read())
-
-
-def _digest(text: str) -> bytes:
-    return hashlib.blake2b(text.encode("utf-8", "surrogatepass"), digest_size=16).digest()
-
-
-def _hash64(text: str) -> int:
-    return int.from_bytes(hashlib.blake2b(text.encode(), digest_size=8).digest(), "big")
-
-
-class HashRing:
-    """Consistent hashing: each server owns `VIRTUAL_NODES` points of a 64-bit ring; a key
-    tries the servers in the order their points follow its hash. Removing a server moves
-    only the keys it owned (to their next server); the hash is stable across processes."""
-
-    def __init__(self, names: Sequence[str], virtual_nodes: int = VIRTUAL_NODES) -> None:
-        self.size = len(names)
-        points = sorted((_hash64(f"{name}#{i}"), index) for index, name in enumerate(names) for i in range(virtual_nodes))
-        self._keys = [h for h, _ in points]
-        self._owners = [index for _, index in points]
-
-    def order(self, key: str) -> list[int]:
-        """Every server's index once, in the order `key` tries them."""
-        start = bisect.bisect(self._keys, _hash64(key))
-        order: list[int] = []
-        for i in range(len(self._keys)):
-            index = self._owners[(start + i) % len(self._keys)]
-            if index not in order:
-                order.append(index)
-                if len(order) == self.size:
-                    break
-        return order
-
-
-# ---- servers ---------------------------------------------------------------------------
-
-
-@dataclass
-class _Server:
-    url: str
-    index: int
-    healthy: bool = False
-    n_slots: int = 0
-    n_ctx: int = 0  # per slot
-    model_path: str = ""
-    error: str = ""  # why it is down (or the last failure)
-    down_since: float | None = None
-    busy: dict[int, _Job] = field(default_factory=dict)  # slot -> our job there
-    floating: set[_Job] = field(default_factory=set)  # our jobs whose slot the server picks
-    foreign: set[int] = field(default_factory=set)  # slots other clients keep busy (/slots)
-    owner: dict[int, str] = field(default_factory=dict)  # slot -> conversation it last held
-    used: dict[int, float] = field(default_factory=dict)  # slot -> when it was last given out
-    released: dict[int, float] = field(default_factory=dict)  # slot -> when our last job there ended
-    served: int = 0
-    failed: int = 0
-    recent: collections.deque[tuple[float, int, float, int, float]] = field(
-        default_factory=lambda: collections.deque(maxlen=256)
-    )  # (finished at, predicted tokens, predicted ms, prompt tokens evaluated, prompt ms)
-
-    @property
-    def in_flight(self) -> int:
-        return len(self.busy) + len(self.floating)
-
-    def free_capacity(self) -> int:
-        return max(0, self.n_slots - self.in_flight - len(self.foreign - set(self.busy)))
-
-    def idle_slots(self) -> list[int]:
-        return [s for s in range(self.n_slots) if s not in self.busy and s not in self.foreign]
-
-    def forget_slots(self) -> None:
-        """The server restarted (or was replaced): what we knew of its slots is gone."""
-        self.owner.clear()
-        self.used.clear()
-        self.foreign.clear()
-
-
 @dataclass(eq=False)
 class _Job:
     generation: Generation
     queued_at: float = field(default_factory=time.monotonic)
-    server: _Server | None = None
+    server: Server | None = None
     slot: int = -1
     task: asyncio.Task[None] | None = None
     tried: set[int] = field(default_factory=set)  # servers that failed it before any text
     shutting_down: bool = False
-
-
-class _ServerFailed(Exception):
-    """The server could not take or finish the request (connection lost, 503): try another.
-    `down`: take it out of rotation until /health answers again."""
-
-    def __init__(self, message: str, down: bool = True) -> None:
-        super().__init__(message)
-        self.down = down
 
 
 class RemoteEngine(Engine):
@@ -259,7 +133,7 @@ class RemoteEngine(Engine):
         self,
         config: RemoteConfig,
         session: aiohttp.ClientSession,
-        servers: list[_Server],
+        servers: list[Server],
         vocab: VocabTokenizer | None,
         loop: asyncio.AbstractEventLoop,
     ) -> None:
@@ -276,9 +150,7 @@ class RemoteEngine(Engine):
         self._pending: collections.deque[_Job] = collections.deque()
         self._jobs: dict[Generation, _Job] = {}
         # Token counts are asked from worker threads (prompts are built off the loop).
-        self._cache_lock = threading.Lock()
-        self._counts: collections.OrderedDict[bytes, int] = collections.OrderedDict()
-        self._tokens: collections.OrderedDict[bytes, list[int]] = collections.OrderedDict()
+        self._token_cache = TokenCache()
         self._round = 0
         self._last_stats: GenerationStats | None = None
         self._last_error = ""
@@ -313,12 +185,12 @@ class RemoteEngine(Engine):
             timeout=aiohttp.ClientTimeout(total=None, connect=config.connect_seconds, sock_read=config.stall_seconds),
             connector=aiohttp.TCPConnector(limit=0),
         )
-        servers = [_Server(url, index) for index, url in enumerate(cleaned)]
+        servers = [Server(url, index) for index, url in enumerate(cleaned)]
         vocab: VocabTokenizer | None = None
         try:
             deadline = time.monotonic() + config.start_seconds
             while True:
-                await asyncio.gather(*(cls._probe(session, s, config) for s in servers))
+                await asyncio.gather(*(probe(session, s, config.connect_seconds) for s in servers))
                 if any(s.healthy for s in servers) or time.monotonic() >= deadline:
                     break
                 await asyncio.sleep(min(1.0, config.health_seconds))
@@ -329,21 +201,7 @@ class RemoteEngine(Engine):
             paths = {s.model_path for s in servers if s.healthy}
             if len({Path(p).name for p in paths}) > 1:
                 log.warning("the llama-servers serve different models: %s", ", ".join(sorted(paths)))
-            vocab_path = config.tokenizer_path
-            if vocab_path is None and config.local_tokenizer:
-                vocab_path = next((Path(p) for p in sorted(paths) if p and Path(p).is_file()), None)
-            if vocab_path is not None:
-                vocab = await asyncio.to_thread(VocabTokenizer, vocab_path)
-                problem = await cls._same_tokenizer(session, servers, vocab)
-                if problem and config.tokenizer_path is not None:
-                    vocab.close()
-                    raise ModelLoadError(f"{vocab_path.name} does not tokenize like the llama-servers' model ({problem})")
-                if problem:
-                    log.warning("%s is not the servers' tokenizer (%s): using /tokenize", vocab_path, problem)
-                    vocab.close()
-                    vocab = None
-                else:
-                    log.info("counting tokens with the vocabulary of %s", vocab_path)
+            vocab = await local_vocab(session, servers, config.tokenizer_path, config.local_tokenizer)
             if vocab is None:
                 log.warning(
                     "counting tokens with the servers' /tokenize (blocking calls, cached): "
@@ -359,59 +217,6 @@ class RemoteEngine(Engine):
                 "ready" if server.healthy else f"down ({server.error})", server.n_slots, server.n_ctx,
             )
         return engine
-
-    @staticmethod
-    async def _same_tokenizer(
-        session: aiohttp.ClientSession, servers: list[_Server], vocab: VocabTokenizer
-    ) -> str:
-        """"" if the local vocabulary tokenizes a sample as a healthy server does, else why not."""
-        sample = "### Instruction:\nAnn: Héllo wörld, 12345 <eos> 🙂 tokenizers!\n\n### Response:\n"
-        server = next(s for s in servers if s.healthy)
-        try:
-            async with session.post(
-                f"{server.url}/tokenize", json={"content": sample, "add_special": True, "parse_special": False},
-                timeout=aiohttp.ClientTimeout(total=10),
-            ) as response:
-                theirs = (await response.json(content_type=None))["tokens"]
-        except (aiohttp.ClientError, asyncio.TimeoutError, ValueError, KeyError, TypeError) as error:
-            log.warning("could not compare tokenizers with %s (%s)", server.url, describe_error(error))
-            return ""
-        ours = vocab.tokenize(sample)
-        return "" if ours == theirs else f"{len(ours)} local tokens vs {len(theirs)} from {server.url}"
-
-    @staticmethod
-    async def _probe(
-        session: aiohttp.ClientSession, server: _Server, config: RemoteConfig, refresh: bool = False
-    ) -> bool:
-        """/health, then (new, back, or `refresh`) /props: whether the server can take work now."""
-        timeout = aiohttp.ClientTimeout(total=max(2.0, config.connect_seconds))
-        try:
-            async with session.get(f"{server.url}/health", timeout=timeout) as response:
-                if response.status != 200:
-                    raise _ServerFailed(f"/health answered {response.status}: {(await response.text())[:200]}")
-            if not server.healthy or refresh:  # new, back, or asked: read what it serves now
-                async with session.get(f"{server.url}/props", timeout=timeout) as response:
-                    if response.status != 200:
-                        raise _ServerFailed(f"/props answered {response.status}")
-                    props = await response.json(content_type=None)
-                settings = props.get("default_generation_settings") or {}
-                model_path = str(props.get("model_path") or "")
-                if not server.healthy or model_path != server.model_path:
-                    server.forget_slots()  # restarted (or another model): its slots are empty
-                server.n_slots = int(props.get("total_slots") or 1)
-                server.n_ctx = int(settings.get("n_ctx") or 0)
-                server.model_path = model_path
-        except (aiohttp.ClientError, asyncio.TimeoutError, OSError, ValueError, _ServerFailed) as error:
-            if server.healthy:
-                log.warning("llama-server %s is down: %s", server.url, describe_error(error))
-            server.healthy = False
-            server.error = describe_error(error)
-            server.down_since = server.down_since or time.monotonic()
-            return False
-        if not server.healthy and server.down_since is not None:
-            log.info("llama-server %s is back (%d slots)", server.url, server.n_slots)
-        server.healthy, server.error, server.down_since = True, "", None
-        return True
 
     # ---- the Engine interface ----------------------------------------------------------
 
@@ -439,23 +244,10 @@ class RemoteEngine(Engine):
 
     def count_tokens(self, text: str) -> int:
         """Blocking (the vocabulary, or a server's /tokenize): call it from a worker thread."""
-        key = _digest(text)
-        with self._cache_lock:
-            count = self._counts.get(key)
-            if count is not None:
-                self._counts.move_to_end(key)
-                return count
-        tokens = self._tokenize_now(text)
-        if tokens is None:  # no server answered: an upper bound (byte-level fallback)
+        count = self._token_cache.count(text, self._tokenize_now)
+        if count is None:  # no server answered: an upper bound (byte-level fallback)
             return len(text.encode("utf-8")) + 1
-        with self._cache_lock:
-            self._counts[key] = len(tokens)
-            if len(self._counts) > COUNT_CACHE:
-                self._counts.popitem(last=False)
-            self._tokens[key] = tokens
-            if len(self._tokens) > TOKENS_CACHE:
-                self._tokens.popitem(last=False)
-        return len(tokens)
+        return count
 
     def submit(self, request: GenerationRequest) -> Generation:
         if self._closing:
@@ -476,13 +268,11 @@ class RemoteEngine(Engine):
                 f"ENGINE=remote serves whatever its llama-servers load: restart them with -m {path}"
             )
         before = self.info.path
-        await asyncio.gather(*(self._probe(self._session, s, self._config, refresh=True) for s in self._servers))
+        await asyncio.gather(*(probe(self._session, s, self._config.connect_seconds, refresh=True) for s in self._servers))
         if self.info.path != before:
             log.warning("the llama-servers now serve %s (was %s); token counts are cleared, "
                         "restart the bot if the tokenizer changed", self.info.path, before)
-            with self._cache_lock:
-                self._counts.clear()
-                self._tokens.clear()
+            self._token_cache.clear()
         self._dispatch()
         return self.info
 
@@ -556,7 +346,7 @@ class RemoteEngine(Engine):
 
     # ---- placement (event loop) ----------------------------------------------------------
 
-    def _place(self, job: _Job) -> tuple[_Server, int] | None:
+    def _place(self, job: _Job) -> tuple[Server, int] | None:
         """A healthy server with room for this job, and the slot (-1: the server picks)."""
         candidates = [s for s in self._servers if s.healthy and s.index not in job.tried]
         if not candidates:
@@ -591,7 +381,7 @@ class RemoteEngine(Engine):
                 return server, self._pick_slot(server, conversation)
         return None
 
-    def _pick_slot(self, server: _Server, conversation: str | None) -> int:
+    def _pick_slot(self, server: Server, conversation: str | None) -> int:
         idle = server.idle_slots()
         own = [s for s in idle if conversation is not None and server.owner.get(s) == conversation]
         if own:
@@ -660,7 +450,7 @@ class RemoteEngine(Engine):
         self._last_stats = job.generation.stats
         job.generation.put(error)
 
-    def _server_down(self, server: _Server, error: BaseException | str) -> None:
+    def _server_down(self, server: Server, error: BaseException | str) -> None:
         text = error if isinstance(error, str) else describe_error(error)
         if server.healthy:
             log.warning("llama-server %s failed (%s): out of rotation until /health answers", server.url, text)
@@ -688,7 +478,7 @@ class RemoteEngine(Engine):
                 self._end(job, None)
             self._dispatch()
             return  # our own cancellation (Stop): handled
-        except _ServerFailed as error:
+        except ServerFailed as error:
             server.failed += 1
             if error.down:
                 self._server_down(server, str(error))
@@ -722,7 +512,7 @@ class RemoteEngine(Engine):
         if not stats.generation_seconds:
             stats.generation_seconds = max(1e-6, time.perf_counter() - started - stats.prompt_seconds)
 
-    async def _complete(self, job: _Job, server: _Server, started: float, state: dict[str, bool]) -> None:
+    async def _complete(self, job: _Job, server: Server, started: float, state: dict[str, bool]) -> None:
         generation, request = job.generation, job.generation.request
         conversation = request.conversation
         prompt = await self._prompt_tokens(server, request.prompt)
@@ -756,23 +546,12 @@ class RemoteEngine(Engine):
         try:
             response = await self._session.post(f"{server.url}/completion", json=body)
             if response.status != 200:
-                detail = await _error_text(response)
+                detail = await error_text(response)
                 if response.status in (502, 503, 504):  # loading, sleeping, a proxy without a server
-                    raise _ServerFailed(f"HTTP {response.status}: {detail}", down="loading" in detail.lower()
+                    raise ServerFailed(f"HTTP {response.status}: {detail}", down="loading" in detail.lower()
                                         or response.status != 503)
                 raise EngineError(f"the model server refused the request (HTTP {response.status}: {detail})")
-            async for raw in response.content:
-                line = raw.strip()
-                if not line.startswith(b"data:"):
-                    continue  # SSE comments (pings), blank separators
-                data = line[5:].strip()
-                if data == b"[DONE]":
-                    break
-                chunk = json.loads(data)
-                if "error" in chunk:
-                    error = chunk["error"]
-                    message = error.get("message", error) if isinstance(error, dict) else error
-                    raise EngineError(f"the model server failed: {message}")
+            async for chunk in data_events(response):
                 if job.slot < 0 and isinstance(chunk.get("id_slot"), int):
                     job.slot = chunk["id_slot"]  # round robin: where the server put it
                     server.owner[job.slot] = conversation or ""
@@ -791,14 +570,12 @@ class RemoteEngine(Engine):
                     final = chunk
                     break
         except (aiohttp.ClientError, asyncio.TimeoutError, ConnectionError) as error:
-            raise _ServerFailed(describe_error(error)) from error
-        except json.JSONDecodeError as error:
-            raise EngineError(f"the model server sent something that is not JSON ({error})") from error
+            raise ServerFailed(describe_error(error)) from error
         finally:
             if response is not None:
                 response.close()  # on Stop: the closed connection is what stops the server
         if final is None:
-            raise _ServerFailed("the stream ended before the reply did")
+            raise ServerFailed("the stream ended before the reply did")
         timings = final.get("timings") or {}
         stats.prompt_tokens = int(final.get("tokens_evaluated") or stats.prompt_tokens)
         stats.reused_tokens = int(timings.get("cache_n", final.get("tokens_cached", 0)) or 0)
@@ -821,35 +598,21 @@ class RemoteEngine(Engine):
             _, (gone, _) = self._sticky.popitem(last=False)
             self._homes[gone] -= 1
 
-    async def _move_state(self, server: _Server, slot: int, conversation: str | None) -> None:
+    async def _move_state(self, server: Server, slot: int, conversation: str | None) -> None:
         """Best effort: save the slot's previous conversation to a file before this one
         takes the slot over; restore this one from its file when the slot is not its own."""
         previous = server.owner.get(slot)
         if previous == conversation:
             return
         if previous:
-            name = f"hermes-{_digest(previous).hex()}.bin"
-            if await self._slot_action(server, slot, "save", name):
+            name = f"hermes-{digest(previous).hex()}.bin"
+            if await slot_action(self._session, server, slot, "save", name):
                 self._saved[previous] = name
                 self._saved.move_to_end(previous)
                 if len(self._saved) > STICKY_LIMIT:
                     self._saved.popitem(last=False)
         if conversation and conversation in self._saved:
-            await self._slot_action(server, slot, "restore", self._saved[conversation])
-
-    async def _slot_action(self, server: _Server, slot: int, action: str, filename: str) -> bool:
-        try:
-            async with self._session.post(
-                f"{server.url}/slots/{slot}?action={action}", json={"filename": filename},
-                timeout=aiohttp.ClientTimeout(total=30),
-            ) as response:
-                if response.status == 200:
-                    return True
-                log.info("slot %s on %s failed (HTTP %d): %s", action, server.url, response.status,
-                         await _error_text(response))
-        except (aiohttp.ClientError, asyncio.TimeoutError, OSError) as error:
-            log.info("slot %s on %s failed: %s", action, server.url, describe_error(error))
-        return False
+            await slot_action(self._session, server, slot, "restore", self._saved[conversation])
 
     # ---- tokenization --------------------------------------------------------------------
 
@@ -860,7 +623,7 @@ class RemoteEngine(Engine):
         body = {"content": text, "add_special": True, "parse_special": False}
         for server in sorted(self._servers, key=lambda s: not s.healthy):
             try:
-                return list(_post_json_blocking(f"{server.url}/tokenize", body, self._config.tokenize_seconds)["tokens"])
+                return list(post_json_blocking(f"{server.url}/tokenize", body, self._config.tokenize_seconds)["tokens"])
             except (OSError, ValueError, KeyError, urllib.error.URLError) as error:
                 now = time.monotonic()
                 if now - self._tokenize_warned > 60:
@@ -868,26 +631,15 @@ class RemoteEngine(Engine):
                     log.warning("/tokenize on %s failed (%s)", server.url, describe_error(error))
         return None
 
-    async def _prompt_tokens(self, server: _Server, text: str) -> list[int]:
+    async def _prompt_tokens(self, server: Server, text: str) -> list[int]:
         """The prompt as token ids (BOS, no special-token parsing): cached from count_tokens,
         else the vocabulary, else this server's /tokenize."""
-        key = _digest(text)
-        with self._cache_lock:
-            cached = self._tokens.get(key)
+        cached = self._token_cache.tokens(text)
         if cached is not None:
             return cached
         if self._vocab is not None:
             return self._vocab.tokenize(text)
-        body = {"content": text, "add_special": True, "parse_special": False}
-        try:
-            async with self._session.post(
-                f"{server.url}/tokenize", json=body, timeout=aiohttp.ClientTimeout(total=30)
-            ) as response:
-                if response.status != 200:
-                    raise _ServerFailed(f"/tokenize answered {response.status}: {await _error_text(response)}")
-                return list((await response.json(content_type=None))["tokens"])
-        except (aiohttp.ClientError, asyncio.TimeoutError, ConnectionError) as error:
-            raise _ServerFailed(describe_error(error)) from error
+        return await tokenize(self._session, server, text)
 
     # ---- health --------------------------------------------------------------------------
 
@@ -899,28 +651,11 @@ class RemoteEngine(Engine):
             except Exception:  # noqa: BLE001 - the watch must go on
                 log.exception("llama-server health check failed")
 
-    async def _check(self, server: _Server) -> None:
+    async def _check(self, server: Server) -> None:
         was = server.healthy
-        ok = await self._probe(self._session, server, self._config)
+        ok = await probe(self._session, server, self._config.connect_seconds)
         if ok and was and not server.floating:
-            await self._read_slots(server)
-
-    async def _read_slots(self, server: _Server) -> None:
-        """Slots busy with other clients' work (best effort: /slots may be disabled)."""
-        sent = time.monotonic()
-        try:
-            async with self._session.get(
-                f"{server.url}/slots", timeout=aiohttp.ClientTimeout(total=max(2.0, self._config.connect_seconds))
-            ) as response:
-                if response.status != 200:
-                    return
-                slots = await response.json(content_type=None)
-        except (aiohttp.ClientError, asyncio.TimeoutError, OSError, ValueError):
-            return
-        if isinstance(slots, list):
-            processing = {int(s["id"]) for s in slots if isinstance(s, dict) and s.get("is_processing")}
-            # A slot of ours that ended after the request went out may still show as busy.
-            server.foreign = {s for s in processing - set(server.busy) if server.released.get(s, 0.0) < sent}
+            await read_slots(self._session, server, self._config.connect_seconds)
 
     def _expire_waiting(self) -> None:
         """While no server is up, fail requests that have waited `down_wait_seconds`."""
@@ -933,15 +668,3 @@ class RemoteEngine(Engine):
             self._end(job, EngineError(f"no model server is reachable ({reasons}); please ask again later"))
 
 
-async def _error_text(response: aiohttp.ClientResponse) -> str:
-    try:
-        text = await response.text()
-    except (aiohttp.ClientError, asyncio.TimeoutError, UnicodeDecodeError):
-        return ""
-    try:
-        error = json.loads(text).get("error")
-        if isinstance(error, dict) and error.get("message"):
-            return str(error["message"])[:300]
-    except (ValueError, AttributeError):
-        pass
-    return text[:300]

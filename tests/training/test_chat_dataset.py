@@ -18,7 +18,7 @@ import pytest
 from bot.core.conversation import DONE, Message
 from bot.storage.store import Store
 from tests.training.conftest import tiny_config
-from tests.test_dataset_export import trainer_text
+from tests.lifecycle.test_dataset_export import trainer_text
 from tests.training.test_multiprocess import cpu_env, write_recipe
 from training.data import record_prompt
 

@@ -189,9 +189,9 @@ async def test_event_loop_stays_responsive(batched: BatchedEngine) -> None:
 def test_auto_parallel_is_capped_and_logged(gguf_path: Path) -> None:
     """`n_parallel=0`: as many slots as free memory holds, up to the cap (the arithmetic,
     with a faked memory reading, is in test_engine_sizing.py)."""
-    from bot.engine.scheduler import _Llama
+    from bot.engine.batch_context import BatchContext
 
-    small = _Llama(BatchConfig(gguf_path, n_ctx=1024, n_gpu_layers=0, max_parallel=3))
+    small = BatchContext(BatchConfig(gguf_path, n_ctx=1024, n_gpu_layers=0, max_parallel=3))
     try:
         assert small.n_parallel == 3  # this machine's RAM holds far more than 3 slots of 18 MiB
         assert small.sizing.ram_cache_mb == 8 * 18  # 8 conversations of 1024 tokens × 18 KiB
@@ -202,9 +202,9 @@ def test_auto_parallel_is_capped_and_logged(gguf_path: Path) -> None:
 def test_greedy_argmax_picks_what_llama_cpps_greedy_sampler_picks(gguf_path: Path) -> None:
     """The fast path for temperature 0 without penalties (numpy argmax over the logits)
     against llama.cpp's greedy sampler chain, token after token of a real generation."""
-    from bot.engine.scheduler import _Llama
+    from bot.engine.batch_context import BatchContext
 
-    llama = _Llama(BatchConfig(gguf_path, n_ctx=512, n_gpu_layers=0, n_parallel=1))
+    llama = BatchContext(BatchConfig(gguf_path, n_ctx=512, n_gpu_layers=0, n_parallel=1))
     chain = llama.sampler(request(PROMPTS[0]))
     try:
         tokens = llama.tokenize(PROMPTS[0])

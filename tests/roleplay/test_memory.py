@@ -23,7 +23,7 @@ from bot.core.settings import load_settings
 from bot.storage.store import Store
 from tests.conftest import word_tokens
 from tests.e2e.scripted_engine import ScriptedEngine
-from tests.test_prompt_integrity import parse, speaker_of
+from tests.core.test_prompt_integrity import parse, speaker_of
 
 pytest_plugins = ["tests.pg"]
 

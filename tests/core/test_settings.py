@@ -14,7 +14,7 @@ from bot.core.settings import (
     load_settings,
 )
 
-REPO = Path(__file__).resolve().parents[1]
+REPO = Path(__file__).resolve().parents[2]
 TOKEN = "MTIzNDU2Nzg5MDEyMzQ1Njc4.GabcDE.very-secret-token_value"
 
 

@@ -14,7 +14,7 @@ from bot.core.prompt import HEADERS, INPUT, RESPONSE, PromptTooLong, build_promp
 from bot.storage.store import ReplyAlternativeRow, Store
 from bot.roleplay.swipes import MAX_ALTERNATIVES, SwipeView, history_to_continue, plan_regeneration
 from tests.conftest import word_tokens
-from tests.test_dataset_export import ANN as ANN_ID, BOT_ID, Chat, export
+from tests.lifecycle.test_dataset_export import ANN as ANN_ID, BOT_ID, Chat, export
 
 pytest_plugins = ["tests.pg"]
 

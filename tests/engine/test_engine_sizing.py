@@ -21,7 +21,8 @@ import pytest
 from bot.engine import common
 from bot.engine.base import EngineError, GenerationRequest, ModelLoadError, ModelUnavailable, SamplingParams
 from bot.engine.common import GiB, MiB, Memory, size_engine
-from bot.engine.scheduler import BatchConfig, BatchedEngine, _Llama
+from bot.engine.batch_context import BatchConfig, BatchContext
+from bot.engine.scheduler import BatchedEngine
 
 GREEDY = SamplingParams(temperature=0.0, repeat_penalty=1.0, seed=1)
 PROMPTS = [f"### Instruction:\nAnn: Tell me three facts about {t}.\n\n### Response:\n" for t in ("the sea", "stars", "dogs", "cats")]
@@ -83,7 +84,7 @@ def test_cpu_only_and_partial_offload() -> None:
 
 
 def test_kv_bytes_per_token_of_the_real_model_matches_its_saved_state(gguf_path: Path) -> None:
-    llama = _Llama(BatchConfig(gguf_path, n_ctx=512, n_gpu_layers=0, n_parallel=1))
+    llama = BatchContext(BatchConfig(gguf_path, n_ctx=512, n_gpu_layers=0, n_parallel=1))
     try:
         # Gemma 3 270M: 18 layers × 1 KV head × (256 + 256) × 2 bytes (head size from the GGUF,
         # not n_embd / n_head = 160).
@@ -98,17 +99,17 @@ def test_kv_bytes_per_token_of_the_real_model_matches_its_saved_state(gguf_path:
 
 
 def test_auto_parallel_sizes_from_free_memory(gguf_path: Path, monkeypatch: pytest.MonkeyPatch, caplog: pytest.LogCaptureFixture) -> None:
-    caplog.set_level(logging.INFO, "bot.engine.scheduler")
+    caplog.set_level(logging.INFO, "bot.engine.batch_context")
     fake_free(monkeypatch, ram_free=GiB + 300 * MiB)
     # 1324 MiB free - 241 MiB of model - 1024 MiB reserve = 59 MiB: 3 slots of 1024 tokens (18 MiB each).
-    llama = _Llama(BatchConfig(gguf_path, n_ctx=1024, n_gpu_layers=0))
+    llama = BatchContext(BatchConfig(gguf_path, n_ctx=1024, n_gpu_layers=0))
     try:
         assert llama.n_parallel == 3
         assert "3 slot(s) of 1024 tokens" in caplog.text and "RAM 1.3 GiB free" in caplog.text
     finally:
         llama.close()
     monkeypatch.undo()
-    roomy = _Llama(BatchConfig(gguf_path, n_ctx=1024, n_gpu_layers=0, max_parallel=5))
+    roomy = BatchContext(BatchConfig(gguf_path, n_ctx=1024, n_gpu_layers=0, max_parallel=5))
     try:
         assert roomy.n_parallel == 5  # the cap
     finally:
@@ -158,21 +159,21 @@ def fake_free(monkeypatch: pytest.MonkeyPatch, ram_free: int | None = None, ram_
 
 @pytest.fixture
 def loads(monkeypatch: pytest.MonkeyPatch) -> Iterator[list[tuple[str, str]]]:
-    """The real model loads and frees of `_Llama`, in order: ("load", file), ("free", file)."""
+    """The real model loads and frees of `BatchContext`, in order: ("load", file), ("free", file)."""
     events: list[tuple[str, str]] = []
-    init, close = _Llama.__init__, _Llama.close
+    init, close = BatchContext.__init__, BatchContext.close
 
-    def traced_init(self: _Llama, config: BatchConfig) -> None:
+    def traced_init(self: BatchContext, config: BatchConfig) -> None:
         events.append(("load", config.model_path.name))
         init(self, config)
         self.traced_name = config.model_path.name
 
-    def traced_close(self: _Llama) -> None:
+    def traced_close(self: BatchContext) -> None:
         events.append(("free", self.traced_name))
         close(self)
 
-    monkeypatch.setattr(_Llama, "__init__", traced_init)
-    monkeypatch.setattr(_Llama, "close", traced_close)
+    monkeypatch.setattr(BatchContext, "__init__", traced_init)
+    monkeypatch.setattr(BatchContext, "close", traced_close)
     yield events
 
 

@@ -9,7 +9,7 @@ from bot.roleplay.personas import Persona, persona_from_dict
 from bot.core.prompt import INPUT, INSTRUCTION, RESPONSE, build_prompt, render_chat
 from tests.card_files import v2_card
 from tests.conftest import word_tokens
-from tests.test_prompt_integrity import parse
+from tests.core.test_prompt_integrity import parse
 
 VEX = Persona(name="Vex", description="A captain.")
 

@@ -31,7 +31,7 @@ from bot.roleplay.personas import (
 from bot.core.prompt import render_chat
 from tests.card_files import LOREBOOK, png_card, v2_card, worst_cards
 
-REPO = Path(__file__).resolve().parents[1]
+REPO = Path(__file__).resolve().parents[2]
 
 
 def test_shipped_personas_load() -> None:

@@ -1,5 +1,5 @@
 """The store on a real PostgreSQL 15 server (asyncpg), through `Store.open` and the real
-Alembic migrations: the same behaviour as on SQLite (tests/test_store.py), the reply
+Alembic migrations: the same behaviour as on SQLite (tests/storage/test_store.py), the reply
 lifecycle, and what PostgreSQL enforces that SQLite lets pass (types, lengths, time zones)."""
 
 from __future__ import annotations
@@ -18,7 +18,7 @@ from sqlalchemy.ext.asyncio import create_async_engine
 from bot.storage import migrate
 from bot.core.conversation import DONE, FAILED, INTERRUPTED, STOPPED, STREAMING, Message
 from bot.storage.store import Base, Store
-from tests.test_store import msg
+from tests.storage.test_store import msg
 
 pytest_plugins = ["tests.pg"]
 

@@ -4,7 +4,7 @@
 Each entry point loads the small real GGUF in a process of its own and completes a few
 tokens after a prompt of a few hundred (`tests/repack_probe.py`), so a SIGILL fails the test
 that met it, with the signal and the process's last lines, instead of killing pytest. On an
-AMX host, `LLAMA_REPACK=true pytest tests/test_cpu_repack.py` turns the mechanism off and
+AMX host, `LLAMA_REPACK=true pytest tests/engine/test_cpu_repack.py` turns the mechanism off and
 these tests fail; on other hosts they pass either way.
 """
 
@@ -23,7 +23,7 @@ from tests import crashes
 from tests.llama_server import LlamaServer, llama_server_bin, post_json, tool_binary  # noqa: F401 - fixture
 from tests.repack_probe import ENTRIES, PROMPT
 
-REPO = Path(__file__).resolve().parents[1]
+REPO = Path(__file__).resolve().parents[2]
 pytestmark = pytest.mark.llama
 
 

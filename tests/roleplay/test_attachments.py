@@ -29,7 +29,7 @@ from sqlalchemy import text
 
 from bot.storage.store import Store
 from tests.conftest import word_tokens
-from tests.test_user_personas import any_store  # noqa: F401  (SQLite and PostgreSQL)
+from tests.roleplay.test_user_personas import any_store  # noqa: F401  (SQLite and PostgreSQL)
 
 pytest_plugins = ["tests.pg"]
 

@@ -8,7 +8,7 @@ from pathlib import Path
 
 from bot.core.settings import Settings
 
-TABLE = Path(__file__).resolve().parents[1] / "docs" / "settings.md"
+TABLE = Path(__file__).resolve().parents[2] / "docs" / "settings.md"
 
 
 def documented(table: Path = TABLE) -> dict[str, str]:

@@ -19,7 +19,7 @@ from bot.storage.store import MessageRow, ReplyAlternativeRow, Store
 from tests.conftest import word_tokens
 from tests.e2e.scripted_engine import ScriptedEngine
 
-REPO = Path(__file__).resolve().parents[1]
+REPO = Path(__file__).resolve().parents[2]
 BOT_ID = "900000000000000001"
 ANN, BOB, CAROL = "111111111111111111", "222222222222222222", "333333333333333333"
 LIMITS = PromptLimits(n_ctx=4096, max_new_tokens=256, history_limit=200)

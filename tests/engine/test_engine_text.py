@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 from bot.engine.base import EngineHealth
-from bot.engine.scheduler import TextStream
+from bot.engine.text_stream import TextStream
 
 
 def feed_all(stream: TextStream, pieces: list[bytes]) -> str:
