@@ -23,7 +23,8 @@ log = logging.getLogger(__name__)
 
 async def start_engine(settings: Settings, model_path: Path | None) -> Engine:
     """The engine the settings ask for: batched (default), llama-cpp-python's simple one, or
-    a fleet of llama-servers (remote; `model_path`, if any, is read for its vocabulary only).
+    a fleet of llama-servers (remote), or an OpenAI-compatible server (openai); for the last
+    two, `model_path`, if any, is read for its vocabulary only.
 
     Warns first when N_GPU_LAYERS asks for GPU offload that this llama.cpp build cannot do
     (llama.cpp would ignore it silently and run every layer on the CPU)."""
@@ -32,6 +33,16 @@ async def start_engine(settings: Settings, model_path: Path | None) -> Engine:
 
         return await RemoteEngine.start(settings.llama_server_urls, n_ctx=settings.n_ctx,
                                         max_queue=settings.max_queue, tokenizer_path=model_path)
+    if settings.engine == "openai":
+        from bot.engine.openai_compat import OpenAIConfig, OpenAIEngine
+
+        assert settings.openai_base_url is not None  # Settings requires it with ENGINE=openai
+        key = settings.openai_api_key.get_secret_value() if settings.openai_api_key else None
+        return await OpenAIEngine.start(OpenAIConfig(
+            base_url=settings.openai_base_url, model=settings.openai_model, api_key=key or None,
+            n_ctx=settings.n_ctx, max_queue=settings.max_queue,
+            max_parallel=settings.n_parallel or OpenAIConfig.max_parallel, tokenizer_path=model_path,
+        ))
     assert model_path is not None
     if warning := gpu_offload_warning(settings.n_gpu_layers):
         log.warning("%s", warning)
@@ -59,6 +70,9 @@ async def open_runtime(settings: Settings) -> AsyncIterator[Responder]:
             model_path = settings.model_path
             log.info("serving through %d llama-server(s): %s", len(settings.llama_server_urls),
                      ", ".join(settings.llama_server_urls))
+        elif settings.engine == "openai":
+            model_path = settings.model_path
+            log.info("serving through the OpenAI-compatible server at %s", settings.openai_base_url)
         else:
             model_path = configured_model(settings)
             log.info("loading %s (this can take a while for large models)", model_path)

@@ -129,10 +129,20 @@ class Settings(BaseSettings):
     # "batched": continuous batching, per-conversation KV slots; "simple": llama-cpp-python's
     # one-sequence Llama.
     # "remote": a fleet of llama.cpp servers (LLAMA_SERVER_URLS) with conversation affinity.
-    engine: Literal["batched", "simple", "remote"] = _setting("batched", "'batched', 'simple' or 'remote'")
+    # "openai": any OpenAI-compatible completions server (OPENAI_BASE_URL): vLLM, SGLang, ...
+    engine: Literal["batched", "simple", "remote", "openai"] = _setting(
+        "batched", "'batched', 'simple', 'remote' or 'openai'"
+    )
     llama_server_urls: Annotated[tuple[str, ...], NoDecode] = _setting(
         (), "comma-separated llama-server base URLs, http(s)://host:port"
     )
+    # ENGINE=openai (bot.engine.openai_compat): the server, its model (empty: the first that
+    # GET /v1/models lists) and its API key (a secret: never shown, sent as a bearer token).
+    openai_base_url: str | None = _setting(None, "an http(s):// URL, with or without /v1")
+    openai_model: str | None = _setting(None, "a model name the server serves (empty: its first)")
+    openai_api_key: SecretStr | None = _setting(None, "the server's API key")
+    # The operators' endpoint (bot.telemetry.probes): /metrics, /healthz, /readyz; "off" = none.
+    metrics_addr: str = _setting("127.0.0.1:9464", "host:port (e.g. 127.0.0.1:9464), or off")
     # Sequence slots of the batched engine; 0 = as many as the free GPU memory (or RAM) holds
     # after the model and a 10% reserve, at most 16 (bot.engine.common.size_engine, logged).
     n_parallel: int = _integer(0, 0)
@@ -288,6 +298,30 @@ class Settings(BaseSettings):
             urls.append(part)
         return tuple(urls)
 
+    @field_validator("openai_base_url", mode="before")
+    @classmethod
+    def _openai_url(cls, value: Any) -> Any:
+        if not isinstance(value, str) or not value.strip():
+            return value.strip() if isinstance(value, str) else value
+        url = value.strip().rstrip("/")
+        parts = urlsplit(url)
+        if parts.scheme not in ("http", "https") or not parts.hostname or "@" in parts.netloc or " " in url:
+            raise ValueError("expected an http(s)://host:port URL, with or without /v1")
+        return url
+
+    @field_validator("metrics_addr", mode="before")
+    @classmethod
+    def _metrics_addr(cls, value: Any) -> Any:
+        if not isinstance(value, str):
+            return value
+        value = value.strip()
+        if value.lower() in ("off", "none", "false"):
+            return ""
+        host, sep, port = value.rpartition(":")
+        if not sep or not port.isdigit() or not 0 < int(port) < 65536 or " " in host:
+            raise ValueError("expected host:port, e.g. 127.0.0.1:9464, or off")
+        return value
+
     @field_validator("admin_user_ids", "allowed_guild_ids", mode="before")
     @classmethod
     def _ids(cls, value: Any) -> Any:
@@ -335,6 +369,8 @@ class Settings(BaseSettings):
             )
         if self.engine == "remote" and not self.llama_server_urls:
             raise ValueError("ENGINE=remote needs LLAMA_SERVER_URLS: the llama-server base URLs, comma-separated")
+        if self.engine == "openai" and not self.openai_base_url:
+            raise ValueError("ENGINE=openai needs OPENAI_BASE_URL: the server's URL, e.g. http://gpu1:8000/v1")
         return self
 
     @field_validator("shard_ids", mode="before")
@@ -457,18 +493,18 @@ def _explain(error: ValidationError, given: Mapping[str, Any]) -> str:
         info = Settings.model_fields.get(field)
         if item.get("type") != "value_error" and info is not None and info.description:
             detail = f"expected {info.description}"
-        if field == "discord_token":
+        if field in ("discord_token", "openai_api_key"):
             problems.append(f"{_variable(field)}: {detail}")
         else:
             value = given[field] if field in given else item.get("input")
             problems.append(f"{_variable(field)}={_shown(value)}: {detail}")
     message = "; ".join(problems) or "invalid settings"
-    token = given.get("discord_token")
-    if isinstance(token, SecretStr):
-        token = token.get_secret_value()
-    if isinstance(token, str) and len(token.strip()) >= 8:
-        token = token.strip()
-        message = message.replace(token, _HIDDEN)
+    for secret in ("discord_token", "openai_api_key"):
+        token = given.get(secret)
+        if isinstance(token, SecretStr):
+            token = token.get_secret_value()
+        if isinstance(token, str) and len(token.strip()) >= 8:
+            message = message.replace(token.strip(), _HIDDEN)
     return message.replace("\n", " ")
 
 

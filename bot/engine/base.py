@@ -230,6 +230,10 @@ class Engine(abc.ABC):
         """The worker's health; engines without a worker thread are always healthy."""
         return EngineHealth()
 
+    def slot_usage(self) -> tuple[int, int]:
+        """(sequences generating now, how many can at once), for metrics and /status."""
+        return (0, 1)
+
     @abc.abstractmethod
     async def close(self) -> None:
         """Finish or cancel what is queued and free the model."""

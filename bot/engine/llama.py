@@ -118,6 +118,9 @@ class LlamaEngine(Engine):
         path = self._config.model_path
         return ModelInfo(name=path.stem, path=str(path), n_ctx=self._config.n_ctx)
 
+    def slot_usage(self) -> tuple[int, int]:
+        return int(self._current is not None), 1
+
     @property
     def queue_depth(self) -> int:
         with self._wakeup:  # the worker pops from the deque meanwhile

@@ -329,6 +329,14 @@ class RemoteEngine(Engine):
             })
         return rows
 
+    def slot_usage(self) -> tuple[int, int]:
+        """(our requests on the servers now, the slots of the servers that are up)."""
+        return sum(s.in_flight for s in self._servers), sum(s.n_slots for s in self._servers if s.healthy)
+
+    def fleet(self) -> tuple[int, int]:
+        """(servers up, servers configured)."""
+        return sum(s.healthy for s in self._servers), len(self._servers)
+
     def home_of(self, conversation: str) -> str:
         """The server a new conversation goes to first (its consistent-hash choice)."""
         return self._servers[self._ring.order(conversation)[0]].url

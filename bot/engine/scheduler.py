@@ -288,6 +288,9 @@ class BatchedEngine(Engine):
 
     # ---- the scheduler thread ---------------------------------------------------------
 
+    def slot_usage(self) -> tuple[int, int]:
+        return len(self._active()), self._llama.n_parallel
+
     def _active(self) -> list[_Job]:
         return [slot.job for slot in self._slots if slot.job is not None]
 

@@ -110,13 +110,18 @@ def test_values_are_normalised() -> None:
         ("DATABASE_URL", "hermes.db", "DATABASE_URL='hermes.db': expected an SQLAlchemy async URL"),
         ("MAX_NEW_TOKENS", "3000", "MAX_NEW_TOKENS=3000: expected less than half of N_CTX=4096"),
         ("MAX_NEW_TOKENS", "0", "MAX_NEW_TOKENS=0: expected an integer >= 1"),
-        ("ENGINE", "vllm", "ENGINE='vllm': expected 'batched', 'simple' or 'remote'"),
+        ("ENGINE", "vllm", "ENGINE='vllm': expected 'batched', 'simple', 'remote' or 'openai'"),
         ("N_PARALLEL", "-2", "N_PARALLEL=-2: expected an integer >= 0"),
         ("N_THREADS", "0", "N_THREADS=0: expected an integer >= 1"),
         ("REPLY_TO_BOTS", "maybe", "REPLY_TO_BOTS='maybe': expected true or false"),
         ("SHUTDOWN_GRACE_SECONDS", "-1", "SHUTDOWN_GRACE_SECONDS=-1: expected a number between"),
         ("DELIVERY_RETRY_SECONDS", "soon", "DELIVERY_RETRY_SECONDS='soon': expected a number"),
         ("RECOVERY_WINDOW_SECONDS", "inf", "RECOVERY_WINDOW_SECONDS=inf: expected a number"),
+        ("OPENAI_BASE_URL", "gpu1:8000", "OPENAI_BASE_URL='gpu1:8000': expected an http(s)://host:port URL"),
+        ("OPENAI_BASE_URL", "http://me:pw@gpu1/v1", "OPENAI_BASE_URL="),
+        ("METRICS_ADDR", "9464", "METRICS_ADDR=9464: expected host:port"),
+        ("METRICS_ADDR", "localhost:99999", "METRICS_ADDR='localhost:99999': expected host:port"),
+        ("ENGINE", "openai", "ENGINE=openai needs OPENAI_BASE_URL"),
     ],
 )
 def test_bad_values_name_the_variable(name: str, value: str, expected: str) -> None:
@@ -188,6 +193,26 @@ def test_token_is_not_in_error_messages() -> None:
         load_settings({"DISCORD_TOKEN": TOKEN, "MODEL_REPO": "x", "N_CTX": TOKEN}, dotenv_path=None)
     assert "N_CTX=" in str(raised.value)
     assert TOKEN not in str(raised.value)
+
+
+def test_the_openai_api_key_is_a_secret_too() -> None:
+    key = "sk-" + "k3y" * 12
+    settings = load_settings({"ENGINE": "openai", "OPENAI_BASE_URL": "http://gpu1:8000/v1/",
+                              "OPENAI_API_KEY": key}, dotenv_path=None)
+    assert settings.openai_api_key is not None and settings.openai_api_key.get_secret_value() == key
+    assert settings.openai_base_url == "http://gpu1:8000/v1"
+    for shown in (repr(settings), str(settings), str(settings.model_dump())):
+        assert key not in shown
+    with pytest.raises(SettingsError) as raised:  # pasted into the wrong variable
+        load_settings({"OPENAI_API_KEY": key, "N_CTX": key}, dotenv_path=None)
+    assert "N_CTX=" in str(raised.value) and key not in str(raised.value)
+
+
+def test_metrics_address_defaults_to_loopback_and_off_switches_it_off() -> None:
+    assert load_settings({}, dotenv_path=None).metrics_addr == "127.0.0.1:9464"
+    assert load_settings({"METRICS_ADDR": ""}, dotenv_path=None).metrics_addr == "127.0.0.1:9464"  # blank: default
+    assert load_settings({"METRICS_ADDR": " Off "}, dotenv_path=None).metrics_addr == ""
+    assert load_settings({"METRICS_ADDR": ":9100"}, dotenv_path=None).metrics_addr == ":9100"
 
 
 def test_settings_are_frozen() -> None:
