@@ -12,6 +12,7 @@ import collections
 import contextlib
 import logging
 import random
+import time
 from collections.abc import AsyncIterator
 from dataclasses import dataclass
 
@@ -27,6 +28,7 @@ from bot.engine.base import EngineError, Generation
 from bot.lifecycle.responder import Responder
 from bot.roleplay.scenes import Member, choose_speakers
 from bot.storage.store import ConversationGone
+from bot.telemetry import metrics
 
 log = logging.getLogger(__name__)
 QUEUE_REFRESH_SECONDS = 2.0  # how often a queued reply's place in the queue is refreshed
@@ -166,6 +168,7 @@ class Answerer:
             status, notice = stream.ending(INTERRUPTED, INTERRUPTED_NOTICE)
             with contextlib.suppress(Exception):
                 await asyncio.shield(self.store.finish_reply(stream.reply_id, status, stream.text.strip(), notice))
+                metrics.reply_finished(status)
             raise
         except Exception:
             # A bug or an error Discord will not get over (403: the bot lost its rights
@@ -197,8 +200,12 @@ class Answerer:
         follower: asyncio.Task[None] | None = asyncio.create_task(self._follow_queue(stream, generation))
         text = ""
         error: EngineError | None = None
+        queued, first = time.perf_counter(), None
+        metrics.ACTIVE.inc()
         try:
             async for piece in generation:
+                if first is None:
+                    first = time.perf_counter()
                 if follower is not None:
                     follower.cancel()
                     await asyncio.gather(follower, return_exceptions=True)
@@ -213,6 +220,10 @@ class Answerer:
         finally:
             if follower is not None:
                 follower.cancel()
+            metrics.ACTIVE.dec()
+            stats = generation.stats
+            metrics.generation_ended(None if first is None else first - queued, time.perf_counter() - queued,
+                                     stats.completion_tokens, stats.prompt_tokens, stats.reused_tokens)
         stream.text = stream.base + text
         await asyncio.sleep(throttle.wait_time(loop.time()))
         throttle.mark(loop.time())

@@ -14,6 +14,8 @@ from typing import TypeVar
 import aiohttp
 import discord
 
+from bot.telemetry import metrics
+
 log = logging.getLogger(__name__)
 T = TypeVar("T")
 RETRY_SECONDS = 30.0  # how long one Discord call is retried before it counts as failed
@@ -45,7 +47,10 @@ async def retried(
             return await call()
         except Exception as error:
             left = deadline - time.monotonic()
-            if not is_transient(error) or left <= 0:
+            retrying = is_transient(error) and left > 0
+            if isinstance(error, discord.HTTPException | aiohttp.ClientError | OSError | asyncio.TimeoutError):
+                metrics.discord_failed(error.status if isinstance(error, discord.HTTPException) else 0, retrying)
+            if not retrying:
                 raise
             log.warning("Discord failed to %s (%s); retrying in %.1f s", what, _describe(error), min(delay, left))
             await asyncio.sleep(min(delay, left))

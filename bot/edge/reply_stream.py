@@ -29,6 +29,7 @@ from bot.edge.buttons import controls
 from bot.edge.delivery import is_gone, is_transient, retried
 from bot.roleplay.swipes import SwipeView
 from bot.storage.store import Store
+from bot.telemetry import metrics
 
 log = logging.getLogger(__name__)
 NO_PINGS = discord.AllowedMentions.none()
@@ -296,6 +297,7 @@ class ReplyStream:
         self.text = self.text.strip()
         status, notice = self.ending(status, notice)
         await self.store.finish_reply(self.reply_id, status, self.text, notice)
+        metrics.reply_finished(status)
         reply = StoredReply(
             id=self.reply_id, key=self.key, status=status, content=self.text, author_name=self.author_name,
             part_ids=tuple(str(i) for i in self.writer.part_ids), notice=notice, undelivered=True,

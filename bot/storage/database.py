@@ -29,6 +29,7 @@ from sqlalchemy.ext.asyncio import (
 from bot.core.conversation import utcnow
 from bot.storage.reconnect import Availability, DatabaseUnavailable, is_disconnect
 from bot.storage.tables import Base, ConversationRow
+from bot.telemetry import metrics
 
 log = logging.getLogger(__name__)
 T = TypeVar("T")
@@ -162,12 +163,14 @@ class StoreBase:
                     now = time.monotonic()
                     if _is_lock_error(error) and now < locked_until:
                         log.warning("the database is locked by another process; retrying the write")
+                        metrics.DATABASE_RETRIES.labels("lock").inc()
                     elif is_disconnect(error):
                         self.availability.went_away(error, self.retry_seconds)
                         away_until = away_until or now + self.retry_seconds
                         if now >= away_until:
                             raise DatabaseUnavailable(
                                 f"the database did not answer for {self.retry_seconds:.0f} s: {error}") from error
+                        metrics.DATABASE_RETRIES.labels("disconnect").inc()
                     else:
                         raise
                     await asyncio.sleep(delay)

@@ -47,6 +47,7 @@ def bot_env(fake: FakeDiscord, database_url: str, model_path: Path | str, **extr
         "HF_HUB_OFFLINE": "1",
         "PYTHONUNBUFFERED": "1",
         "PYTHONDONTWRITEBYTECODE": "1",
+        "METRICS_ADDR": "off",  # several bots run at once in the tests; a test asks for a port
     }
     for name in ("PATH", "HOME", "HF_HOME", "XDG_CACHE_HOME", "TMPDIR", "LANG"):
         if name in os.environ:

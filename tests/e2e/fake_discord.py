@@ -263,6 +263,8 @@ class FakeDiscord:
         self.identifies = 0
         self.resumes = 0
         self.shard_identifies: list[tuple[int, int]] = []  # (shard, count) of every IDENTIFY
+        self.ready_gate = asyncio.Event()  # cleared: IDENTIFY waits for it before READY
+        self.ready_gate.set()
         self._runner: web.AppRunner | None = None
         self.api_base = ""
         self.gateway_url = ""
@@ -477,6 +479,7 @@ class FakeDiscord:
         then each one's GUILD_CREATE; no old events replayed."""
         shard, count = (int(n) for n in (data.get("shard") or (0, 1)))
         self.identifies += 1
+        await self.ready_gate.wait()  # a test may hold READY back: connected, not yet ready
         self.shard_identifies.append((shard, count))
         # Another shard count: the bot was resharded; the old count's sessions are gone.
         self._shard_sessions = {k: v for k, v in self._shard_sessions.items() if v.count == count}

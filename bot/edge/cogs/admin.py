@@ -24,6 +24,7 @@ from bot.engine.model_source import (
     parse_reload_target,
 )
 from bot.engine.remote import RemoteEngine
+from bot.telemetry import metrics
 
 log = logging.getLogger(__name__)
 
@@ -81,12 +82,15 @@ class Admin(commands.Cog):
         engine = self.bot.responder.engine
         stats = engine.last_stats
         speed = f"{stats.tokens_per_second:.1f} tokens/s" if stats and stats.completion_tokens else "no generation yet"
+        busy, total = engine.slot_usage()
         lines = [
             f"**Model:** {engine.info.name}",
             f"**Context:** {engine.info.n_ctx} tokens",
             f"**Queue:** {engine.queue_depth} waiting",
             f"**Engine:** {engine.health.describe()}",
             f"**Last generation:** {speed}",
+            f"**Slots:** {busy}/{total} busy",
+            "**Replies since start:** " + ", ".join(f"{n} {outcome}" for outcome, n in metrics.replies_so_far().items()),
             f"**Uptime:** {_uptime(time.monotonic() - self.started)}",
         ]
         if isinstance(engine, RemoteEngine):

@@ -48,6 +48,7 @@ from bot.edge.webhooks import WebhookDirectory
 from bot.lifecycle.channel_queue import ChannelQueue
 from bot.roleplay.attachments import MAX_FILE_BYTES, MAX_FILES, READS_AT_ONCE, unread
 from bot.storage.reconnect import DatabaseUnavailable
+from bot.telemetry import metrics
 from bot.storage.retention import purge_forever
 
 log = logging.getLogger(__name__)
@@ -118,6 +119,7 @@ class Chat(commands.Cog):
         came = arrive(message, me)  # the one conversion: the path below reads `came`
         if not self.bot.allowed_guild(came.guild_id) or self.webhooks.owns(message):
             return  # another server, or a scene character's reply (stored by the reply path)
+        metrics.MESSAGES.inc()
         if len(self.held):  # behind those kept while the database was away: Discord's order
             if not self.held.hold((message, came)):
                 await self._notify(message, "*(I could not save your message; please send it again in a minute)*")
