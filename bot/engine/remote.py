@@ -77,7 +77,7 @@ from bot.engine.base import (
     ModelLoadError,
 )
 from bot.engine.common import describe_error
-from bot.engine.hash_ring import HashRing
+from bot.engine.affinity import STICKY_LIMIT, HashRing, StickyTable
 from bot.engine.http_calls import error_text, post_json_blocking
 from bot.engine.remote_server import (
     Server,
@@ -94,8 +94,6 @@ from bot.engine.vocab import VocabTokenizer
 
 log = logging.getLogger(__name__)
 LOAD_BOUND = 1.25  # a new conversation skips servers homing more than this × the average
-STICKY_LIMIT = 100_000  # conversations remembered in the sticky table (LRU)
-RECENT_SECONDS = 60.0  # window of the per-server tokens/s
 
 
 @dataclass(frozen=True)
@@ -144,8 +142,7 @@ class RemoteEngine(Engine):
         self._loop = loop
         self._loop_thread = threading.get_ident()
         self._ring = HashRing([s.url for s in servers])
-        self._sticky: collections.OrderedDict[str, tuple[int, int]] = collections.OrderedDict()
-        self._homes: collections.Counter[int] = collections.Counter()  # sticky entries per server
+        self._sticky = StickyTable()
         self._saved: collections.OrderedDict[str, str] = collections.OrderedDict()  # conversation -> file
         self._pending: collections.deque[_Job] = collections.deque()
         self._jobs: dict[Generation, _Job] = {}
@@ -305,29 +302,7 @@ class RemoteEngine(Engine):
     def servers(self) -> list[dict[str, Any]]:
         """Each server's state as plain data: health, slots, recent speed."""
         now = time.monotonic()
-        rows = []
-        for s in self._servers:
-            recent = [r for r in s.recent if now - r[0] <= RECENT_SECONDS]
-            predicted, predicted_ms = sum(r[1] for r in recent), sum(r[2] for r in recent)
-            prompt, prompt_ms = sum(r[3] for r in recent), sum(r[4] for r in recent)
-            rows.append({
-                "url": s.url,
-                "healthy": s.healthy,
-                "error": s.error,
-                "down_seconds": round(now - s.down_since, 1) if s.down_since is not None else 0.0,
-                "model": s.model_path,
-                "n_ctx": s.n_ctx,
-                "slots": s.n_slots,
-                "busy": s.in_flight,
-                "busy_other_clients": len(s.foreign - set(s.busy)),
-                "conversations": self._homes[s.index],
-                "served": s.served,
-                "failed": s.failed,
-                "tokens_per_second": round(predicted * 1000.0 / predicted_ms, 1) if predicted_ms else 0.0,
-                "prompt_tokens_per_second": round(prompt * 1000.0 / prompt_ms, 1) if prompt_ms else 0.0,
-                "tokens_last_minute": predicted,
-            })
-        return rows
+        return [s.report(now, self._sticky.homes[s.index]) for s in self._servers]
 
     def slot_usage(self) -> tuple[int, int]:
         """(our requests on the servers now, the slots of the servers that are up)."""
@@ -380,9 +355,9 @@ class RemoteEngine(Engine):
             order.insert(0, sticky[0])
         else:  # a new conversation: consistent hashing with bounded loads
             healthy = [s.index for s in candidates]
-            total = sum(self._homes[i] for i in healthy) + 1
+            total = sum(self._sticky.homes[i] for i in healthy) + 1
             bound = math.ceil(LOAD_BOUND * total / max(1, len(healthy)))
-            order.sort(key=lambda i: self._homes[i] >= bound)  # stable: ring order otherwise
+            order.sort(key=lambda i: self._sticky.homes[i] >= bound)  # stable: ring order otherwise
         for index in order:
             server = self._servers[index]
             if server in candidates and server.free_capacity() > 0 and server.idle_slots():
@@ -529,7 +504,7 @@ class RemoteEngine(Engine):
         if job.slot >= 0:
             server.owner[job.slot] = conversation or ""
             if conversation:
-                self._remember(conversation, server.index, job.slot)
+                self._sticky.remember(conversation, server.index, job.slot)
         s = request.sampling
         body = {
             "prompt": prompt,
@@ -564,7 +539,7 @@ class RemoteEngine(Engine):
                     job.slot = chunk["id_slot"]  # round robin: where the server put it
                     server.owner[job.slot] = conversation or ""
                     if conversation:
-                        self._remember(conversation, server.index, job.slot)
+                        self._sticky.remember(conversation, server.index, job.slot)
                 if isinstance(chunk.get("tokens_predicted"), int):
                     stats.completion_tokens = chunk["tokens_predicted"]  # so far (kept on Stop)
                 piece = chunk.get("content") or ""
@@ -594,17 +569,6 @@ class RemoteEngine(Engine):
             time.monotonic(), stats.completion_tokens, float(timings.get("predicted_ms") or 0.0),
             int(timings.get("prompt_n") or 0), float(timings.get("prompt_ms") or 0.0),
         ))
-
-    def _remember(self, conversation: str, server: int, slot: int) -> None:
-        before = self._sticky.get(conversation)
-        if before is not None:
-            self._homes[before[0]] -= 1
-        self._sticky[conversation] = (server, slot)
-        self._homes[server] += 1
-        self._sticky.move_to_end(conversation)
-        if len(self._sticky) > STICKY_LIMIT:
-            _, (gone, _) = self._sticky.popitem(last=False)
-            self._homes[gone] -= 1
 
     async def _move_state(self, server: Server, slot: int, conversation: str | None) -> None:
         """Best effort: save the slot's previous conversation to a file before this one

@@ -21,6 +21,7 @@ from bot.engine.http_calls import error_text
 from bot.engine.vocab import VocabTokenizer
 
 log = logging.getLogger("bot.engine.remote")
+RECENT_SECONDS = 60.0  # window of the per-server tokens/s
 
 
 @dataclass
@@ -56,6 +57,29 @@ class Server:
 
     def idle_slots(self) -> list[int]:
         return [s for s in range(self.n_slots) if s not in self.busy and s not in self.foreign]
+
+    def report(self, now: float, conversations: int) -> dict[str, Any]:
+        """This server's state as plain data, for /status and benchmarks."""
+        recent = [r for r in self.recent if now - r[0] <= RECENT_SECONDS]
+        predicted, predicted_ms = sum(r[1] for r in recent), sum(r[2] for r in recent)
+        prompt, prompt_ms = sum(r[3] for r in recent), sum(r[4] for r in recent)
+        return {
+            "url": self.url,
+            "healthy": self.healthy,
+            "error": self.error,
+            "down_seconds": round(now - self.down_since, 1) if self.down_since is not None else 0.0,
+            "model": self.model_path,
+            "n_ctx": self.n_ctx,
+            "slots": self.n_slots,
+            "busy": self.in_flight,
+            "busy_other_clients": len(self.foreign - set(self.busy)),
+            "conversations": conversations,
+            "served": self.served,
+            "failed": self.failed,
+            "tokens_per_second": round(predicted * 1000.0 / predicted_ms, 1) if predicted_ms else 0.0,
+            "prompt_tokens_per_second": round(prompt * 1000.0 / prompt_ms, 1) if prompt_ms else 0.0,
+            "tokens_last_minute": predicted,
+        }
 
     def forget_slots(self) -> None:
         """The server restarted (or was replaced): what we knew of its slots is gone."""

@@ -19,7 +19,7 @@ import pytest
 
 from bot.core.conversation import Message
 from bot.engine.base import EngineError, GenerationRequest, ModelLoadError, SamplingParams
-from bot.engine.hash_ring import HashRing
+from bot.engine.affinity import HashRing
 from bot.engine.remote import RemoteEngine
 from bot.core.prompt import build_prompt
 from tests.llama_server import LlamaServer, llama_server_bin, post_json, small_model  # noqa: F401 - fixture

@@ -1,12 +1,16 @@
-"""Consistent hashing for the fleet: which server a conversation tries first, and next."""
+"""Conversation affinity for the fleet: where a conversation's KV cache lives (`StickyTable`,
+bounded LRU), and for one without a home, which server it tries first and next (`HashRing`,
+consistent hashing)."""
 
 from __future__ import annotations
 
 import bisect
+import collections
 import hashlib
 from collections.abc import Sequence
 
 VIRTUAL_NODES = 64  # points per server on the hash ring
+STICKY_LIMIT = 100_000  # conversations remembered (LRU)
 
 
 def hash64(text: str) -> int:
@@ -36,3 +40,27 @@ class HashRing:
                 if len(order) == self.size:
                     break
         return order
+
+
+class StickyTable:
+    """conversation → (server index, slot) of its KV cache, the most recent `limit` ones, and
+    how many conversations each server homes (for bounded loads)."""
+
+    def __init__(self, limit: int = STICKY_LIMIT) -> None:
+        self.limit = limit
+        self._where: collections.OrderedDict[str, tuple[int, int]] = collections.OrderedDict()
+        self.homes: collections.Counter[int] = collections.Counter()
+
+    def get(self, conversation: str) -> tuple[int, int] | None:
+        return self._where.get(conversation)
+
+    def remember(self, conversation: str, server: int, slot: int) -> None:
+        before = self._where.get(conversation)
+        if before is not None:
+            self.homes[before[0]] -= 1
+        self._where[conversation] = (server, slot)
+        self.homes[server] += 1
+        self._where.move_to_end(conversation)
+        if len(self._where) > self.limit:
+            _, (gone, _) = self._where.popitem(last=False)
+            self.homes[gone] -= 1
