@@ -58,6 +58,8 @@ class GenerationStats:
     prompt_seconds: float = 0.0
     generation_seconds: float = 0.0
     stopped_by: str = ""  # "stop", "length", "cancelled", or "error"
+    drafted_tokens: int = 0  # speculative drafts verified (engines that draft)
+    accepted_tokens: int = 0  # ...and how many of them the model agreed with
 
     @property
     def tokens_per_second(self) -> float:

@@ -51,10 +51,12 @@ from bot.engine.base import (
 )
 from bot.engine.batch_context import BatchConfig, BatchContext
 from bot.engine.common import Watchdog, as_engine_error, finish_swap
+from bot.engine.lookup import Acceptance, PromptLookup
 from bot.engine.text_stream import TextStream
 
 log = logging.getLogger(__name__)
 MIN_RESTORE_TOKENS = 32  # below this, re-evaluating is as cheap as restoring a saved state
+ACCEPTANCE_LIMIT = 4096  # conversations whose drafting record is kept (LRU)
 FLUSH_SECONDS = 0.05  # how often streamed text is handed to the event loop
 
 
@@ -90,6 +92,8 @@ class _Job:
     started: float = field(default_factory=time.perf_counter)
     first: float | None = None
     greedy: bool = False  # temperature 0, no penalty: argmax over the logits, no chain
+    lookup: PromptLookup | None = None  # prompt-lookup drafts (config.draft_tokens > 0)
+    acceptance: Acceptance | None = None  # whether drafting pays for this conversation
 
 
 def _common_prefix(a: list[int], b: list[int]) -> int:
@@ -116,6 +120,7 @@ class BatchedEngine(Engine):
         self._loop = loop
         self._slots = [_Slot(seq) for seq in range(llama.n_parallel)]
         self._ram: collections.OrderedDict[str, tuple[list[int], bytes]] = collections.OrderedDict()
+        self._acceptance: collections.OrderedDict[str, Acceptance] = collections.OrderedDict()
         self._pending: collections.deque[Generation] = collections.deque()
         self._admitting: list[Generation] = []  # taken from the queue, not yet in a slot
         self._wakeup = threading.Condition()
@@ -469,9 +474,31 @@ class BatchedEngine(Engine):
         sampling = request.sampling
         greedy = sampling.temperature <= 0 and sampling.repeat_penalty == 1.0
         job = _Job(generation, tokens, llama.sampler(request), slot, TextStream(request.stop), fed=keep, greedy=greedy)
+        if self._config.draft_tokens > 0:
+            job.lookup = PromptLookup(tokens, self._config.draft_tokens)
+            job.acceptance = self._acceptance_of(conversation)
         generation.stats.prompt_tokens = len(tokens)
         generation.stats.reused_tokens = keep
         slot.job = job
+
+    def _acceptance_of(self, conversation: str | None) -> Acceptance:
+        """The conversation's drafting record (a new conversation's: fresh), kept across turns."""
+        if conversation is None:
+            return Acceptance()
+        record = self._acceptance.pop(conversation, None) or Acceptance()
+        self._acceptance[conversation] = record
+        while len(self._acceptance) > ACCEPTANCE_LIMIT:
+            self._acceptance.popitem(last=False)
+        return record
+
+    def _drafts(self, job: _Job, room: int) -> list[int]:
+        """Prompt-lookup drafts to verify after the job's next token: none when drafting does
+        not pay for it, or there is no room (tokens left, context, batch)."""
+        if job.lookup is None or job.acceptance is None or not job.acceptance.wants():
+            return []
+        left = job.generation.request.max_new_tokens - job.produced - 1  # the next token is produced already
+        context = self._config.n_ctx - len(job.slot.tokens) - 1
+        return job.lookup.draft(min(left, context, room))
 
     def _evict(self, slot: _Slot) -> None:
         """Move an idle slot's sequence to the RAM cache (if it is worth keeping), then clear it."""
@@ -505,26 +532,32 @@ class BatchedEngine(Engine):
 
         A failed decode ends the jobs it was for; a failed sample, the job it was for.
         """
-        generating: list[_Job] = []
+        generating: list[tuple[_Job, int, list[int]]] = []  # job, its first entry, its drafts
         entries: list[tuple[int, int, int, bool]] = []
-        for job in self._active():
+        active = self._active()
+        for job in active:
             if job.generation.cancelled.is_set():
                 job.generation.stats.stopped_by = "cancelled"
                 self._finish(job)
             elif job.next_token is not None:
-                entries.append((job.next_token, len(job.slot.tokens), job.slot.seq, True))
-                job.slot.tokens.append(job.next_token)
+                waiting = sum(1 for j in active if j.next_token is not None)  # this job and those after it
+                room = self._llama.n_batch - len(entries) - waiting
+                drafts = self._drafts(job, room)
+                generating.append((job, len(entries), drafts))
+                position, seq = len(job.slot.tokens), job.slot.seq
+                for i, token in enumerate([job.next_token, *drafts]):
+                    entries.append((token, position + i, seq, True))
+                job.slot.tokens.extend([job.next_token, *drafts])
                 job.next_token = None
-                generating.append(job)
         if entries:
             try:
                 self._llama.decode(entries)
             except Exception as error:
-                self._fail(generating, error, "decoding a token batch failed")
+                self._fail([job for job, _, _ in generating], error, "decoding a token batch failed")
                 generating = []
-            for index, job in enumerate(generating):
+            for job, index, drafts in generating:
                 try:
-                    self._accept(job, self._sample(job, index))
+                    self._verify(job, index, drafts)
                 except Exception as error:
                     self._fail([job], error, "sampling failed")
         prefilling = [job for job in self._active() if job.fed < len(job.tokens)]
@@ -534,6 +567,41 @@ class BatchedEngine(Engine):
                 self._prefill(job)
             except Exception as error:
                 self._fail([job], error, "evaluating a prompt failed")
+
+    def _verify(self, job: _Job, index: int, drafts: list[int]) -> None:
+        """Sample the job's token after its last evaluated one, then, for each draft that
+        token turned out to be, the token after that: the longest run the model agrees
+        with. Sampling each position in order and keeping a draft only when it is what was
+        sampled is the speculative-sampling rule for a draft that is certain of its token
+        (accept with probability p(draft); on a miss, the sample drawn without it), so
+        sampled replies keep the model's distribution and greedy ones are the same tokens.
+        The drafts after the first miss leave the KV cache."""
+        start = len(job.slot.tokens) - 1 - len(drafts)  # where the job's next token went
+        kept = 1 + len(drafts)
+        accepted = 0
+        for i in range(len(drafts) + 1):
+            token = self._sample(job, index + i)
+            matched = i < len(drafts) and token == drafts[i]
+            self._accept(job, token)
+            if job.slot.job is not job:  # finished (the end, a stop string, the limit)
+                kept = i + 1
+                break
+            if not matched:
+                kept = i + 1
+                break
+            accepted += 1
+            job.next_token = None  # it is already evaluated: it was the draft
+        if drafts and job.acceptance is not None:
+            job.acceptance.record(len(drafts), accepted)
+            job.generation.stats.drafted_tokens += len(drafts)
+            job.generation.stats.accepted_tokens += accepted
+        if kept < 1 + len(drafts):
+            del job.slot.tokens[start + kept :]
+            if not self._llama.forget(job.slot.seq, start + kept):
+                finished = job.slot.job is not job
+                self._reset_slot(job.slot)
+                if not finished:
+                    raise EngineError("llama.cpp could not drop rejected drafts from the KV cache")
 
     def _prefill(self, job: _Job) -> None:
         """Evaluate the next chunk of a job's prompt; sample its first token after the last."""
@@ -570,6 +638,8 @@ class BatchedEngine(Engine):
         if job.produced >= request.max_new_tokens:
             return self._finish(job, reason="length")
         job.next_token = token
+        if job.lookup is not None:
+            job.lookup.extend(token)
         return None
 
     def _finish(self, job: _Job, error: BaseException | None = None, reason: str | None = None) -> None:

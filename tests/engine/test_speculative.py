@@ -1,0 +1,182 @@
+"""Prompt-lookup speculative decoding in the batching engine: the drafter and its acceptance
+record (pure), the acceptance rule against the textbook one, and, with the real small GGUF,
+the same tokens with and without speculation (greedy, and sampled with a fixed seed), stop
+strings and the token limit, and a follow-up turn on the KV cache a speculative reply left."""
+
+from __future__ import annotations
+
+import collections
+import random
+from collections.abc import AsyncIterator
+from pathlib import Path
+
+import pytest
+
+from bot.engine.base import GenerationRequest, SamplingParams
+from bot.engine.lookup import Acceptance, PromptLookup
+from bot.engine.scheduler import BatchConfig, BatchedEngine
+
+GREEDY = SamplingParams(temperature=0.0, repeat_penalty=1.0, seed=1)
+SAMPLED = SamplingParams(temperature=0.8, top_p=0.95, top_k=40, repeat_penalty=1.1, seed=1234)
+QUOTE = ("The old lighthouse keeper, Mara Vell, climbed the ninety-nine steps of the tower on "
+         "Gull Island every evening at dusk, lit the great lamp, and wrote the weather in her logbook.")
+RECAP = (f"### Instruction:\nAnn: Here is the scene so far:\n\n{QUOTE}\n\nRepeat the scene above word for word.\n\n"
+         "### Response:\n")
+
+
+# ---- the drafter (pure) ----------------------------------------------------------------
+
+
+def test_lookup_drafts_what_followed_the_longest_matching_tail() -> None:
+    lookup = PromptLookup([5, 6, 7, 8, 9, 1, 2, 6, 7], max_draft=3)
+    assert lookup.draft() == [8, 9, 1]  # "6 7" was followed by "8 9 1"
+    lookup.extend(8)
+    assert lookup.draft() == [9, 1, 2]  # "6 7 8" → "9 1 2"
+    assert lookup.draft(limit=1) == [9]
+    assert PromptLookup([1, 2, 3, 4], max_draft=4).draft() == []  # the tail never occurred before
+
+
+def test_lookup_prefers_the_latest_occurrence_and_never_matches_itself() -> None:
+    lookup = PromptLookup([3, 1, 10, 3, 1, 20, 3, 1], max_draft=2)
+    assert lookup.draft() == [20, 3]
+    alone = PromptLookup([4, 4, 4], max_draft=3)
+    assert alone.draft() == [4]  # "4 4" once before, followed by "4"; never itself
+    assert PromptLookup([7, 1, 2, 7], max_draft=3).draft() == []  # a one-token match is not enough
+
+
+def test_acceptance_pauses_a_conversation_whose_drafts_are_rejected_and_probes_again() -> None:
+    record = Acceptance(min_gain=0.6, warmup=3, pause=5)
+    steps = 0
+    while record.wants():
+        record.record(4, 0)
+        steps += 1
+        assert steps < 20
+    assert record.resting == 4 and record.rate == 0.0  # this step was the first of the pause
+    assert [record.wants() for _ in range(5)] == [False] * 4 + [True]
+    record.record(4, 0)  # the probe fails: twice the pause
+    assert [record.wants() for _ in range(11)] == [False] * 10 + [True]
+    for _ in range(10):
+        record.record(4, 3)  # this probe finds drafts that pay: drafting goes on
+        assert record.wants()
+    assert record.pause == 5 and record.rate > 0.4
+
+
+def test_sample_then_compare_is_the_speculative_sampling_rule_for_a_certain_draft() -> None:
+    """The textbook rule (accept draft x with probability min(1, p(x)/q(x)), else sample from
+    max(0, p - q) normalized), written out here with q certain of its token, gives the same
+    distribution as what `_verify` does: sample from p, keep the draft when it is the sample."""
+    rng = random.Random(3)
+    p = [0.5, 0.2, 0.15, 0.1, 0.05]
+    tokens = range(len(p))
+
+    def textbook(draft: int) -> int:
+        q = [1.0 if t == draft else 0.0 for t in tokens]
+        if rng.random() < min(1.0, p[draft] / q[draft]):
+            return draft
+        residual = [max(0.0, p[t] - q[t]) for t in tokens]
+        return rng.choices(list(tokens), weights=residual)[0]
+
+    def ours(draft: int) -> int:
+        return rng.choices(list(tokens), weights=p)[0]  # the sample is the output either way
+
+    n = 40_000
+    for draft in (0, 3):
+        for rule in (textbook, ours):
+            counts = collections.Counter(rule(draft) for _ in range(n))
+            for t in tokens:
+                assert abs(counts[t] / n - p[t]) < 0.01, (rule.__name__, draft, t)
+
+
+# ---- the engine, with the real small model -------------------------------------------------
+
+
+async def start(gguf_path: Path, draft_tokens: int, **kw: int) -> BatchedEngine:
+    return await BatchedEngine.start(BatchConfig(gguf_path, n_ctx=1024, n_gpu_layers=0, n_parallel=2,
+                                                 draft_tokens=draft_tokens, **kw))
+
+
+@pytest.fixture
+async def engines(gguf_path: Path) -> AsyncIterator[tuple[BatchedEngine, BatchedEngine]]:
+    plain, speculative = await start(gguf_path, 0), await start(gguf_path, 4)
+    try:
+        yield plain, speculative
+    finally:
+        await plain.close()
+        await speculative.close()
+
+
+@pytest.mark.llama
+async def test_greedy_output_is_token_for_token_the_same_with_speculation(
+    engines: tuple[BatchedEngine, BatchedEngine]
+) -> None:
+    plain, speculative = engines
+    without = plain.submit(GenerationRequest(RECAP, 48, (), GREEDY, "a"))
+    with_drafts = speculative.submit(GenerationRequest(RECAP, 48, (), GREEDY, "a"))
+    assert await with_drafts.text() == await without.text()
+    stats = with_drafts.stats
+    assert stats.completion_tokens == without.stats.completion_tokens
+    assert stats.accepted_tokens >= 10, stats  # it did speculate, and the model agreed
+    assert without.stats.drafted_tokens == 0
+
+
+@pytest.mark.llama
+async def test_sampled_output_with_a_fixed_seed_is_the_same_with_speculation(
+    engines: tuple[BatchedEngine, BatchedEngine]
+) -> None:
+    """Sampling each position in order from the same logits with the same chain draws the
+    same random numbers: the reply without speculation is the reference."""
+    plain, speculative = engines
+    for seed in (1, 2, 3):
+        sampling = SamplingParams(temperature=0.8, top_p=0.95, top_k=40, repeat_penalty=1.1, seed=seed)
+        without = await plain.submit(GenerationRequest(RECAP, 40, (), sampling, f"s{seed}")).text()
+        generation = speculative.submit(GenerationRequest(RECAP, 40, (), sampling, f"s{seed}"))
+        assert await generation.text() == without
+    assert generation.stats.drafted_tokens > 0
+
+
+@pytest.mark.llama
+async def test_stop_strings_and_the_token_limit_hold_inside_accepted_drafts(
+    engines: tuple[BatchedEngine, BatchedEngine]
+) -> None:
+    plain, speculative = engines
+    for stop, limit in ((("Gull Island",), 48), ((), 7), ((), 1)):
+        without = plain.submit(GenerationRequest(RECAP, limit, stop, GREEDY))
+        with_drafts = speculative.submit(GenerationRequest(RECAP, limit, stop, GREEDY))
+        text = await with_drafts.text()
+        assert text == await without.text()
+        assert with_drafts.stats.completion_tokens == without.stats.completion_tokens <= limit
+        assert with_drafts.stats.stopped_by == without.stats.stopped_by
+        if stop:
+            assert "Gull Island" not in text and with_drafts.stats.stopped_by == "stop"
+
+
+@pytest.mark.llama
+async def test_the_next_turn_reuses_the_cache_a_speculative_reply_left(
+    engines: tuple[BatchedEngine, BatchedEngine]
+) -> None:
+    """Rejected drafts leave the KV cache: the follow-up reuses the slot and writes what it
+    writes without speculation."""
+    plain, speculative = engines
+    replies = []
+    for engine in (plain, speculative):
+        first = await engine.submit(GenerationRequest(RECAP, 40, (), GREEDY, "turns")).text()
+        follow_up = RECAP + first + "\n\n### Instruction:\nAnn: Now say who Mara Vell is.\n\n### Response:\n"
+        generation = engine.submit(GenerationRequest(follow_up, 40, (), GREEDY, "turns"))
+        replies.append((first, await generation.text()))
+        assert generation.stats.reused_tokens >= generation.stats.prompt_tokens - 24
+    assert replies[0] == replies[1]
+
+
+@pytest.mark.llama
+async def test_drafts_that_do_not_pay_stop(gguf_path: Path) -> None:
+    """A reply with nothing to quote: the few drafts tried are mostly rejected, and the
+    conversation stops drafting instead of paying for them at every step."""
+    engine = await start(gguf_path, 4)
+    try:
+        prompt = "### Instruction:\nAnn: Invent a brand new word and define it.\n\n### Response:\n"
+        generation = engine.submit(GenerationRequest(prompt, 64, (), SAMPLED, "noquote"))
+        await generation.text()
+        stats = generation.stats
+        assert stats.drafted_tokens < 4 * stats.completion_tokens / 2, stats
+    finally:
+        await engine.close()
