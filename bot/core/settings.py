@@ -321,8 +321,10 @@ class Settings(BaseSettings):
         if value.lower() in ("off", "none", "false"):
             return ""
         host, sep, port = value.rpartition(":")
-        if not sep or not port.isdigit() or not 0 < int(port) < 65536 or " " in host:
-            raise ValueError("expected host:port, e.g. 127.0.0.1:9464, or off")
+        bracketed = host.startswith("[") and host.endswith("]") and len(host) > 2
+        if (not sep or not re.fullmatch(r"[0-9]{1,5}", port) or not 0 < int(port) < 65536
+                or " " in host or (not bracketed and any(c in host for c in "[]:"))):
+            raise ValueError("expected host:port, e.g. 127.0.0.1:9464 or [::1]:9464, or off")
         return value
 
     @field_validator("admin_user_ids", "allowed_guild_ids", mode="before")

@@ -15,21 +15,22 @@ log says once what was dropped.
 
 The prompt is sent as token ids when the bot tokenizes exactly as the server does with
 special-token parsing off (a local GGUF vocabulary that matched the server's `/tokenize`,
-or llama-server's own `/tokenize` with `parse_special: false`): text a person types such
-as `</s>` or `<|im_end|>` stays text. Otherwise it is sent as text with every
-special-token-looking sequence broken by a zero-width space (`defang`), which no
-tokenizer's added-token matcher joins back; should the server refuse a token-id prompt,
-text is used from then on.
+or llama-server's own `/tokenize` when it honours `parse_special: false`): text a person
+types such as `</s>` or `<|im_end|>` stays text. Otherwise it is sent as text with every
+special-token-looking sequence broken by a zero-width space (`bot.engine.special_text`);
+should the server refuse a token-id prompt as such, text is used from then on.
 
 Token counting (`count_tokens`, called from worker threads), the first that works, logged
-at start: the GGUF vocabulary named by MODEL_PATH; the server's `/tokenize` (llama-server
-`{"content"}` or vLLM/SGLang `{"prompt"}` shape; blocking, cached); else an upper bound,
-UTF-8 bytes + 1, which never overfills the context but leaves room unused.
+at start: the GGUF vocabulary named by MODEL_PATH (of the text as sent); the server's
+`/tokenize` (llama-server `{"content"}` or vLLM/SGLang `{"prompt"}` shape; blocking,
+cached); else an upper bound, UTF-8 bytes + 1, which never overfills the context but
+leaves room unused. What the engine learns of the server at start: `openai_server.probe`.
 
 Prefix reuse: the prompt of a conversation's next turn starts with its previous one
 (bot.core.prompt keeps it so), which vLLM's and SGLang's prefix caches and llama-server's
-slots reuse by themselves; `user` carries a digest of the conversation key so a router in
-front of several replicas can keep a conversation on one. `reuse_prefix=False` sends
+slots reuse by themselves; `user` carries a keyed digest of the conversation (the key is
+this process's own, so the value says nothing of the channel) so a router in front of
+several replicas can keep a conversation on one. `reuse_prefix=False` sends
 `cache_prompt: false` and no `user` (benchmarks).
 
 Errors: before the first text, a refused connection, HTTP 429 (after its `Retry-After`)
@@ -43,7 +44,10 @@ from __future__ import annotations
 import asyncio
 import collections
 import email.utils
+import hashlib
+import hmac
 import logging
+import os
 import re
 import threading
 import time
@@ -67,23 +71,21 @@ from bot.engine.base import (
 )
 from bot.engine.common import describe_error
 from bot.engine.http_calls import error_text, post_json_blocking
-from bot.engine.sse import data_events
-from bot.engine.token_cache import TokenCache, digest
+from bot.engine.openai_server import ServerFacts, differs, probe, split_base_url, token_ids, tokenize_body
+from bot.engine.special_text import defang
+from bot.engine.sse import DONE, data_events
+from bot.engine.text_stream import TextStream
+from bot.engine.token_cache import TokenCache
 from bot.engine.vocab import VocabTokenizer
 
 log = logging.getLogger(__name__)
-OPTIONAL_FIELDS = ("seed", "top_k", "min_p", "repeat_penalty", "user", "cache_prompt", "stream_options")
-_REFUSAL_WORDS = re.compile(r"unrecogni[sz]ed|unknown|unexpected|extra|not (permitted|allowed|supported)|unsupported|"
-                            r"additional propert", re.IGNORECASE)
-# `<s>`, `</s>`, `<unk>`, `<|im_end|>`, `<start_of_turn>`, `[INST]`, `<<SYS>>`: what added
-# tokens look like in the vocabularies people serve.
-_SPECIAL_LOOKING = re.compile(r"<(?=\|)|<(?=/?[A-Za-z_][A-Za-z0-9_|.-]{0,40}>)|\[(?=/?INST\])|<(?=<SYS>>)")
-ZERO_WIDTH_SPACE = "\u200b"
-
-
-def defang(text: str) -> str:
-    """`text` with every special-token-looking sequence broken by a zero-width space."""
-    return _SPECIAL_LOOKING.sub(lambda m: m.group(0) + ZERO_WIDTH_SPACE, text)
+# Sent when the server takes them; each is dropped for good once the server names it in a refusal.
+OPTIONAL_FIELDS = ("seed", "top_k", "min_p", "repeat_penalty", "repetition_penalty", "user", "cache_prompt",
+                   "stream_options")
+_PROMPT_TYPE = re.compile(r"prompt.*\b(string|str|type|array|list|integers?|tokens?)\b|"
+                          r"\b(string|str|type|array|list)\b.*prompt", re.IGNORECASE)
+_NOT_TYPE = re.compile(r"context|length|too long|exceed|maximum", re.IGNORECASE)
+_USER_KEY = os.urandom(16)  # this process's key for the `user` digests
 
 
 @dataclass(frozen=True)
@@ -104,16 +106,6 @@ class OpenAIConfig:
     tokenize_seconds: float = 2.0
 
 
-def split_base_url(base_url: str) -> tuple[str, str]:
-    """(server root, API root): `http://h:8000/v1` and `http://h:8000` both give
-    (`http://h:8000`, `http://h:8000/v1`)."""
-    url = base_url.strip().rstrip("/")
-    if not re.match(r"^https?://[^/\s]+", url):
-        raise ModelLoadError(f"OPENAI_BASE_URL must be an http(s):// URL, not {base_url!r}")
-    root = url[: -len("/v1")] if url.endswith("/v1") else url
-    return root, root + "/v1"
-
-
 class _Retry(Exception):
     """Safe to try again (nothing was shown yet): `after` seconds, if the server said."""
 
@@ -126,22 +118,21 @@ class _Retry(Exception):
 class _Job:
     generation: Generation
     task: asyncio.Task[None] | None = None
+    began: bool = False  # the task is running (a task cancelled before its first step never runs)
     shutting_down: bool = False
 
 
 class OpenAIEngine(Engine):
     """Generations on an OpenAI-compatible server. See the module doc."""
 
-    def __init__(self, config: OpenAIConfig, session: aiohttp.ClientSession, model: str, n_ctx: int,
-                 vocab: VocabTokenizer | None, tokenize_shape: str | None, loop: asyncio.AbstractEventLoop) -> None:
+    def __init__(self, config: OpenAIConfig, session: aiohttp.ClientSession, facts: ServerFacts,
+                 vocab: VocabTokenizer | None, vocab_matches: bool, loop: asyncio.AbstractEventLoop) -> None:
         self._config = config
         self._root, self._api = split_base_url(config.base_url)
         self._session = session
-        self._model = model
-        self._n_ctx = n_ctx
+        self._facts = facts
         self._vocab = vocab
-        self._tokenize_shape = tokenize_shape  # "llama" (safe), "vllm", or None
-        self._token_prompts = vocab is not None or tokenize_shape == "llama"
+        self._token_prompts = (vocab is not None and vocab_matches) or (vocab is None and facts.keeps_special_text)
         self._loop = loop
         self._cache = TokenCache()
         self._refused: set[str] = set()
@@ -152,16 +143,13 @@ class OpenAIEngine(Engine):
         self._up = True
         self._closing = False
         self._warned = 0.0
-        self._count_lock = threading.Lock()
+        self._vocab_lock = threading.Lock()  # one llama.cpp vocabulary: workers count, close frees
         self._health_task = loop.create_task(self._watch(), name="openai-server-health")
-
-    # ---- start -----------------------------------------------------------------------------
 
     @classmethod
     async def start(cls, config: OpenAIConfig) -> OpenAIEngine:
         """Reach the server (waiting up to `start_seconds` while it starts), choose the model
         and the way tokens are counted, and log both."""
-        root, api = split_base_url(config.base_url)
         session = aiohttp.ClientSession(
             headers={"Authorization": f"Bearer {config.api_key}"} if config.api_key else None,
             timeout=aiohttp.ClientTimeout(total=None, connect=config.connect_seconds, sock_read=config.stall_seconds),
@@ -169,115 +157,39 @@ class OpenAIEngine(Engine):
         )
         vocab: VocabTokenizer | None = None
         try:
-            listed = await cls._models(session, api, config)
-            names = [str(m.get("id")) for m in listed if isinstance(m, dict) and m.get("id")]
-            model = config.model or (names[0] if names else "")
-            if not model:
-                raise ModelLoadError(f"{api}/models lists no model: set OPENAI_MODEL to the model the server serves")
-            if config.model and names and config.model not in names:
-                log.warning("%s is not among the models %s lists (%s); asking for it anyway",
-                            config.model, api, ", ".join(names[:10]))
-            n_ctx = min([config.n_ctx] + [int(m["max_model_len"]) for m in listed if isinstance(m, dict)
-                         and m.get("id") == model and isinstance(m.get("max_model_len"), int)])
-            n_ctx = min(n_ctx, await cls._server_context(session, root) or n_ctx)
-            shape = await cls._tokenize_shape_of(session, root, model)
+            facts = await probe(session, config.base_url, config.model, config.n_ctx, config.start_seconds)
+            matches = False
             if config.tokenizer_path is not None:
                 vocab = await asyncio.to_thread(VocabTokenizer, config.tokenizer_path)
-                if shape is not None and (problem := await cls._differs(session, root, model, shape, vocab)):
-                    vocab.close()
-                    raise ModelLoadError(f"{config.tokenizer_path.name} does not tokenize like the server's model "
-                                         f"({problem}): point MODEL_PATH at the GGUF the server serves, or leave it empty")
-            how = ("the vocabulary of " + str(config.tokenizer_path)) if vocab else {
-                "llama": f"the server's /tokenize ({root})", "vllm": f"the server's /tokenize ({root})",
-            }.get(shape or "", "an upper bound (UTF-8 bytes + 1): the server has no /tokenize; "
-                               "set MODEL_PATH to the model's GGUF for exact counts")
-            log.info("ENGINE=openai: %s at %s, context %d tokens; counting tokens with %s; prompts sent as %s",
-                     model, api, n_ctx, how, "token ids" if vocab is not None or shape == "llama" else "text")
+                if facts.tokenize is not None:
+                    problem = await differs(session, config.base_url, facts, vocab)
+                    if problem:
+                        vocab.close()
+                        raise ModelLoadError(f"{config.tokenizer_path.name} does not tokenize like the server's "
+                                             f"model ({problem}): point MODEL_PATH at the GGUF the server serves, "
+                                             "or leave it empty")
+                    matches = True
         except BaseException:
             await session.close()
             raise
-        return cls(config, session, model, n_ctx, vocab, shape, asyncio.get_running_loop())
+        engine = cls(config, session, facts, vocab, matches, asyncio.get_running_loop())
+        log.info("ENGINE=openai: %s at %s, context %d tokens; counting tokens with %s; prompts sent as %s",
+                 facts.model, engine._api, facts.n_ctx, engine._counting(), "token ids" if engine._token_prompts
+                 else "text (special-token text defanged)")
+        return engine
 
-    @staticmethod
-    async def _models(session: aiohttp.ClientSession, api: str, config: OpenAIConfig) -> list[Any]:
-        deadline = time.monotonic() + config.start_seconds
-        while True:
-            try:
-                async with session.get(f"{api}/models", timeout=aiohttp.ClientTimeout(total=10)) as response:
-                    if response.status in (401, 403):
-                        raise ModelLoadError(f"{api}/models refused the API key (HTTP {response.status}): "
-                                             "set OPENAI_API_KEY to a key the server accepts")
-                    if response.status == 200:
-                        data = await response.json(content_type=None)
-                        listed = data.get("data") if isinstance(data, dict) else None
-                        return listed if isinstance(listed, list) else []
-                    problem = f"HTTP {response.status}: {await error_text(response)}"
-                    if response.status == 404:  # a server without the list (some proxies): ask with the name
-                        if config.model:
-                            return []
-                        raise ModelLoadError(f"{api}/models is not there ({problem}): set OPENAI_MODEL")
-            except (aiohttp.ClientError, TimeoutError, OSError, ValueError) as error:
-                problem = describe_error(error)
-            if time.monotonic() >= deadline:
-                raise ModelLoadError(f"the OpenAI-compatible server at {api} did not answer ({problem}): "
-                                     "is it running, and is OPENAI_BASE_URL right?")
-            await asyncio.sleep(1.0)
-
-    @staticmethod
-    async def _server_context(session: aiohttp.ClientSession, root: str) -> int | None:
-        """llama-server's per-slot context from `/props` (other servers: None)."""
-        try:
-            async with session.get(f"{root}/props", timeout=aiohttp.ClientTimeout(total=5)) as response:
-                if response.status != 200:
-                    return None
-                props = await response.json(content_type=None)
-            n_ctx = (props.get("default_generation_settings") or {}).get("n_ctx")
-            return int(n_ctx) if n_ctx else None
-        except (aiohttp.ClientError, TimeoutError, OSError, ValueError, AttributeError, TypeError):
-            return None
-
-    @staticmethod
-    def _tokenize_body(shape: str, model: str, text: str) -> dict[str, Any]:
-        if shape == "llama":
-            return {"content": text, "add_special": True, "parse_special": False}
-        return {"model": model, "prompt": text, "add_special_tokens": True}
-
-    @classmethod
-    async def _tokenize_shape_of(cls, session: aiohttp.ClientSession, root: str, model: str) -> str | None:
-        """Which `/tokenize` the server has: llama-server's (`content`, special parsing off),
-        vLLM's and SGLang's (`prompt`), or none."""
-        for shape in ("llama", "vllm"):
-            try:
-                async with session.post(f"{root}/tokenize", json=cls._tokenize_body(shape, model, "Hello"),
-                                        timeout=aiohttp.ClientTimeout(total=10)) as response:
-                    if response.status != 200:
-                        continue
-                    data = await response.json(content_type=None)
-                if isinstance(data, dict) and isinstance(data.get("tokens"), list) and data["tokens"]:
-                    return shape
-            except (aiohttp.ClientError, TimeoutError, OSError, ValueError):
-                continue
-        return None
-
-    @classmethod
-    async def _differs(cls, session: aiohttp.ClientSession, root: str, model: str, shape: str,
-                       vocab: VocabTokenizer) -> str:
-        sample = "### Instruction:\nAnn: Héllo wörld, 12345 🙂 tokenizers!\n\n### Response:\n"
-        try:
-            async with session.post(f"{root}/tokenize", json=cls._tokenize_body(shape, model, sample),
-                                    timeout=aiohttp.ClientTimeout(total=10)) as response:
-                theirs = [t if isinstance(t, int) else t.get("id") for t in (await response.json(content_type=None))["tokens"]]
-        except (aiohttp.ClientError, TimeoutError, OSError, ValueError, KeyError, TypeError, AttributeError) as error:
-            log.warning("could not compare tokenizers with %s (%s)", root, describe_error(error))
-            return ""
-        ours = vocab.tokenize(sample)
-        return "" if ours == theirs else f"{len(ours)} local tokens vs {len(theirs)} from the server"
+    def _counting(self) -> str:
+        if self._vocab is not None:
+            return f"the vocabulary of {self._config.tokenizer_path}"
+        if self._facts.tokenize is not None:
+            return f"the server's /tokenize ({self._root})"
+        return "an upper bound (UTF-8 bytes + 1): the server has no /tokenize; set MODEL_PATH to the model's GGUF"
 
     # ---- the Engine interface ----------------------------------------------------------
 
     @property
     def info(self) -> ModelInfo:
-        return ModelInfo(name=self._model, path=self._api, n_ctx=self._n_ctx)
+        return ModelInfo(name=self._facts.model, path=self._api, n_ctx=self._facts.n_ctx)
 
     @property
     def queue_depth(self) -> int:
@@ -296,9 +208,8 @@ class OpenAIEngine(Engine):
         return len(self._running), self._config.max_parallel
 
     def count_tokens(self, text: str) -> int:
-        """Blocking (the vocabulary, or the server's /tokenize): call it from a worker thread."""
-        if self._vocab is None and self._tokenize_shape is None:
-            return len(self._wire_text(text).encode("utf-8")) + 1
+        """Blocking (the vocabulary, or the server's /tokenize): call it from a worker thread.
+        Counts the text as it is sent (defanged when it travels as text)."""
         count = self._cache.count(text, self._tokenize_now)
         return count if count is not None else len(self._wire_text(text).encode("utf-8")) + 1
 
@@ -335,10 +246,13 @@ class OpenAIEngine(Engine):
                 job.task.cancel()
                 tasks.append(job.task)
         await asyncio.gather(*tasks, return_exceptions=True)
+        for job in list(self._running.values()):  # cancelled before they ran
+            self._end(job, EngineError("the bot is shutting down"))
         await self._session.close()
-        if self._vocab is not None:
-            self._vocab.close()
-            self._vocab = None
+        with self._vocab_lock:
+            vocab, self._vocab = self._vocab, None
+        if vocab is not None:
+            vocab.close()
 
     # ---- the queue (event loop) ----------------------------------------------------------
 
@@ -354,16 +268,23 @@ class OpenAIEngine(Engine):
         job = next((j for j in self._pending if j.generation is generation), None)
         if job is not None:
             self._pending.remove(job)
-            generation.stats.stopped_by = "cancelled"
-            self._end(job, None)
-            self._dispatch()
-            return
-        job = self._running.get(generation)
-        if job is not None and job.task is not None and not job.task.done():
-            job.task.cancel()  # closes the stream: the server stops generating
+        else:
+            job = self._running.get(generation)
+            if job is None:
+                return
+            if job.began:
+                if job.task is not None and not job.task.done():
+                    job.task.cancel()  # closes the stream: the server stops generating
+                return
+            if job.task is not None:
+                job.task.cancel()  # it never ran: it ends here
+        generation.stats.stopped_by = "cancelled"
+        self._end(job, None)
+        self._dispatch()
 
     def _end(self, job: _Job, error: BaseException | None) -> None:
-        self._running.pop(job.generation, None)
+        if self._running.get(job.generation) is job:
+            del self._running[job.generation]
         if error is not None:
             job.generation.stats.stopped_by = "error"
             self._last_error = str(error)
@@ -373,6 +294,7 @@ class OpenAIEngine(Engine):
     # ---- one generation ------------------------------------------------------------------
 
     async def _serve(self, job: _Job) -> None:
+        job.began = True
         generation = job.generation
         started = time.perf_counter()
         shown = [False]
@@ -406,9 +328,9 @@ class OpenAIEngine(Engine):
                 if shown[0]:
                     raise EngineError(f"the model server stopped mid-reply ({retry}); please ask again") from retry
                 left = deadline - time.monotonic()
-                wait = min(left, retry.after if retry.after is not None else delay)
                 if left <= 0.01:
                     raise EngineError(f"the model server is not answering ({retry}); please ask again later") from retry
+                wait = min(left, max(delay, retry.after or 0.0))
                 log.info("the model server is not ready (%s): trying again in %.1f s", retry, wait)
                 await asyncio.sleep(wait)
                 delay = min(8.0, delay * 2)
@@ -416,24 +338,26 @@ class OpenAIEngine(Engine):
     def _body(self, generation: Generation, prompt: str | list[int]) -> dict[str, Any]:
         request, s = generation.request, generation.request.sampling
         body: dict[str, Any] = {
-            "model": self._model,
+            "model": self._facts.model,
             "prompt": prompt,
             "max_tokens": request.max_new_tokens,
             "stream": True,
             "temperature": s.temperature,
             "top_p": s.top_p,
         }
-        stop = [x for x in request.stop if x][:4]  # OpenAI's limit; the bot's own come first
+        stop = [x for x in request.stop if x]
         if stop:
             body["stop"] = stop
         optional: dict[str, Any] = {
-            "top_k": s.top_k, "min_p": 0.05, "repeat_penalty": s.repeat_penalty,
+            "top_k": s.top_k, "min_p": 0.05, "repeat_penalty": s.repeat_penalty,  # llama-server's name
+            "repetition_penalty": s.repeat_penalty,  # vLLM's and SGLang's
             "cache_prompt": self._config.reuse_prefix, "stream_options": {"include_usage": True},
         }
         if s.seed >= 0:
             optional["seed"] = s.seed
         if self._config.reuse_prefix and request.conversation:
-            optional["user"] = "hermes-" + digest(request.conversation).hex()[:16]
+            digest = hmac.new(_USER_KEY, request.conversation.encode(), hashlib.blake2b).hexdigest()
+            optional["user"] = "hermes-" + digest[:16]
         body.update({k: v for k, v in optional.items() if k not in self._refused})
         return body
 
@@ -447,6 +371,7 @@ class OpenAIEngine(Engine):
         return tokens if tokens is not None else self._wire_text(text)
 
     def _wire_text(self, text: str) -> str:
+        """The prompt text as the server would tokenize it: defanged unless it travels as ids."""
         return text if self._token_prompts else defang(text)
 
     async def _complete(self, generation: Generation, started: float, shown: list[bool]) -> None:
@@ -462,7 +387,7 @@ class OpenAIEngine(Engine):
                 raise _Retry(describe_error(error)) from error
             try:
                 if response.status == 200:
-                    await self._stream(response, generation, started, shown)
+                    await self._read(response, generation, started, shown)
                     return
                 detail = await error_text(response)
                 prompt = self._refusal(response.status, detail, response.headers.get("Retry-After"), body,
@@ -472,49 +397,46 @@ class OpenAIEngine(Engine):
 
     def _refusal(self, status: int, detail: str, retry_after: str | None, body: dict[str, Any],
                  prompt: str | list[int], text: str) -> str | list[int]:
-        """What to send next after an HTTP error (the same prompt, fewer fields, or text
-        instead of ids), or raise: `_Retry` where trying again is safe, else `EngineError`."""
+        """What to send next after an HTTP error (the same prompt without the optional
+        fields the server named, or text instead of ids), or raise: `_Retry` where trying
+        again is safe, else `EngineError` with what to do."""
         if status in (401, 403):
             raise EngineError(f"the model server refused the API key (HTTP {status}): check OPENAI_API_KEY")
         if status == 404:
-            raise EngineError(f"the model server has no model {self._model!r} (HTTP 404: {detail}): "
+            raise EngineError(f"the model server has no model {self._facts.model!r} (HTTP 404: {detail}): "
                               "set OPENAI_MODEL to one that GET /v1/models lists")
         if status == 429 or status >= 500:
             self._up = status == 429
             raise _Retry(f"HTTP {status}: {detail}", after=_retry_after(retry_after))
         if status in (400, 422):
-            sent = [k for k in OPTIONAL_FIELDS if k in body]
-            named = [k for k in sent if re.search(rf"\b{k}\b", detail)]
-            if not named and sent and _REFUSAL_WORDS.search(detail):
-                named = sent
+            named = [k for k in OPTIONAL_FIELDS if k in body and re.search(rf"\b{k}\b", detail)]
             if named:
                 self._refused.update(named)
                 log.warning("the model server refused %s (HTTP %d: %s): sending requests without %s",
                             ", ".join(named), status, detail, "it" if len(named) == 1 else "them")
                 return prompt
-            if isinstance(prompt, list):
+            if isinstance(prompt, list) and _PROMPT_TYPE.search(detail) and not _NOT_TYPE.search(detail):
                 self._token_prompts = False
+                self._cache.clear()  # counts were of the text as ids; now of the defanged text
                 log.warning("the model server refused a token-id prompt (HTTP %d: %s): sending text", status, detail)
                 return self._wire_text(text)
         raise EngineError(f"the model server refused the request (HTTP {status}: {detail})")
 
-    async def _stream(self, response: aiohttp.ClientResponse, generation: Generation, started: float,
-                      shown: list[bool]) -> None:
+    async def _read(self, response: aiohttp.ClientResponse, generation: Generation, started: float,
+                    shown: list[bool]) -> None:
+        """A streamed answer (server-sent events), or a whole one from a server that does not
+        stream: the text through the stop strings to the generation, and the statistics."""
         stats = generation.stats
+        text = TextStream(generation.request.stop)
         finish: str | None = None
+        streaming = response.content_type != "application/json"
         try:
-            async for event in data_events(response):
-                usage = event.get("usage")
-                if isinstance(usage, dict):
-                    stats.prompt_tokens = int(usage.get("prompt_tokens") or stats.prompt_tokens)
-                    stats.completion_tokens = int(usage.get("completion_tokens") or stats.completion_tokens)
-                    cached = (usage.get("prompt_tokens_details") or {}).get("cached_tokens")
-                    if isinstance(cached, int):
-                        stats.reused_tokens = cached
-                timings = event.get("timings")
-                if isinstance(timings, dict) and "cache_n" in timings:  # llama-server
-                    stats.reused_tokens = int(timings.get("cache_n") or 0)
-                    stats.prompt_tokens = int(timings.get("prompt_n") or 0) + stats.reused_tokens
+            events = data_events(response) if streaming else _whole(response)
+            async for event in events:
+                if event is DONE:
+                    finish = finish or "stop"
+                    break
+                self._note_usage(event, stats)
                 choices = event.get("choices") or []
                 choice = choices[0] if choices and isinstance(choices[0], dict) else {}
                 piece = choice.get("text") or ""
@@ -522,15 +444,38 @@ class OpenAIEngine(Engine):
                     if not shown[0]:
                         stats.prompt_seconds = time.perf_counter() - started
                     shown[0] = True
-                    stats.completion_tokens += 0 if isinstance(usage, dict) else 1
-                    generation.put(piece)
+                    if not isinstance(event.get("usage"), dict):
+                        stats.completion_tokens += 1
+                    if out := text.feed(piece.encode("utf-8")):
+                        generation.put(out)
+                    if text.stopped:  # a stop string the server did not apply: end here
+                        finish = "stop"
+                        break
                 finish = choice.get("finish_reason") or finish
         except (aiohttp.ClientError, TimeoutError, ConnectionError) as error:
-            raise _Retry(f"the stream broke: {describe_error(error)}") from error
-        if finish is None:
-            raise _Retry("the stream ended before the reply did")
+            broken: str | None = f"the stream broke: {describe_error(error)}"
+        else:
+            broken = None if finish is not None else "the stream ended before the reply did"
+        if rest := text.rest():  # held back for a stop string that did not come: shown, even if cut
+            generation.put(rest)
+        if broken is not None:
+            raise _Retry(broken)
         self._close_stats(generation, started)
         stats.stopped_by = "length" if finish == "length" else "stop"
+
+    @staticmethod
+    def _note_usage(event: dict[str, Any], stats: GenerationStats) -> None:
+        usage = event.get("usage")
+        if isinstance(usage, dict):
+            stats.prompt_tokens = int(usage.get("prompt_tokens") or stats.prompt_tokens)
+            stats.completion_tokens = int(usage.get("completion_tokens") or stats.completion_tokens)
+            cached = (usage.get("prompt_tokens_details") or {}).get("cached_tokens")
+            if isinstance(cached, int):
+                stats.reused_tokens = cached
+        timings = event.get("timings")
+        if isinstance(timings, dict) and "cache_n" in timings:  # llama-server
+            stats.reused_tokens = int(timings.get("cache_n") or 0)
+            stats.prompt_tokens = int(timings.get("prompt_n") or 0) + stats.reused_tokens
 
     @staticmethod
     def _close_stats(generation: Generation, started: float) -> None:
@@ -541,17 +486,18 @@ class OpenAIEngine(Engine):
     # ---- tokenization and health ---------------------------------------------------------
 
     def _tokenize_now(self, text: str) -> list[int] | None:
-        """Blocking: the vocabulary, else the server's /tokenize (None: it did not answer)."""
-        if self._vocab is not None:
-            with self._count_lock:  # one llama.cpp vocabulary, several worker threads
-                return self._vocab.tokenize(text)
-        if self._tokenize_shape is None:
+        """Blocking: the vocabulary, else the server's /tokenize (None: neither answers).
+        Of the text as sent: the ids themselves, or the defanged text."""
+        wire = self._wire_text(text)
+        with self._vocab_lock:
+            if self._vocab is not None:
+                return self._vocab.tokenize(wire)
+        if self._facts.tokenize is None:
             return None
-        body = self._tokenize_body(self._tokenize_shape, self._model, self._wire_text(text))
+        body = tokenize_body(self._facts.tokenize, self._facts.model, wire)
         try:
-            tokens = post_json_blocking(f"{self._root}/tokenize", body, self._config.tokenize_seconds,
-                                        self._config.api_key)["tokens"]
-            return [t if isinstance(t, int) else int(t["id"]) for t in tokens]
+            return token_ids(post_json_blocking(f"{self._root}/tokenize", body, self._config.tokenize_seconds,
+                                                self._config.api_key))
         except (OSError, ValueError, KeyError, TypeError, urllib.error.URLError) as error:
             now = time.monotonic()
             if now - self._warned > 60:
@@ -573,6 +519,17 @@ class OpenAIEngine(Engine):
             self._up = up
             if not up:
                 self._last_error = f"{self._api}: {problem}"
+
+
+async def _whole(response: aiohttp.ClientResponse) -> Any:
+    """A server that answered the whole completion as JSON (it ignored `stream`): one event."""
+    try:
+        data = await response.json(content_type=None)
+    except ValueError as error:
+        raise EngineError(f"the model server sent something that is not JSON ({error})") from error
+    if isinstance(data, dict) and "error" in data:
+        raise EngineError(f"the model server failed: {data['error']}")
+    yield data if isinstance(data, dict) else {}
 
 
 def _retry_after(value: str | None) -> float | None:

@@ -1,6 +1,6 @@
 """Server-sent events as model servers stream them (llama-server's `/completion`, the OpenAI
-`/v1/completions`): each `data:` line's JSON object, until `data: [DONE]` or the end of the
-stream. Comments (keep-alive pings) and blank separators are skipped; an event carrying
+`/v1/completions`): each `data:` line's JSON object, until `data: [DONE]` (yielded as `DONE`) or
+the end of the stream. Comments (keep-alive pings) and blank separators are skipped; an event carrying
 `error` and one that is not JSON raise `EngineError` with the server's own words."""
 
 from __future__ import annotations
@@ -13,6 +13,8 @@ import aiohttp
 
 from bot.engine.base import EngineError
 
+DONE: dict[str, Any] = {}  # yielded (this very object) for `data: [DONE]`, the stream's clean end
+
 
 async def data_events(response: aiohttp.ClientResponse) -> AsyncIterator[dict[str, Any]]:
     async for raw in response.content:
@@ -21,6 +23,7 @@ async def data_events(response: aiohttp.ClientResponse) -> AsyncIterator[dict[st
             continue
         data = line[5:].strip()
         if data == b"[DONE]":
+            yield DONE
             return
         try:
             event = json.loads(data)

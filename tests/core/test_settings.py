@@ -121,6 +121,10 @@ def test_values_are_normalised() -> None:
         ("OPENAI_BASE_URL", "http://me:pw@gpu1/v1", "OPENAI_BASE_URL="),
         ("METRICS_ADDR", "9464", "METRICS_ADDR=9464: expected host:port"),
         ("METRICS_ADDR", "localhost:99999", "METRICS_ADDR='localhost:99999': expected host:port"),
+        ("METRICS_ADDR", "::1:9464", "METRICS_ADDR='::1:9464': expected host:port"),
+        ("METRICS_ADDR", "[::1:9464", "METRICS_ADDR='[::1:9464': expected host:port"),
+        ("METRICS_ADDR", "[]:9464", "METRICS_ADDR='[]:9464': expected host:port"),
+        ("METRICS_ADDR", "localhost:٩٤٦٤", "METRICS_ADDR='localhost:٩٤٦٤': expected host:port"),
         ("ENGINE", "openai", "ENGINE=openai needs OPENAI_BASE_URL"),
     ],
 )

@@ -14,17 +14,20 @@ from __future__ import annotations
 
 import asyncio
 import json
+import re
 from typing import Any
 
 from aiohttp import web
 
+SPECIAL_RUN = re.compile(r"(?:</s>|<eos>|<\|[a-z_]+\|>|<(?:start|end)_of_turn>)+")
 REPLY = "The sky is blue because air scatters blue light more than red light, friend."
 
 
 class OpenAIStandIn:
     def __init__(self, faults: list[str] | None = None, api_key: str | None = None, tokenize: str | None = "llama",
                  models: list[dict[str, Any]] | None = None, refuse: tuple[str, ...] = (),
-                 piece_seconds: float = 0.0, refuse_token_prompts: bool = False) -> None:
+                 piece_seconds: float = 0.0, refuse_token_prompts: bool = False,
+                 honours_parse_special: bool = True, retry_after: str = "0.2") -> None:
         self.faults = list(faults or [])
         self.api_key = api_key
         self.tokenize = tokenize  # "llama" (content, parse_special), "vllm" (prompt), None
@@ -32,6 +35,8 @@ class OpenAIStandIn:
         self.refuse = refuse  # fields answered with a 400 naming them, as strict servers do
         self.piece_seconds = piece_seconds
         self.refuse_token_prompts = refuse_token_prompts
+        self.honours_parse_special = honours_parse_special  # False: as old llama-servers, always parses
+        self.retry_after = retry_after
         self.requests: list[dict[str, Any]] = []
         self.headers: list[dict[str, str]] = []
         self.disconnects = 0
@@ -73,16 +78,25 @@ class OpenAIStandIn:
     async def _tokenize(self, request: web.Request) -> web.Response:
         body = await request.json()
         if self.tokenize == "llama" and "content" in body:
-            return web.json_response({"tokens": self.ids(body["content"])})
+            parse = body.get("parse_special", True) or not self.honours_parse_special
+            return web.json_response({"tokens": self.ids(body["content"], parse)})
         if self.tokenize == "vllm" and "prompt" in body:
             tokens = self.ids(body["prompt"])
             return web.json_response({"tokens": tokens, "count": len(tokens), "max_model_len": 2048})
         return web.Response(status=404, text="Not Found")
 
     @staticmethod
-    def ids(text: str) -> list[int]:
-        """A toy tokenizer: BOS, then one id per whitespace-separated word (deterministic)."""
-        return [1] + [sum(word.encode()) % 30000 + 2 for word in text.split()]
+    def ids(text: str, parse_special: bool = False) -> list[int]:
+        """A toy tokenizer: BOS, then one id per whitespace-separated word (deterministic);
+        a word of control-token text is three tokens, or with `parse_special` one control
+        token (id 2), as a real tokenizer makes fewer tokens of it when parsing."""
+        ids = [1]
+        for word in text.split():
+            if SPECIAL_RUN.fullmatch(word):
+                ids += [2] if parse_special else [3, sum(word.encode()) % 30000 + 4, 3]
+            else:
+                ids.append(sum(word.encode()) % 30000 + 4)
+        return ids
 
     async def _completions(self, request: web.Request) -> web.StreamResponse:
         if not self._authorized(request):
@@ -97,7 +111,15 @@ class OpenAIStandIn:
             return self._error(400, "prompt must be a string")
         fault = self.faults.pop(0) if self.faults else "ok"
         if fault == "429":
-            return self._error(429, "Rate limit reached", **{"Retry-After": "0.2"})
+            return self._error(429, "Rate limit reached", **{"Retry-After": self.retry_after})
+        if fault == "400-context":
+            return self._error(400, "the request exceeds the available context size, try increasing it")
+        if fault == "400-temperature":
+            return self._error(400, "Unsupported value: temperature must be at most 2")
+        if fault == "json":  # a server that ignores stream: true
+            words = REPLY.split(" ")[: int(body.get("max_tokens") or 16)]
+            return web.json_response({"choices": [{"index": 0, "text": " ".join(words), "finish_reason": "length"}],
+                                      "usage": {"prompt_tokens": 5, "completion_tokens": len(words)}})
         if fault in ("500", "502", "503"):
             return self._error(int(fault), "upstream is loading")
         if fault == "404":
@@ -120,7 +142,8 @@ class OpenAIStandIn:
                 if self.piece_seconds:
                     await asyncio.sleep(self.piece_seconds)
             finish = "length" if len(words) == int(body.get("max_tokens") or 16) else "stop"
-            await response.write(_event({"choices": [{"index": 0, "text": "", "finish_reason": finish}]}))
+            if fault != "done-without-finish":
+                await response.write(_event({"choices": [{"index": 0, "text": "", "finish_reason": finish}]}))
             if (body.get("stream_options") or {}).get("include_usage"):
                 prompt = body["prompt"]
                 n_prompt = len(prompt) if isinstance(prompt, list) else len(self.ids(prompt))

@@ -8,11 +8,14 @@ from __future__ import annotations
 import asyncio
 import logging
 import time
+from pathlib import Path
 
 import pytest
 
 from bot.engine.base import EngineError, GenerationRequest, ModelLoadError, SamplingParams
-from bot.engine.openai_compat import ZERO_WIDTH_SPACE, OpenAIConfig, OpenAIEngine, defang, split_base_url
+from bot.engine.openai_compat import OpenAIConfig, OpenAIEngine
+from bot.engine.openai_server import split_base_url
+from bot.engine.special_text import ZERO_WIDTH_SPACE, defang
 from tests.engine.openai_standin import REPLY, OpenAIStandIn
 from tests.llama_server import free_port
 
@@ -44,6 +47,7 @@ async def test_streams_the_alpaca_prompt_as_a_raw_completion_with_the_sampling_s
             assert body["stop"] == ["\nAnn:", "### Instruction:"]
             assert body["temperature"] == 0.0 and body["top_p"] == 0.9 and body["seed"] == 7
             assert body["user"].startswith("hermes-") and "chan" not in body["user"]  # a digest, not the key
+            assert body["repeat_penalty"] == body["repetition_penalty"] == 1.1  # llama-server's and vLLM's names
             # No tokenizer that keeps special-token text as text: sent as text, defanged.
             assert isinstance(body["prompt"], str) and "</s>" not in body["prompt"] and "<|im_end|>" not in body["prompt"]
             assert body["prompt"].replace(ZERO_WIDTH_SPACE, "") == PROMPT
@@ -216,12 +220,137 @@ def test_base_urls_with_and_without_v1() -> None:
 
 
 @pytest.mark.parametrize("typed", ["</s>", "<s>", "<eos>", "<|im_end|>", "<|eot_id|>", "<start_of_turn>",
-                                   "[INST]", "[/INST]", "<<SYS>>", "<unk>"])
+                                   "[INST]", "[/INST]", "<<SYS>>", "<unk>", "<｜User｜>", "[TOOL_CALLS]", "[gMASK]"])
 def test_defang_breaks_every_special_token_looking_sequence(typed: str) -> None:
     broken = defang(f"a {typed} b")
     assert typed not in broken and broken.replace(ZERO_WIDTH_SPACE, "") == f"a {typed} b"
 
 
 def test_defang_leaves_ordinary_text_alone() -> None:
-    for text in ("2 < 3 and 5 > 4", "a<-b", "x << 2", "[1, 2]", "<3 you", "emoji 🙂 <"):
+    for text in ("2 < 3 and 5 > 4", "a<-b", "x << 2", "[1, 2]", "<3 you", "emoji 🙂 <", "<br>", "Vec<String>",
+                 "a<b>c", "[x]", "<@123>"):
         assert defang(text) == text
+
+
+# ---- what a hostile review found ---------------------------------------------------------
+
+
+async def test_stop_right_after_submit_ends_the_generation_and_frees_its_place() -> None:
+    """A Stop (or a shutdown) in the same loop turn as the submit: the task never ran."""
+    async with OpenAIStandIn() as server:
+        engine = await OpenAIEngine.start(config(server, max_parallel=1))
+        try:
+            first = engine.submit(request())
+            first.cancel()
+            assert await asyncio.wait_for(first.text(), 5) == "" and first.stats.stopped_by == "cancelled"
+            assert engine.slot_usage() == (0, 1)
+            assert await asyncio.wait_for(engine.submit(request()).text(), 5)
+        finally:
+            await engine.close()
+
+
+async def test_every_stop_string_is_sent_and_enforced_here_too() -> None:
+    """The stand-in applies no stop at all, as a server that takes only four or none."""
+    names = ("### Instruction:", "### Input:", "### Response:", "\nAnn:", "\nBob:", "scatters")
+    async with OpenAIStandIn() as server:
+        engine = await OpenAIEngine.start(config(server))
+        try:
+            generation = engine.submit(GenerationRequest(PROMPT, 16, names, SamplingParams(temperature=0.0)))
+            assert await generation.text() == "The sky is blue because air "
+            assert server.requests[0]["stop"] == list(names) and generation.stats.stopped_by == "stop"
+        finally:
+            await engine.close()
+
+
+async def test_retry_after_zero_is_not_a_busy_loop() -> None:
+    async with OpenAIStandIn(faults=["429"] * 1000, retry_after="0") as server:
+        engine = await OpenAIEngine.start(config(server, retry_seconds=1.0))
+        try:
+            with pytest.raises(EngineError, match="not answering"):
+                await engine.submit(request()).text()
+            assert len(server.requests) <= 6  # backoff from 0.25 s, not thousands of requests
+        finally:
+            await engine.close()
+
+
+async def test_a_server_that_answers_whole_json_instead_of_a_stream_is_read() -> None:
+    async with OpenAIStandIn(faults=["json"]) as server:
+        engine = await OpenAIEngine.start(config(server))
+        try:
+            generation = engine.submit(request())
+            assert await generation.text() == " ".join(REPLY.split(" ")[:8]) and generation.stats.stopped_by == "length"
+        finally:
+            await engine.close()
+
+
+async def test_done_without_a_finish_reason_is_a_whole_reply() -> None:
+    async with OpenAIStandIn(faults=["done-without-finish"]) as server:
+        engine = await OpenAIEngine.start(config(server))
+        try:
+            generation = engine.submit(request(max_new_tokens=30))
+            assert await generation.text() == REPLY and generation.stats.stopped_by == "stop"
+        finally:
+            await engine.close()
+
+
+async def test_a_refusal_that_names_no_optional_field_drops_nothing() -> None:
+    async with OpenAIStandIn(faults=["400-temperature", "400-context"]) as server:
+        engine = await OpenAIEngine.start(config(server))
+        try:
+            for expected in ("Unsupported value: temperature", "exceeds the available context"):
+                with pytest.raises(EngineError, match=expected):
+                    await engine.submit(request()).text()
+            assert await engine.submit(request()).text()
+            last = server.requests[-1]
+            assert isinstance(last["prompt"], list) and "seed" in last and "user" in last  # nothing given up
+            assert len(server.requests) == 3  # neither refusal was sent again
+        finally:
+            await engine.close()
+
+
+async def test_a_server_that_ignores_parse_special_gets_defanged_text() -> None:
+    async with OpenAIStandIn(tokenize="llama", honours_parse_special=False) as server:
+        engine = await OpenAIEngine.start(config(server))
+        try:
+            await engine.submit(request()).text()
+            sent = server.requests[0]["prompt"]
+            assert isinstance(sent, str) and "</s>" not in sent and 2 not in OpenAIStandIn.ids(sent, True)
+        finally:
+            await engine.close()
+
+
+@pytest.mark.llama
+async def test_a_local_vocabulary_unchecked_against_the_server_counts_but_never_sends_ids(gguf_path: Path) -> None:
+    """No /tokenize to compare with: the GGUF may not be the server's, so the prompt goes as
+    defanged text, and the count is of that text."""
+    async with OpenAIStandIn(tokenize=None) as server:
+        engine = await OpenAIEngine.start(config(server, tokenizer_path=gguf_path))
+        try:
+            await engine.submit(request()).text()
+            assert server.requests[0]["prompt"] == defang(PROMPT)
+            from bot.engine.vocab import VocabTokenizer
+
+            vocab = VocabTokenizer(gguf_path)
+            try:
+                assert await asyncio.to_thread(engine.count_tokens, PROMPT) == len(vocab.tokenize(defang(PROMPT)))
+            finally:
+                vocab.close()
+        finally:
+            await engine.close()
+
+
+@pytest.mark.llama
+async def test_close_while_worker_threads_count_tokens(gguf_path: Path) -> None:
+    """The vocabulary is freed only when no thread is inside it (this crashed with SIGSEGV)."""
+    async with OpenAIStandIn(tokenize=None) as server:
+        engine = await OpenAIEngine.start(config(server, tokenizer_path=gguf_path))
+        texts = [f"{PROMPT} {i} " * 40 for i in range(400)]
+
+        def count_all() -> int:
+            return sum(engine.count_tokens(text) for text in texts)
+
+        counting = [asyncio.create_task(asyncio.to_thread(count_all)) for _ in range(2)]
+        await asyncio.sleep(0.05)
+        await engine.close()
+        results = await asyncio.gather(*counting, return_exceptions=True)
+        assert all(isinstance(r, int) and r > 0 for r in results), results
