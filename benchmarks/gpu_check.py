@@ -38,6 +38,8 @@ run says why in the table and the others go on):
 6. Engine: `benchmarks/engine.py` on the Q4_K_M file, all layers on the GPU (single stream,
    1/2/4/8 conversations at once, turn-10 time to first token, event-loop delay), run as a
    subprocess through its command line.
+   Then `benchmarks/speculative.py` on the same file (prompt lookup with and without; random
+   weights, so the figure is the cost of verifying drafts on the GPU).
 7. llama.cpp's own tools on the same file: `llama-bench` (pp512, tg128) and
    `llama-batched-bench` (1 and 8 sequences).
 8. One markdown table with every figure and the device, printed and written to
@@ -669,6 +671,26 @@ class Run:
 
     # ---- step 7: llama.cpp's tools
 
+    def speculative(self, gguf: Path, shape_name: str) -> None:
+        """`benchmarks/speculative.py` on the same file (random weights: its acceptance means
+        little, its cost of verifying drafts on this GPU is the figure)."""
+        step = f"speculative {shape_name}"
+        if self.missing("engine"):
+            self.report.add(step, "benchmarks/speculative.py", "skipped: Python modules missing")
+            return
+        if self.left() < 120:
+            self.report.add(step, "benchmarks/speculative.py", f"skipped: {self.left():.0f} s left")
+            return
+        options = ["--model", str(gguf), "--n-gpu-layers", "-1" if self.gpu else "0", "--no-lookup",
+                   "--tokens", "16" if self.tiny else "64", "--repeat", "1" if self.tiny else "2"]
+        status, output = self.python(step, ["-m", "benchmarks.speculative", *options], min(self.left() - 10, 240))
+        if status != 0:
+            self.report.add(step, "benchmarks/speculative.py", f"failed: {self.tail(output)}")
+            return
+        for line in output.splitlines():
+            if line.startswith(("without", "scene recap", "code review")):
+                self.report.add(step, "speculation (draft 4)", line.strip())
+
     def tools(self, gguf: Path, shape_name: str) -> None:
         step = f"llama.cpp {shape_name}"
         tools = self.find_tools()
@@ -734,6 +756,7 @@ class Run:
         if gguf is not None:
             self._guard(f"engine {shape}", lambda: self.engine(gguf, shape))
             self._guard(f"llama.cpp {shape}", lambda: self.tools(gguf, shape))
+            self._guard(f"speculative {shape}", lambda: self.speculative(gguf, shape))
         if qlora_thread is None:
             self._guard("qlora", self.qlora)
         if self.args.also_70b and not self.tiny:

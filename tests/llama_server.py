@@ -64,15 +64,16 @@ def server_binary(build: bool = True) -> Path | None:
     return tool_binary("llama-server", build)
 
 
-def tool_binary(target: str, build: bool = True) -> Path | None:
-    """One of llama.cpp's tools (`llama-server`, `llama-bench`, …) from the cached build,
-    built there if missing and `build`."""
+def tool_binary(target: str, build: bool = True, examples: bool = False) -> Path | None:
+    """One of llama.cpp's tools (`llama-server`, `llama-bench`, …; with `examples`, one of
+    its examples such as `llama-lookup`) from the cached build, built there if missing and
+    `build`."""
     binary = tools_dir() / "build" / "bin" / target
     if binary.is_file() and os.access(binary, os.X_OK):
         return binary
     if not build:
         return None
-    return build_tool(target)
+    return build_tool(target, examples=examples)
 
 
 def _other_build_running(folder: Path) -> bool:
@@ -90,8 +91,9 @@ def _other_build_running(folder: Path) -> bool:
     return False
 
 
-def build_tool(target: str, log: Path | None = None) -> Path:
-    """Build one of llama.cpp's tools in the shared cache folder (serialized, resumable)."""
+def build_tool(target: str, log: Path | None = None, examples: bool = False) -> Path:
+    """Build one of llama.cpp's tools in the shared cache folder (serialized, resumable);
+    `examples` configures the build with llama.cpp's examples (`llama-lookup`)."""
     folder = tools_dir()
     folder.mkdir(parents=True, exist_ok=True)
     log = log or folder / f"build-{target}.log"
@@ -124,9 +126,10 @@ def build_tool(target: str, log: Path | None = None) -> Path:
                     tar.extract(member, src, filter="tar")
         build = folder / "build"
         with open(log, "a") as out:
-            if not (build / "CMakeCache.txt").is_file():
+            if not (build / "CMakeCache.txt").is_file() or examples:
+                flags = [*CMAKE_FLAGS, "-DLLAMA_BUILD_EXAMPLES=ON"] if examples else CMAKE_FLAGS
                 subprocess.run(
-                    ["cmake", "-S", str(src / "vendor" / "llama.cpp"), "-B", str(build), *CMAKE_FLAGS],
+                    ["cmake", "-S", str(src / "vendor" / "llama.cpp"), "-B", str(build), *flags],
                     check=True, stdout=out, stderr=subprocess.STDOUT,
                 )
             jobs = str(max(1, os.cpu_count() or 1))

@@ -6,9 +6,14 @@ replies quote code and text from the conversation. No second model is needed.
 `PromptLookup` keeps, for each n-gram size, where each n-gram last occurred (with a token
 after it), so a draft costs a dictionary lookup per size, not a scan of the context.
 
-`Acceptance` decides whether drafting pays for a conversation: a draft costs the verifying
-decode its extra tokens, so a conversation whose drafts are rejected stops drafting (and
-tries again now and then); it carries over to the conversation's next turn.
+Whether a draft pays depends on the conversation and on the machine. `Acceptance` keeps a
+conversation's record (the chance that a draft token is accepted; a conversation whose
+drafts are rejected pauses drafting and tries again now and then; it carries over to the
+conversation's next turn). `StepCost` learns what a decode step costs here, a fixed part
+and a part per token in the batch (on a GPU a token more is nearly free; on a CPU with
+many conversations at once it is not). `plan_drafts` then takes, across the step's
+conversations, the drafts whose expected accepted tokens add more throughput than their
+verification costs, best first.
 
 Pure: no llama.cpp here; the scheduler verifies the drafts (bot.engine.scheduler).
 """
@@ -66,6 +71,7 @@ class Acceptance:
         self.min_gain, self.warmup, self.weight = min_gain, warmup, weight
         self.pause, self.first_pause, self.max_pause = pause, pause, max_pause
         self.gain = 1.0  # optimistic until measured
+        self.chance = 0.6  # moving average of the share of drafted tokens accepted
         self.steps = 0  # drafting steps measured
         self.resting = 0  # steps left without drafting
         self.drafted = 0
@@ -86,6 +92,7 @@ class Acceptance:
         self.steps += 1
         probing = self.gain == self.min_gain and self.steps > self.warmup
         self.gain = (1 - self.weight) * self.gain + self.weight * accepted
+        self.chance = (1 - self.weight) * self.chance + self.weight * accepted / drafted
         if self.steps >= self.warmup and self.gain < self.min_gain:
             if probing:
                 self.pause = min(self.max_pause, self.pause * 2)
@@ -97,3 +104,60 @@ class Acceptance:
     @property
     def rate(self) -> float:
         return self.accepted / self.drafted if self.drafted else 0.0
+
+
+class StepCost:
+    """Seconds a decode step takes for n tokens, as `fixed + per_token * n`: a least-squares
+    line over recent steps (exponentially weighted). Before the steps vary in size, a token
+    is assumed to cost `prior_share` of a step's time per token, which lets drafting start
+    and so measure."""
+
+    def __init__(self, decay: float = 0.98, prior_share: float = 0.3) -> None:
+        self.decay, self.prior_share = decay, prior_share
+        self._w = self._n = self._t = self._nn = self._nt = 0.0
+
+    def observe(self, tokens: int, seconds: float) -> None:
+        d = self.decay
+        self._w = d * self._w + 1
+        self._n = d * self._n + tokens
+        self._t = d * self._t + seconds
+        self._nn = d * self._nn + tokens * tokens
+        self._nt = d * self._nt + tokens * seconds
+
+    def line(self) -> tuple[float, float] | None:
+        """(fixed seconds, seconds per token), or None before any step."""
+        if self._w == 0:
+            return None
+        n, t = self._n / self._w, self._t / self._w
+        variance = self._nn / self._w - n * n
+        if variance > 0.25:
+            per_token = max(0.0, (self._nt / self._w - n * t) / variance)
+            if per_token * n <= t:  # a line with a fixed part >= 0: trust it
+                return t - per_token * n, per_token
+        per_token = self.prior_share * t / max(1.0, n)
+        return t - per_token * n, per_token
+
+
+def plan_drafts(candidates: list[tuple[float, int]], cost: tuple[float, float] | None) -> list[int]:
+    """How many of its draft tokens each sequence verifies this step. `candidates`: per
+    generating sequence, (the chance a draft token of it is accepted, the draft tokens it
+    has). The i-th draft of a sequence is worth chance**i expected tokens; drafts are taken
+    best first while they raise the step's tokens per second:
+    value / per_token > (tokens so far) / (time so far)."""
+    taken = [0] * len(candidates)
+    if cost is None:
+        return taken
+    fixed, per_token = cost
+    if per_token <= 0:
+        return [length for _, length in candidates]
+    items = sorted(((chance ** i, j) for j, (chance, length) in enumerate(candidates) for i in range(1, length + 1)),
+                   reverse=True)
+    tokens = float(len(candidates))  # each sequence's own next token
+    seconds = fixed + per_token * len(candidates)
+    for value, j in items:
+        if value * seconds <= per_token * tokens:
+            break
+        taken[j] += 1
+        tokens += value
+        seconds += per_token
+    return taken

@@ -13,7 +13,7 @@ from pathlib import Path
 import pytest
 
 from bot.engine.base import GenerationRequest, SamplingParams
-from bot.engine.lookup import Acceptance, PromptLookup
+from bot.engine.lookup import Acceptance, PromptLookup, StepCost, plan_drafts
 from bot.engine.scheduler import BatchConfig, BatchedEngine
 
 GREEDY = SamplingParams(temperature=0.0, repeat_penalty=1.0, seed=1)
@@ -59,6 +59,30 @@ def test_acceptance_pauses_a_conversation_whose_drafts_are_rejected_and_probes_a
         record.record(4, 3)  # this probe finds drafts that pay: drafting goes on
         assert record.wants()
     assert record.pause == 5 and record.rate > 0.4
+
+
+def test_step_cost_learns_a_fixed_part_and_a_part_per_token() -> None:
+    cost = StepCost()
+    assert cost.line() is None
+    cost.observe(1, 0.030)
+    fixed, per_token = cost.line()  # one size seen: the prior share
+    assert per_token == pytest.approx(0.3 * 0.030) and fixed == pytest.approx(0.7 * 0.030)
+    for tokens in [1, 5, 3, 1, 5, 2] * 5:
+        cost.observe(tokens, 0.020 + 0.008 * tokens)
+    fixed, per_token = cost.line()
+    assert fixed == pytest.approx(0.020, rel=0.05) and per_token == pytest.approx(0.008, rel=0.05)
+
+
+def test_plan_takes_drafts_while_they_raise_tokens_per_second() -> None:
+    gpu = (0.030, 0.0003)  # a token more is nearly free: every draft that may be accepted pays
+    cpu = (0.002, 0.008)  # nearly all of a step is per token: only drafts that are nearly sure pay
+    assert plan_drafts([(0.9, 4), (0.6, 4)], gpu) == [4, 4]
+    assert plan_drafts([(0.9, 4), (0.3, 4)], gpu) == [4, 2]  # 0.3**3 of a token is not worth even that
+    assert plan_drafts([(0.5, 4)], cpu) == [0]
+    assert plan_drafts([(0.99, 4)], cpu) == [4]
+    middle = plan_drafts([(0.8, 6)], (0.020, 0.008))
+    assert 0 < middle[0] < 6  # the first drafts pay, the far ones (0.8**i small) do not
+    assert plan_drafts([(0.9, 4)], None) == [0] and plan_drafts([(0.9, 0)], gpu) == [0]
 
 
 def test_sample_then_compare_is_the_speculative_sampling_rule_for_a_certain_draft() -> None:
@@ -165,6 +189,21 @@ async def test_the_next_turn_reuses_the_cache_a_speculative_reply_left(
         replies.append((first, await generation.text()))
         assert generation.stats.reused_tokens >= generation.stats.prompt_tokens - 24
     assert replies[0] == replies[1]
+
+
+@pytest.mark.llama
+async def test_two_conversations_at_once_draft_nothing_and_write_the_same(
+    engines: tuple[BatchedEngine, BatchedEngine]
+) -> None:
+    """Beside another sequence a draft costs a decode pass of its own (llama.cpp's equal
+    micro-batches with one KV stream per slot): none are made while two generate."""
+    plain, speculative = engines
+    prompts = [RECAP, RECAP.replace("Repeat", "Now repeat")]
+    expected = [await plain.submit(GenerationRequest(p, 24, (), GREEDY, f"p{i}")).text() for i, p in enumerate(prompts)]
+    together = [speculative.submit(GenerationRequest(p, 24, (), GREEDY, f"t{i}")) for i, p in enumerate(prompts)]
+    texts = [await g.text() for g in together]
+    assert sum(g.stats.drafted_tokens for g in together) < 8  # at most the steps one ran alone
+    assert texts == expected
 
 
 @pytest.mark.llama
