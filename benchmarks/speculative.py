@@ -139,7 +139,7 @@ async def run(args: argparse.Namespace) -> None:
           f"accepted {accepted / max(1, drafted):.0%}")
     a, b = plain["together"], spec["together"]
     print(f"\n3. 8 conversations at once\nwithout {a:.1f} tokens/s aggregate, with {b:.1f} ({b / a:.2f}x)")
-    print("\nNot measured yet: the shared persona prefix and a draft model (not built; see docs/engine.md).")
+    print("\nNot measured: a draft model (not built; see docs/engine.md). Shared preambles: benchmarks.shared_prefix.")
 
 
 def main() -> None:

@@ -57,7 +57,7 @@ async def start_engine(settings: Settings, model_path: Path | None) -> Engine:
         model_path=model_path, n_ctx=settings.n_ctx, n_parallel=settings.n_parallel,
         n_gpu_layers=settings.n_gpu_layers, n_threads=settings.n_threads,
         ram_cache_mb=settings.kv_ram_cache_mb, max_queue=settings.max_queue, repack=cpu.enabled,
-        draft_tokens=settings.draft_tokens,
+        draft_tokens=settings.draft_tokens, prefix_cache_mb=settings.prefix_cache_mb,
     ))
 
 

@@ -284,6 +284,14 @@ class BuiltPrompt:
     stop: tuple[str, ...]
 
 
+def preamble_length(text: str) -> int:
+    """How many characters of a rendered prompt come before its first block: the preamble
+    (persona, card, lorebook, memory), which channels with the same persona share. Contents
+    are neutralized, so the first header line is the real first block."""
+    at = text.find(INSTRUCTION + "\n")
+    return at if at > 0 else 0
+
+
 def _cut(text: str, fits: Callable[[str], bool]) -> str:
     """The longest prefix of `text` (plus a truncation mark) for which `fits` holds."""
     low, high = 0, len(text)

@@ -152,6 +152,9 @@ class Settings(BaseSettings):
     # Host RAM for conversations evicted from their slot; unset = 8 full conversations' KV,
     # at most a quarter of the RAM left after the model and its slots; 0 = none.
     kv_ram_cache_mb: int | None = _integer(None, 0)
+    # Host RAM for evaluated preambles that several channels share (bot.engine.prefix_store):
+    # a new channel with the same persona starts from a copy; 0 = none.
+    prefix_cache_mb: int = _integer(256, 0)
     max_queue: int = _integer(32, 1)
     history_limit: int = _integer(200, 1)
     # Long memory: the turns that no longer fit are summarized in at most this many words

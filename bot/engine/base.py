@@ -48,6 +48,7 @@ class GenerationRequest:
     stop: tuple[str, ...] = ()
     sampling: SamplingParams = field(default_factory=SamplingParams)
     conversation: str | None = None  # a hint for engines that keep per-conversation state
+    shared_prefix_chars: int = 0  # the prompt's first characters many conversations share (a preamble)
 
 
 @dataclass

@@ -33,6 +33,7 @@ class BatchConfig:
     max_parallel: int = common.MAX_PARALLEL  # the most slots `n_parallel=0` picks
     reuse_prefix: bool = True  # False: evaluate every prompt from scratch (benchmarks)
     draft_tokens: int = 0  # prompt-lookup drafts verified per step (bot.engine.lookup); 0 = none
+    prefix_cache_mb: int = 0  # shared preambles kept evaluated (bot.engine.prefix_store); 0 = none
     stuck_seconds: float = 60.0  # work but no step for this long: /status says "stuck"
     watchdog_seconds: float = 1.0  # how often the watchdog looks at the scheduler thread
     repack: bool = field(default_factory=repack.from_environment)  # CPU weight repacking (bot.engine.repack)

@@ -52,6 +52,7 @@ from bot.engine.base import (
 from bot.engine.batch_context import BatchConfig, BatchContext
 from bot.engine.common import Watchdog, as_engine_error, finish_swap
 from bot.engine.lookup import Acceptance, PromptLookup, StepCost, plan_drafts
+from bot.engine.prefix_store import PrefixStats, PrefixStore
 from bot.engine.text_stream import TextStream
 
 log = logging.getLogger(__name__)
@@ -92,6 +93,7 @@ class _Job:
     started: float = field(default_factory=time.perf_counter)
     first: float | None = None
     greedy: bool = False  # temperature 0, no penalty: argmax over the logits, no chain
+    share_at: int | None = None  # save the slot's state for the prefix store at this many tokens
     lookup: PromptLookup | None = None  # prompt-lookup drafts (config.draft_tokens > 0)
     acceptance: Acceptance | None = None  # whether drafting pays for this conversation
 
@@ -122,6 +124,7 @@ class BatchedEngine(Engine):
         self._ram: collections.OrderedDict[str, tuple[list[int], bytes]] = collections.OrderedDict()
         self._acceptance: collections.OrderedDict[str, Acceptance] = collections.OrderedDict()
         self._step_cost = StepCost()  # what a token more in a decode costs here (drafts pay or not)
+        self._prefixes = PrefixStore(config.prefix_cache_mb * 2**20)
         self._pending: collections.deque[Generation] = collections.deque()
         self._admitting: list[Generation] = []  # taken from the queue, not yet in a slot
         self._wakeup = threading.Condition()
@@ -245,6 +248,7 @@ class BatchedEngine(Engine):
         old, old_config = self._llama, self._config
         self._llama = None  # count_tokens counts without a vocabulary meanwhile
         self._ram.clear()  # saved states belong to the old model
+        self._prefixes.clear()
         self._step_cost = StepCost()  # and what a step costs
         failure: BaseException | None = None
         try:
@@ -388,6 +392,7 @@ class BatchedEngine(Engine):
         old, self._llama, self._config = self._llama, swap.llama, swap.config
         self._slots = [_Slot(seq) for seq in range(swap.llama.n_parallel)]
         self._ram.clear()  # saved states belong to the old model
+        self._prefixes.clear()
         self._step_cost = StepCost()  # and what a step costs
         self._loop.call_soon_threadsafe(finish_swap, old, swap.done)
 
@@ -467,6 +472,10 @@ class BatchedEngine(Engine):
                 cached_tokens, state = self._ram.pop(conversation)
                 if _common_prefix(cached_tokens, tokens) >= MIN_RESTORE_TOKENS and llama.restore(slot.seq, state):
                     slot.tokens = cached_tokens
+        if self._config.reuse_prefix and _common_prefix(slot.tokens, tokens) < MIN_RESTORE_TOKENS:
+            shared = self._prefixes.longest(tokens)  # a preamble another channel evaluated
+            if shared is not None and len(shared[0]) >= MIN_RESTORE_TOKENS and llama.restore(slot.seq, shared[1]):
+                slot.tokens = shared[0]
         keep = min(_common_prefix(slot.tokens, tokens), len(tokens) - 1)  # evaluate at least one token
         if not llama.forget(slot.seq, keep):
             llama.forget(slot.seq)
@@ -482,7 +491,23 @@ class BatchedEngine(Engine):
             job.acceptance = self._acceptance_of(conversation)
         generation.stats.prompt_tokens = len(tokens)
         generation.stats.reused_tokens = keep
+        job.share_at = self._share_point(request, tokens, keep)
         slot.job = job
+
+    def _share_point(self, request: GenerationRequest, tokens: list[int], keep: int) -> int | None:
+        """Where the prompt's shared preamble ends (in tokens), if it is worth keeping and
+        not kept yet: the prefill stops there once to save the slot's state."""
+        if self._prefixes.budget <= 0 or request.shared_prefix_chars <= 0 or not self._config.reuse_prefix:
+            return None
+        preamble = self._llama.tokenize(request.prompt[: request.shared_prefix_chars])
+        at = min(_common_prefix(preamble, tokens), len(tokens) - 1)  # the tokens the full prompt has too
+        if at < MIN_RESTORE_TOKENS or at <= keep or tokens[:at] in self._prefixes:
+            return None
+        return at
+
+    def prefix_stats(self) -> PrefixStats:
+        """The shared-preamble store: entries, bytes, hits (for /status and the log)."""
+        return self._prefixes.stats
 
     def _acceptance_of(self, conversation: str | None) -> Acceptance:
         """The conversation's drafting record (a new conversation's: fresh), kept across turns."""
@@ -618,16 +643,36 @@ class BatchedEngine(Engine):
                     raise EngineError("llama.cpp could not drop rejected drafts from the KV cache")
 
     def _prefill(self, job: _Job) -> None:
-        """Evaluate the next chunk of a job's prompt; sample its first token after the last."""
-        chunk = job.tokens[job.fed : job.fed + self._llama.n_batch]
+        """Evaluate the next chunk of a job's prompt; sample its first token after the last.
+        A chunk ends where the shared preamble does, whose state is then kept for others."""
+        end = job.fed + self._llama.n_batch
+        if job.share_at is not None and job.fed < job.share_at < end:
+            end = job.share_at
+        chunk = job.tokens[job.fed : end]
         done = job.fed + len(chunk) == len(job.tokens)
         self._llama.decode(
             [(token, job.fed + i, job.slot.seq, done and i == len(chunk) - 1) for i, token in enumerate(chunk)]
         )
         job.slot.tokens.extend(chunk)
         job.fed += len(chunk)
+        if job.fed == job.share_at:  # never the last chunk: the share point is before the last token
+            job.share_at = None
+            self._keep_preamble(job)
         if done:
             self._accept(job, self._sample(job, len(chunk) - 1))
+
+    def _keep_preamble(self, job: _Job) -> None:
+        """The slot holds exactly the shared preamble now: keep a copy for other channels."""
+        try:
+            state = self._llama.save(job.slot.seq)
+        except MemoryError as error:  # that preamble is evaluated again next time
+            log.warning("could not keep a shared preamble (%s)", error)
+            self._watchdog.note(error)
+            return
+        if self._prefixes.put(job.tokens[: job.fed], state):
+            stats = self._prefixes.stats
+            log.info("kept a shared preamble of %d tokens for other channels (%d kept, %.0f MiB)",
+                     job.fed, stats.entries, stats.bytes / 2**20)
 
     def _sample(self, job: _Job, index: int) -> int:
         if job.greedy:

@@ -12,7 +12,7 @@ from collections.abc import Collection, Sequence
 from dataclasses import dataclass, replace
 
 from bot.core.conversation import Message, StoredReply
-from bot.core.prompt import MAX_CHARS_PER_TOKEN, BuiltPrompt, PromptTooLong, clean_name
+from bot.core.prompt import MAX_CHARS_PER_TOKEN, BuiltPrompt, PromptTooLong, clean_name, preamble_length
 from bot.core.settings import Settings
 from bot.engine.base import Engine, Generation, GenerationRequest, SamplingParams
 from bot.lifecycle.memory_keeper import MemoryKeeper
@@ -155,6 +155,7 @@ class Responder:
                 seed=self.settings.seed,
             ),
             conversation=key,
+            shared_prefix_chars=preamble_length(prompt.text),
         )
         return Reply(self.engine.submit(request), prompt, persona)
 

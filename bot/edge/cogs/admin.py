@@ -93,6 +93,10 @@ class Admin(commands.Cog):
             "**Replies since start:** " + ", ".join(f"{n} {outcome}" for outcome, n in metrics.replies_so_far().items()),
             f"**Uptime:** {_uptime(time.monotonic() - self.started)}",
         ]
+        prefixes = getattr(engine, "prefix_stats", None)
+        if callable(prefixes) and (kept := prefixes()).stored:
+            lines.append(f"**Shared preambles:** {kept.entries} kept ({kept.bytes / 2**20:.0f} MiB), "
+                         f"{kept.hits} channel start(s) from them")
         if isinstance(engine, RemoteEngine):
             lines += [_server_line(server) for server in engine.servers()]
         await interaction.response.send_message("\n".join(lines)[:2000], ephemeral=True)
