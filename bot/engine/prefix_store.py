@@ -24,11 +24,32 @@ class PrefixStats:
     evicted: int = 0
 
 
+def common_prefix(a: Sequence[int], b: Sequence[int]) -> int:
+    """How many leading tokens `a` and `b` share."""
+    n = 0
+    for x, y in zip(a, b, strict=False):
+        if x != y:
+            break
+        n += 1
+    return n
+
+
 class PrefixStore:
     def __init__(self, budget_bytes: int) -> None:
         self.budget = budget_bytes
         self._entries: collections.OrderedDict[tuple[int, ...], bytes] = collections.OrderedDict()
         self.stats = PrefixStats()
+
+    def share_point(self, preamble: Sequence[int], tokens: Sequence[int], evaluated: int, minimum: int) -> int | None:
+        """Where in `tokens` (a prompt) its shared preamble ends, given the preamble's own
+        tokens: the tokens both have (never the prompt's last), if at least `minimum`,
+        beyond the `evaluated` ones, and not kept yet; else None."""
+        if self.budget <= 0:
+            return None
+        at = min(common_prefix(preamble, tokens), len(tokens) - 1)
+        if at < minimum or at <= evaluated or tokens[:at] in self:
+            return None
+        return at
 
     def __contains__(self, tokens: Sequence[int]) -> bool:
         return tuple(tokens) in self._entries

@@ -30,9 +30,8 @@ import collections
 import logging
 import threading
 import time
-from dataclasses import dataclass, field, replace
+from dataclasses import replace
 from pathlib import Path
-from typing import Any
 
 from bot.engine import common
 from bot.engine.base import (
@@ -50,61 +49,15 @@ from bot.engine.base import (
     deliver_all,
 )
 from bot.engine.batch_context import BatchConfig, BatchContext
+from bot.engine.batch_state import Job, Slot, Swap
 from bot.engine.common import Watchdog, as_engine_error, finish_swap
-from bot.engine.lookup import Acceptance, PromptLookup, StepCost, plan_drafts
-from bot.engine.prefix_store import PrefixStats, PrefixStore
+from bot.engine.lookup import Speculation
+from bot.engine.prefix_store import PrefixStats, PrefixStore, common_prefix
 from bot.engine.text_stream import TextStream
 
 log = logging.getLogger(__name__)
 MIN_RESTORE_TOKENS = 32  # below this, re-evaluating is as cheap as restoring a saved state
-ACCEPTANCE_LIMIT = 4096  # conversations whose drafting record is kept (LRU)
 FLUSH_SECONDS = 0.05  # how often streamed text is handed to the event loop
-
-
-@dataclass
-class _Swap:
-    """For the scheduler: switch to `llama` once nothing is under way; `llama` None: only
-    finish what is under way, then park (an unload-then-load swap)."""
-
-    config: BatchConfig
-    llama: BatchContext | None
-    done: asyncio.Future[None]
-
-
-@dataclass
-class _Slot:
-    seq: int
-    conversation: str | None = None
-    tokens: list[int] = field(default_factory=list)  # evaluated into this sequence's KV cache
-    last_used: float = 0.0
-    job: _Job | None = None
-
-
-@dataclass
-class _Job:
-    generation: Generation
-    tokens: list[int]  # the prompt
-    sampler: Any
-    slot: _Slot
-    text: TextStream  # the reply so far
-    fed: int = 0  # prompt tokens evaluated so far
-    next_token: int | None = None  # sampled, not yet evaluated
-    produced: int = 0
-    started: float = field(default_factory=time.perf_counter)
-    first: float | None = None
-    greedy: bool = False  # temperature 0, no penalty: argmax over the logits, no chain
-    share_at: int | None = None  # save the slot's state for the prefix store at this many tokens
-    lookup: PromptLookup | None = None  # prompt-lookup drafts (config.draft_tokens > 0)
-    acceptance: Acceptance | None = None  # whether drafting pays for this conversation
-
-
-def _common_prefix(a: list[int], b: list[int]) -> int:
-    n = 0
-    for x, y in zip(a, b, strict=False):
-        if x != y:
-            break
-        n += 1
-    return n
 
 
 class BatchedEngine(Engine):
@@ -120,15 +73,14 @@ class BatchedEngine(Engine):
         self._config = config
         self._llama = llama
         self._loop = loop
-        self._slots = [_Slot(seq) for seq in range(llama.n_parallel)]
+        self._slots = [Slot(seq) for seq in range(llama.n_parallel)]
         self._ram: collections.OrderedDict[str, tuple[list[int], bytes]] = collections.OrderedDict()
-        self._acceptance: collections.OrderedDict[str, Acceptance] = collections.OrderedDict()
-        self._step_cost = StepCost()  # what a token more in a decode costs here (drafts pay or not)
+        self._speculation = Speculation(config.draft_tokens)
         self._prefixes = PrefixStore(config.prefix_cache_mb * 2**20)
         self._pending: collections.deque[Generation] = collections.deque()
         self._admitting: list[Generation] = []  # taken from the queue, not yet in a slot
         self._wakeup = threading.Condition()
-        self._swap: _Swap | None = None
+        self._swap: Swap | None = None
         self._offline = False  # unload-then-load swap: admit nothing, the model may be gone
         self._unavailable: ModelUnavailable | None = None  # no model could be loaded back
         self._reloading = asyncio.Lock()
@@ -221,7 +173,7 @@ class BatchedEngine(Engine):
                 llama = await asyncio.to_thread(BatchContext, config)  # the old model keeps serving
                 done: asyncio.Future[None] = self._loop.create_future()
                 with self._wakeup:
-                    self._swap = _Swap(config, llama, done)
+                    self._swap = Swap(config, llama, done)
                     self._wakeup.notify()
                 await done
             else:
@@ -236,7 +188,7 @@ class BatchedEngine(Engine):
         drained: asyncio.Future[None] = self._loop.create_future()
         with self._wakeup:
             self._offline = True  # nothing more is admitted
-            self._swap = _Swap(config, None, drained)
+            self._swap = Swap(config, None, drained)
             self._wakeup.notify()
         try:
             await drained  # the scheduler is parked: it touches neither the model nor the slots
@@ -249,7 +201,7 @@ class BatchedEngine(Engine):
         self._llama = None  # count_tokens counts without a vocabulary meanwhile
         self._ram.clear()  # saved states belong to the old model
         self._prefixes.clear()
-        self._step_cost = StepCost()  # and what a step costs
+        self._speculation.new_model()  # and what a step costs
         failure: BaseException | None = None
         try:
             if old is None:  # nothing to unload or to go back to (an earlier swap lost both);
@@ -261,7 +213,7 @@ class BatchedEngine(Engine):
             raise
         with self._wakeup:
             self._llama, self._config, self._unavailable = llama, config, None
-            self._slots = [_Slot(seq) for seq in range(llama.n_parallel)]
+            self._slots = [Slot(seq) for seq in range(llama.n_parallel)]
             self._offline = False
             self._wakeup.notify()
         if failure is not None:
@@ -302,7 +254,7 @@ class BatchedEngine(Engine):
     def slot_usage(self) -> tuple[int, int]:
         return len(self._active()), self._llama.n_parallel
 
-    def _active(self) -> list[_Job]:
+    def _active(self) -> list[Job]:
         return [slot.job for slot in self._slots if slot.job is not None]
 
     def _has_work(self) -> bool:
@@ -358,7 +310,7 @@ class BatchedEngine(Engine):
         generation.stats.stopped_by = "error"
         self._outbox.append((generation, error))
 
-    def _fail(self, jobs: list[_Job], error: Exception, what: str) -> None:
+    def _fail(self, jobs: list[Job], error: Exception, what: str) -> None:
         """End `jobs` with `error` (logged with its traceback) and clear their slots."""
         log.error("%s: %d generation(s) failed", what, len(jobs), exc_info=error)
         self._watchdog.note(error)
@@ -390,10 +342,10 @@ class BatchedEngine(Engine):
             self._loop.call_soon_threadsafe(_resolve, swap.done)
             return
         old, self._llama, self._config = self._llama, swap.llama, swap.config
-        self._slots = [_Slot(seq) for seq in range(swap.llama.n_parallel)]
+        self._slots = [Slot(seq) for seq in range(swap.llama.n_parallel)]
         self._ram.clear()  # saved states belong to the old model
         self._prefixes.clear()
-        self._step_cost = StepCost()  # and what a step costs
+        self._speculation.new_model()  # and what a step costs
         self._loop.call_soon_threadsafe(finish_swap, old, swap.done)
 
     def _take_admissible(self) -> list[Generation]:
@@ -435,8 +387,8 @@ class BatchedEngine(Engine):
         conversation = request.conversation
         slot = next((s for s in free if conversation and s.conversation == conversation), None)
         if slot is None:
-            slot = max(free, key=lambda s: (_common_prefix(s.tokens, tokens), -s.last_used))
-            if _common_prefix(slot.tokens, tokens) < MIN_RESTORE_TOKENS:
+            slot = max(free, key=lambda s: (common_prefix(s.tokens, tokens), -s.last_used))
+            if common_prefix(slot.tokens, tokens) < MIN_RESTORE_TOKENS:
                 slot = self._compact_slot(free)
         try:
             self._prepare(slot, generation, tokens)
@@ -444,7 +396,7 @@ class BatchedEngine(Engine):
             self._reset_slot(slot)  # half prepared: start it afresh next time
             raise
 
-    def _compact_slot(self, free: list[_Slot]) -> _Slot:
+    def _compact_slot(self, free: list[Slot]) -> Slot:
         """A free slot for a request with no prefix to reuse: the one that keeps the busy
         sequence ids closest together, the least recently used among equals.
 
@@ -454,13 +406,13 @@ class BatchedEngine(Engine):
         4 scattered ones decoded 87 tokens/s, 4 in slots 0-3 115 (llama-batched-bench: 117)."""
         busy = [slot.seq for slot in self._slots if slot.job is not None]
 
-        def span(slot: _Slot) -> int:
+        def span(slot: Slot) -> int:
             ids = [*busy, slot.seq]
             return max(ids) - min(ids)
 
         return min(free, key=lambda s: (span(s), s.last_used))
 
-    def _prepare(self, slot: _Slot, generation: Generation, tokens: list[int]) -> None:
+    def _prepare(self, slot: Slot, generation: Generation, tokens: list[int]) -> None:
         """Bring the slot's sequence to the longest usable prefix of `tokens`, then start."""
         llama, request = self._llama, generation.request
         conversation = request.conversation
@@ -470,13 +422,13 @@ class BatchedEngine(Engine):
             self._evict(slot)
             if conversation and conversation in self._ram:
                 cached_tokens, state = self._ram.pop(conversation)
-                if _common_prefix(cached_tokens, tokens) >= MIN_RESTORE_TOKENS and llama.restore(slot.seq, state):
+                if common_prefix(cached_tokens, tokens) >= MIN_RESTORE_TOKENS and llama.restore(slot.seq, state):
                     slot.tokens = cached_tokens
-        if self._config.reuse_prefix and _common_prefix(slot.tokens, tokens) < MIN_RESTORE_TOKENS:
+        if self._config.reuse_prefix and common_prefix(slot.tokens, tokens) < MIN_RESTORE_TOKENS:
             shared = self._prefixes.longest(tokens)  # a preamble another channel evaluated
             if shared is not None and len(shared[0]) >= MIN_RESTORE_TOKENS and llama.restore(slot.seq, shared[1]):
                 slot.tokens = shared[0]
-        keep = min(_common_prefix(slot.tokens, tokens), len(tokens) - 1)  # evaluate at least one token
+        keep = min(common_prefix(slot.tokens, tokens), len(tokens) - 1)  # evaluate at least one token
         if not llama.forget(slot.seq, keep):
             llama.forget(slot.seq)
             keep = 0
@@ -485,50 +437,26 @@ class BatchedEngine(Engine):
         slot.last_used = time.monotonic()
         sampling = request.sampling
         greedy = sampling.temperature <= 0 and sampling.repeat_penalty == 1.0
-        job = _Job(generation, tokens, llama.sampler(request), slot, TextStream(request.stop), fed=keep, greedy=greedy)
-        if self._config.draft_tokens > 0:
-            job.lookup = PromptLookup(tokens, self._config.draft_tokens)
-            job.acceptance = self._acceptance_of(conversation)
+        job = Job(generation, tokens, llama.sampler(request), slot, TextStream(request.stop), fed=keep, greedy=greedy)
+        job.drafter = self._speculation.drafter(tokens, conversation)
         generation.stats.prompt_tokens = len(tokens)
         generation.stats.reused_tokens = keep
         job.share_at = self._share_point(request, tokens, keep)
         slot.job = job
 
     def _share_point(self, request: GenerationRequest, tokens: list[int], keep: int) -> int | None:
-        """Where the prompt's shared preamble ends (in tokens), if it is worth keeping and
-        not kept yet: the prefill stops there once to save the slot's state."""
-        if self._prefixes.budget <= 0 or request.shared_prefix_chars <= 0 or not self._config.reuse_prefix:
+        """Where the prompt's shared preamble ends, if it is to be kept: the prefill stops
+        there once to save the slot's state (see `_keep_preamble`)."""
+        if request.shared_prefix_chars <= 0 or not self._config.reuse_prefix or self._prefixes.budget <= 0:
             return None
         preamble = self._llama.tokenize(request.prompt[: request.shared_prefix_chars])
-        at = min(_common_prefix(preamble, tokens), len(tokens) - 1)  # the tokens the full prompt has too
-        if at < MIN_RESTORE_TOKENS or at <= keep or tokens[:at] in self._prefixes:
-            return None
-        return at
+        return self._prefixes.share_point(preamble, tokens, keep, MIN_RESTORE_TOKENS)
 
     def prefix_stats(self) -> PrefixStats:
         """The shared-preamble store: entries, bytes, hits (for /status and the log)."""
         return self._prefixes.stats
 
-    def _acceptance_of(self, conversation: str | None) -> Acceptance:
-        """The conversation's drafting record (a new conversation's: fresh), kept across turns."""
-        if conversation is None:
-            return Acceptance()
-        record = self._acceptance.pop(conversation, None) or Acceptance()
-        self._acceptance[conversation] = record
-        while len(self._acceptance) > ACCEPTANCE_LIMIT:
-            self._acceptance.popitem(last=False)
-        return record
-
-    def _drafts(self, job: _Job, room: int) -> list[int]:
-        """Prompt-lookup drafts to verify after the job's next token: none when drafting does
-        not pay for it, or there is no room (tokens left, context, batch)."""
-        if job.lookup is None or job.acceptance is None or not job.acceptance.wants():
-            return []
-        left = job.generation.request.max_new_tokens - job.produced - 1  # the next token is produced already
-        context = self._config.n_ctx - len(job.slot.tokens) - 1
-        return job.lookup.draft(min(left, context, room))
-
-    def _evict(self, slot: _Slot) -> None:
+    def _evict(self, slot: Slot) -> None:
         """Move an idle slot's sequence to the RAM cache (if it is worth keeping), then clear it."""
         budget = self._llama.sizing.ram_cache_mb * 2**20
         if slot.conversation and len(slot.tokens) >= MIN_RESTORE_TOKENS and budget > 0:
@@ -544,7 +472,7 @@ class BatchedEngine(Engine):
                     self._ram.popitem(last=False)
         self._reset_slot(slot)
 
-    def _reset_slot(self, slot: _Slot) -> None:
+    def _reset_slot(self, slot: Slot) -> None:
         slot.tokens, slot.conversation = [], None
         if self._llama is not None:  # None: unloaded for a swap, the slots are replaced after it
             self._llama.forget(slot.seq)
@@ -560,7 +488,7 @@ class BatchedEngine(Engine):
 
         A failed decode ends the jobs it was for; a failed sample, the job it was for.
         """
-        generating: list[tuple[_Job, int, list[int]]] = []  # job, its first entry, its drafts
+        generating: list[tuple[Job, int, list[int]]] = []  # job, its first entry, its drafts
         entries: list[tuple[int, int, int, bool]] = []
         ready = []
         for job in self._active():
@@ -569,16 +497,8 @@ class BatchedEngine(Engine):
                 self._finish(job)
             elif job.next_token is not None:
                 ready.append(job)
-        # Drafts only while one sequence generates: with one KV stream per slot llama.cpp
-        # splits a batch into micro-batches that take the same number of tokens from every
-        # sequence, so one sequence's drafts beside others' single tokens cost a decode pass
-        # per draft (measured: 8 conversations, 70 ms a step without drafts, 126 with).
-        alone = len(ready) == 1
-        offered = [self._drafts(job, self._llama.n_batch - 1) if alone else [] for job in ready]
-        counts = plan_drafts([(job.acceptance.chance if job.acceptance else 0.0, len(drafts))
-                              for job, drafts in zip(ready, offered, strict=True)], self._step_cost.line())
-        for job, drafts, count in zip(ready, offered, counts, strict=True):
-            drafts = drafts[:count]
+        planned = self._speculation.plan([(job.drafter, self._room(job)) for job in ready])
+        for job, drafts in zip(ready, planned, strict=True):
             generating.append((job, len(entries), drafts))
             position, seq = len(job.slot.tokens), job.slot.seq
             for i, token in enumerate([job.next_token, *drafts]):
@@ -597,8 +517,8 @@ class BatchedEngine(Engine):
                     self._verify(job, index, drafts)
                 except Exception as error:
                     self._fail([job], error, "sampling failed")
-            if len(generating) == 1:  # decode and verification: what a sequence's tokens cost
-                self._step_cost.observe(len(entries), time.perf_counter() - began)
+            if generating:  # decode and verification: what the step's tokens cost
+                self._speculation.observe(len(generating), len(entries), time.perf_counter() - began)
         prefilling = [job for job in self._active() if job.fed < len(job.tokens)]
         if prefilling:
             job = min(prefilling, key=lambda j: j.started)  # oldest first: FIFO fairness
@@ -607,7 +527,12 @@ class BatchedEngine(Engine):
             except Exception as error:
                 self._fail([job], error, "evaluating a prompt failed")
 
-    def _verify(self, job: _Job, index: int, drafts: list[int]) -> None:
+    def _room(self, job: Job) -> int:
+        """Draft tokens the job may take after its next one: its limit, the context, a batch."""
+        left = job.generation.request.max_new_tokens - job.produced - 1  # the next token is produced already
+        return min(left, self._config.n_ctx - len(job.slot.tokens) - 1, self._llama.n_batch - 1)
+
+    def _verify(self, job: Job, index: int, drafts: list[int]) -> None:
         """Sample the job's token after its last evaluated one, then, for each draft that
         token turned out to be, the token after that: the longest run the model agrees
         with. Sampling each position in order and keeping a draft only when it is what was
@@ -630,8 +555,8 @@ class BatchedEngine(Engine):
                 break
             accepted += 1
             job.next_token = None  # it is already evaluated: it was the draft
-        if drafts and job.acceptance is not None:
-            job.acceptance.record(len(drafts), accepted)
+        if drafts and job.drafter is not None:
+            job.drafter.acceptance.record(len(drafts), accepted)
             job.generation.stats.drafted_tokens += len(drafts)
             job.generation.stats.accepted_tokens += accepted
         if kept < 1 + len(drafts):
@@ -642,7 +567,7 @@ class BatchedEngine(Engine):
                 if not finished:
                     raise EngineError("llama.cpp could not drop rejected drafts from the KV cache")
 
-    def _prefill(self, job: _Job) -> None:
+    def _prefill(self, job: Job) -> None:
         """Evaluate the next chunk of a job's prompt; sample its first token after the last.
         A chunk ends where the shared preamble does, whose state is then kept for others."""
         end = job.fed + self._llama.n_batch
@@ -661,7 +586,7 @@ class BatchedEngine(Engine):
         if done:
             self._accept(job, self._sample(job, len(chunk) - 1))
 
-    def _keep_preamble(self, job: _Job) -> None:
+    def _keep_preamble(self, job: Job) -> None:
         """The slot holds exactly the shared preamble now: keep a copy for other channels."""
         try:
             state = self._llama.save(job.slot.seq)
@@ -674,12 +599,12 @@ class BatchedEngine(Engine):
             log.info("kept a shared preamble of %d tokens for other channels (%d kept, %.0f MiB)",
                      job.fed, stats.entries, stats.bytes / 2**20)
 
-    def _sample(self, job: _Job, index: int) -> int:
+    def _sample(self, job: Job, index: int) -> int:
         if job.greedy:
             return self._llama.argmax(index)
         return int(self._llama.lib.llama_sampler_sample(job.sampler, self._llama.ctx, index))
 
-    def _accept(self, job: _Job, token: int) -> None:
+    def _accept(self, job: Job, token: int) -> None:
         """Turn a sampled token into text; stop at EOG, a stop string or the token limit."""
         stats, request = job.generation.stats, job.generation.request
         now = time.perf_counter()
@@ -697,11 +622,11 @@ class BatchedEngine(Engine):
         if job.produced >= request.max_new_tokens:
             return self._finish(job, reason="length")
         job.next_token = token
-        if job.lookup is not None:
-            job.lookup.extend(token)
+        if job.drafter is not None:
+            job.drafter.lookup.extend(token)
         return None
 
-    def _finish(self, job: _Job, error: BaseException | None = None, reason: str | None = None) -> None:
+    def _finish(self, job: Job, error: BaseException | None = None, reason: str | None = None) -> None:
         job.slot.job = None  # first: whatever fails below, the slot is free
         job.slot.last_used = time.monotonic()
         stats = job.generation.stats
