@@ -145,7 +145,7 @@ class Settings(BaseSettings):
     metrics_addr: str = _setting("127.0.0.1:9464", "host:port (e.g. 127.0.0.1:9464), or off")
     # Speculative decoding in the batched engine (bot.engine.lookup): prompt-lookup drafts
     # verified per step; 0 = none.
-    draft_tokens: int = _setting(4, "an integer from 0 to 16", ge=0, le=16)
+    draft_tokens: int = _setting(4, "an integer from 0 to 6", ge=0, le=6)
     # Sequence slots of the batched engine; 0 = as many as the free GPU memory (or RAM) holds
     # after the model and a 10% reserve, at most 16 (bot.engine.common.size_engine, logged).
     n_parallel: int = _integer(0, 0)

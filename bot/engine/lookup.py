@@ -133,8 +133,8 @@ class StepCost:
         n, t = self._n / self._w, self._t / self._w
         variance = self._nn / self._w - n * n
         if variance > 0.25:
-            per_token = max(0.0, (self._nt / self._w - n * t) / variance)
-            if per_token * n <= t:  # a line with a fixed part >= 0: trust it
+            per_token = (self._nt / self._w - n * t) / variance
+            if 0 < per_token and per_token * n <= t:  # a rising line with a fixed part >= 0: trust it
                 return t - per_token * n, per_token
         per_token = self.prior_share * t / max(1.0, n)
         return t - per_token * n, per_token
@@ -150,14 +150,13 @@ def plan_drafts(candidates: list[tuple[float, int]], cost: tuple[float, float] |
     if cost is None:
         return taken
     fixed, per_token = cost
-    if per_token <= 0:
-        return [length for _, length in candidates]
+    per_token = max(per_token, 1e-9)
     items = sorted(((chance ** i, j) for j, (chance, length) in enumerate(candidates) for i in range(1, length + 1)),
                    reverse=True)
     tokens = float(len(candidates))  # each sequence's own next token
     seconds = fixed + per_token * len(candidates)
     for value, j in items:
-        if value * seconds <= per_token * tokens:
+        if value <= 0 or value * seconds <= per_token * tokens:
             break
         taken[j] += 1
         tokens += value

@@ -57,6 +57,9 @@ from bot.engine.text_stream import TextStream
 
 log = logging.getLogger(__name__)
 MIN_RESTORE_TOKENS = 32  # below this, re-evaluating is as cheap as restoring a saved state
+# From 8 tokens in one decode llama.cpp's CPU kernels change and logits move (up to 0.94,
+# measured): a verification batch stays below that, so greedy output stays the same tokens.
+EXACT_BATCH = 7
 FLUSH_SECONDS = 0.05  # how often streamed text is handed to the event loop
 
 
@@ -530,7 +533,7 @@ class BatchedEngine(Engine):
     def _room(self, job: Job) -> int:
         """Draft tokens the job may take after its next one: its limit, the context, a batch."""
         left = job.generation.request.max_new_tokens - job.produced - 1  # the next token is produced already
-        return min(left, self._config.n_ctx - len(job.slot.tokens) - 1, self._llama.n_batch - 1)
+        return min(left, self._config.n_ctx - len(job.slot.tokens) - 1, self._llama.n_batch - 1, EXACT_BATCH - 1)
 
     def _verify(self, job: Job, index: int, drafts: list[int]) -> None:
         """Sample the job's token after its last evaluated one, then, for each draft that

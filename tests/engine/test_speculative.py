@@ -85,6 +85,15 @@ def test_plan_takes_drafts_while_they_raise_tokens_per_second() -> None:
     assert plan_drafts([(0.9, 4)], None) == [0] and plan_drafts([(0.9, 0)], gpu) == [0]
 
 
+def test_a_cost_line_that_does_not_rise_never_makes_drafts_free() -> None:
+    cost = StepCost()
+    for tokens, seconds in [(1, 0.030), (5, 0.028)] * 5:  # noise: bigger steps measured faster
+        cost.observe(tokens, seconds)
+    fixed, per_token = cost.line()
+    assert per_token > 0 and fixed >= 0  # the prior share, not a free token
+    assert plan_drafts([(0.0, 16)], cost.line()) == [0] and plan_drafts([(0.0, 4)], (0.03, 0.0)) == [0]
+
+
 def test_sample_then_compare_is_the_speculative_sampling_rule_for_a_certain_draft() -> None:
     """The textbook rule (accept draft x with probability min(1, p(x)/q(x)), else sample from
     max(0, p - q) normalized), written out here with q certain of its token, gives the same
