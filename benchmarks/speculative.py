@@ -12,7 +12,12 @@ from the first token to the last, as llama-lookup's "decoded ... t/s"):
 2. ordinary chat turns (varied questions, the bot's default sampling with a fixed seed):
    with / without, and the share of drafted tokens the model accepted;
 3. 8 conversations at once (the workload-1 and -2 prompts, 4 each): aggregate tokens/s
-   with / without.
+   with / without;
+4. a draft model (`--draft-model`, default the small GGUF as its own draft, which checks
+   the machinery: every greedy draft should be accepted), greedy on the workload-1 and -2
+   prompts: drafting at every step (`draft_always`) and as the engine decides (a draft
+   that costs a full step never pays): acceptance, greedy identity with no speculation,
+   tokens/s.
 
 Needs `llama-lookup`: built into ~/.cache/hermes-llama-tools on first use (the vendored
 llama.cpp with its examples on), a few minutes on 2 cores.
@@ -91,6 +96,26 @@ async def engine_runs(model: Path, draft: int, args: argparse.Namespace) -> dict
     return {"quoting": quoting, "chatting": chatting, "together": best_wall, "together_gens": together}
 
 
+async def greedy_replies(model: Path, args: argparse.Namespace, draft_model: Path | None = None,
+                         always: bool = False) -> list[tuple[Generation, str]]:
+    """The fastest of `--repeat` greedy replies to every workload-1 and -2 prompt, with its
+    text; with `draft_model`, drafting from it at every step (`always`) or as decided."""
+    engine = await BatchedEngine.start(BatchConfig(
+        model, n_ctx=2048, n_gpu_layers=args.n_gpu_layers, n_parallel=1, n_threads=args.threads,
+        draft_tokens=args.draft if draft_model else 0, draft_model_path=draft_model, draft_always=always))
+    try:
+        replies = []
+        for prompt in QUOTING + CHATTING:
+            tries = []
+            for _ in range(args.repeat):
+                generation = engine.submit(GenerationRequest(prompt, args.tokens, (), GREEDY))
+                tries.append((generation, await generation.text()))
+            replies.append(max(tries, key=lambda reply: speed([reply[0]])))
+        return replies
+    finally:
+        await engine.close()
+
+
 def lookup_run(binary: Path, model: Path, prompt: str, args: argparse.Namespace) -> tuple[float, float]:
     """llama-lookup's decode speed (t/s) and acceptance on `prompt`, best of `--repeat`."""
     best = (0.0, 0.0)
@@ -139,7 +164,21 @@ async def run(args: argparse.Namespace) -> None:
           f"accepted {accepted / max(1, drafted):.0%}")
     a, b = plain["together"], spec["together"]
     print(f"\n3. 8 conversations at once\nwithout {a:.1f} tokens/s aggregate, with {b:.1f} ({b / a:.2f}x)")
-    print("\nNot measured: a draft model (not built; see docs/engine.md). Shared preambles: benchmarks.shared_prefix.")
+    draft_model = Path(args.draft_model) if args.draft_model else model
+    reference = await greedy_replies(model, args)
+    plain_speed = speed([g for g, _ in reference])
+    print(f"\n4. draft model {draft_model.name} for {model.name} (greedy, {len(reference)} prompts)\n"
+          f"{'drafting':<14}{'tokens/s':>10}{'vs none':>9}{'drafted':>9}{'accepted':>10}{'identical':>11}")
+    for always in (True, False):
+        replies = await greedy_replies(model, args, draft_model, always)
+        generations = [g for g, _ in replies]
+        drafted = sum(g.stats.drafted_tokens for g in generations)
+        accepted = sum(g.stats.accepted_tokens for g in generations)
+        same = sum(text == expected for (_, text), (_, expected) in zip(replies, reference, strict=True))
+        rate = speed(generations)
+        print(f"{'every step' if always else 'as decided':<14}{rate:>10.1f}{rate / plain_speed:>8.2f}x{drafted:>9}"
+              f"{accepted / max(1, drafted):>10.0%}{same:>8}/{len(reference)}")
+    print("(no speculation: %.1f tokens/s.) Shared preambles: python -m benchmarks.shared_prefix." % plain_speed)
 
 
 def main() -> None:
@@ -150,6 +189,7 @@ def main() -> None:
     parser.add_argument("--repeat", type=int, default=3)
     parser.add_argument("--model", help="a GGUF (default: the small test model)")
     parser.add_argument("--n-gpu-layers", type=int, default=0)
+    parser.add_argument("--draft-model", help="a draft GGUF with the model's vocabulary (default: the model itself)")
     parser.add_argument("--no-lookup", action="store_true", help="skip llama-lookup (not built on the GPU box)")
     asyncio.run(run(parser.parse_args()))
 

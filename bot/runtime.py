@@ -28,6 +28,9 @@ async def start_engine(settings: Settings, model_path: Path | None) -> Engine:
 
     Warns first when N_GPU_LAYERS asks for GPU offload that this llama.cpp build cannot do
     (llama.cpp would ignore it silently and run every layer on the CPU)."""
+    if settings.draft_model_path is not None and settings.engine != "batched":
+        log.warning("DRAFT_MODEL_PATH is for ENGINE=batched; ENGINE=%s does not use it (docs/engine.md: "
+                    "a fleet's servers take their own draft model)", settings.engine)
     if settings.engine == "remote":
         from bot.engine.remote import RemoteEngine
 
@@ -58,6 +61,7 @@ async def start_engine(settings: Settings, model_path: Path | None) -> Engine:
         n_gpu_layers=settings.n_gpu_layers, n_threads=settings.n_threads,
         ram_cache_mb=settings.kv_ram_cache_mb, max_queue=settings.max_queue, repack=cpu.enabled,
         draft_tokens=settings.draft_tokens, prefix_cache_mb=settings.prefix_cache_mb,
+        draft_model_path=settings.draft_model_path,
     ))
 
 

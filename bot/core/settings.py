@@ -146,6 +146,9 @@ class Settings(BaseSettings):
     # Speculative decoding in the batched engine (bot.engine.lookup): prompt-lookup drafts
     # verified per step; 0 = none.
     draft_tokens: int = _setting(4, "an integer from 0 to 6", ge=0, le=6)
+    # A small GGUF with the model's vocabulary that drafts instead of prompt lookup
+    # (bot.engine.draft_model): for a 70B on a GPU, a 1.1B or 7B Llama-2-vocabulary model.
+    draft_model_path: Path | None = _setting(None, "a path to a .gguf file with the model's vocabulary")
     # Sequence slots of the batched engine; 0 = as many as the free GPU memory (or RAM) holds
     # after the model and a 10% reserve, at most 16 (bot.engine.common.size_engine, logged).
     n_parallel: int = _integer(0, 0)
@@ -256,7 +259,7 @@ class Settings(BaseSettings):
             value = "sqlite+aiosqlite://" + value[len("sqlite://"):]
         return value
 
-    @field_validator("model_path", "personas_dir", "models_dir", mode="before")
+    @field_validator("model_path", "draft_model_path", "personas_dir", "models_dir", mode="before")
     @classmethod
     def _path(cls, value: Any) -> Any:
         if isinstance(value, str):
@@ -266,7 +269,7 @@ class Settings(BaseSettings):
             value = Path(value)
         return value.expanduser() if isinstance(value, Path) else value
 
-    @field_validator("model_path")
+    @field_validator("model_path", "draft_model_path")
     @classmethod
     def _gguf(cls, value: Path | None) -> Path | None:
         if value is not None and value.suffix.lower() != ".gguf":

@@ -32,7 +32,9 @@ class BatchConfig:
     max_queue: int = 32
     max_parallel: int = common.MAX_PARALLEL  # the most slots `n_parallel=0` picks
     reuse_prefix: bool = True  # False: evaluate every prompt from scratch (benchmarks)
-    draft_tokens: int = 0  # prompt-lookup drafts verified per step (bot.engine.lookup); 0 = none
+    draft_tokens: int = 0  # draft tokens verified per step at most (bot.engine.lookup); 0 = none
+    draft_model_path: Path | None = None  # a draft model instead of prompt lookup (bot.engine.draft_model)
+    draft_always: bool = False  # draft every step, paying or not (benchmarks: measures the machinery)
     prefix_cache_mb: int = 0  # shared preambles kept evaluated (bot.engine.prefix_store); 0 = none
     stuck_seconds: float = 60.0  # work but no step for this long: /status says "stuck"
     watchdog_seconds: float = 1.0  # how often the watchdog looks at the scheduler thread

@@ -24,6 +24,7 @@ class Swap:
     config: BatchConfig
     llama: BatchContext | None
     done: asyncio.Future[None]
+    draft_fits: bool = True  # the draft model (if any) drafts for `llama` too
 
 
 @dataclass
@@ -49,4 +50,4 @@ class Job:
     first: float | None = None
     greedy: bool = False  # temperature 0, no penalty: argmax over the logits, no chain
     share_at: int | None = None  # save the slot's state for the prefix store at this many tokens
-    drafter: Drafter | None = None  # prompt-lookup drafts (config.draft_tokens > 0)
+    drafter: Drafter | None = None  # its drafts: prompt lookup or a draft model (config.draft_tokens > 0)

@@ -23,12 +23,26 @@ from __future__ import annotations
 import collections
 from collections.abc import Sequence
 from dataclasses import dataclass
+from typing import Protocol
 
 MAX_NGRAM = 3  # the longest tail matched
 MIN_NGRAM = 2  # one-token matches guess wrong more often than they pay (measured)
 
 
+class DraftSource(Protocol):
+    """Where a generation's drafts come from: this module's `PromptLookup`, or a draft
+    model (bot.engine.draft_model.ModelDrafts)."""
+
+    seconds_per_token: float  # what proposing a token costs (0 for a lookup)
+
+    def extend(self, token: int) -> None: ...
+
+    def draft(self, limit: int) -> list[int]: ...
+
+
 class PromptLookup:
+    seconds_per_token = 0.0  # a dictionary lookup
+
     def __init__(self, context: Sequence[int], max_draft: int, max_ngram: int = MAX_NGRAM,
                  min_ngram: int = MIN_NGRAM) -> None:
         self.max_draft = max_draft
@@ -140,35 +154,37 @@ class StepCost:
         return t - per_token * n, per_token
 
 
-def plan_drafts(candidates: list[tuple[float, int]], cost: tuple[float, float] | None) -> list[int]:
+def plan_drafts(candidates: list[tuple[float, int]], cost: tuple[float, float] | None,
+                draft_cost: float = 0.0) -> list[int]:
     """How many of its draft tokens each sequence verifies this step. `candidates`: per
     generating sequence, (the chance a draft token of it is accepted, the draft tokens it
     has). The i-th draft of a sequence is worth chance**i expected tokens; drafts are taken
     best first while they raise the step's tokens per second:
-    value / per_token > (tokens so far) / (time so far)."""
+    value / (per_token + draft_cost) > (tokens so far) / (time so far), where `draft_cost`
+    is what proposing a draft token costs (a draft model's decode; 0 for a lookup)."""
     taken = [0] * len(candidates)
     if cost is None:
         return taken
     fixed, per_token = cost
-    per_token = max(per_token, 1e-9)
+    per_draft = max(per_token, 1e-9) + max(draft_cost, 0.0)
     items = sorted(((chance ** i, j) for j, (chance, length) in enumerate(candidates) for i in range(1, length + 1)),
                    reverse=True)
     tokens = float(len(candidates))  # each sequence's own next token
     seconds = fixed + per_token * len(candidates)
     for value, j in items:
-        if value <= 0 or value * seconds <= per_token * tokens:
+        if value <= 0 or value * seconds <= per_draft * tokens:
             break
         taken[j] += 1
         tokens += value
-        seconds += per_token
+        seconds += per_draft
     return taken
 
 
 @dataclass
 class Drafter:
-    """One generation's drafting: its context's n-grams and its conversation's record."""
+    """One generation's drafting: where its drafts come from and its conversation's record."""
 
-    lookup: PromptLookup
+    source: DraftSource
     acceptance: Acceptance
 
 
@@ -182,12 +198,15 @@ class Speculation:
     sequence's drafts beside others' single tokens cost a decode pass per draft (measured: 8
     conversations, 70 ms a step without drafts, 126 with)."""
 
-    def __init__(self, draft_tokens: int, limit: int = 4096) -> None:
+    def __init__(self, draft_tokens: int, limit: int = 4096, always: bool = False) -> None:
         self.draft_tokens, self.limit = draft_tokens, limit
+        self.always = always  # draft `draft_tokens` every step, paying or not (to measure the machinery)
         self.cost = StepCost()
         self._records: collections.OrderedDict[str, Acceptance] = collections.OrderedDict()
 
-    def drafter(self, prompt: Sequence[int], conversation: str | None) -> Drafter | None:
+    def drafter(self, prompt: Sequence[int], conversation: str | None,
+                source: DraftSource | None = None) -> Drafter | None:
+        """A generation's drafting: prompt lookup over `prompt`, or `source` (a draft model)."""
         if self.draft_tokens <= 0:
             return None
         record = Acceptance() if conversation is None else self._records.pop(conversation, None) or Acceptance()
@@ -195,19 +214,25 @@ class Speculation:
             self._records[conversation] = record
             while len(self._records) > self.limit:
                 self._records.popitem(last=False)
-        return Drafter(PromptLookup(prompt, self.draft_tokens), record)
+        return Drafter(source or PromptLookup(prompt, self.draft_tokens), record)
 
     def plan(self, offers: Sequence[tuple[Drafter | None, int]]) -> list[list[int]]:
         """The draft tokens each ready sequence verifies this step. `offers`: per sequence,
-        its drafter and how many tokens it may still take (limit, context, batch)."""
+        its drafter and how many tokens it may still take (limit, context, batch). The
+        number is planned first, so a draft model proposes only tokens that pay."""
         if len(offers) != 1:
             return [[] for _ in offers]
         drafter, room = offers[0]
-        if drafter is None or room <= 0 or not drafter.acceptance.wants():
+        room = min(room, self.draft_tokens)
+        if drafter is None or room <= 0:
             return [[]]
-        drafts = drafter.lookup.draft(room)
-        count = plan_drafts([(drafter.acceptance.chance, len(drafts))], self.cost.line())[0]
-        return [drafts[:count]]
+        if self.always:
+            return [drafter.source.draft(room)]
+        if not drafter.acceptance.wants():
+            return [[]]
+        count = plan_drafts([(drafter.acceptance.chance, room)], self.cost.line(),
+                            drafter.source.seconds_per_token)[0]
+        return [drafter.source.draft(count)[:count]] if count else [[]]
 
     def observe(self, sequences: int, tokens: int, seconds: float) -> None:
         """A decode step and its verification took `seconds` (learned from one-sequence steps)."""

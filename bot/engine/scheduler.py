@@ -51,6 +51,7 @@ from bot.engine.base import (
 from bot.engine.batch_context import BatchConfig, BatchContext
 from bot.engine.batch_state import Job, Slot, Swap
 from bot.engine.common import Watchdog, as_engine_error, finish_swap
+from bot.engine.draft_model import DraftModel, ModelDrafts
 from bot.engine.lookup import Speculation
 from bot.engine.prefix_store import PrefixStats, PrefixStore, common_prefix
 from bot.engine.text_stream import TextStream
@@ -72,13 +73,15 @@ class BatchedEngine(Engine):
     `Watchdog`, which starts a fresh one.
     """
 
-    def __init__(self, config: BatchConfig, llama: BatchContext, loop: asyncio.AbstractEventLoop) -> None:
+    def __init__(self, config: BatchConfig, llama: BatchContext, loop: asyncio.AbstractEventLoop,
+                 draft: DraftModel | None = None) -> None:
         self._config = config
         self._llama = llama
         self._loop = loop
         self._slots = [Slot(seq) for seq in range(llama.n_parallel)]
         self._ram: collections.OrderedDict[str, tuple[list[int], bytes]] = collections.OrderedDict()
-        self._speculation = Speculation(config.draft_tokens)
+        self._speculation = Speculation(config.draft_tokens, always=config.draft_always)
+        self._draft = draft  # proposes the drafts instead of prompt lookup (DRAFT_MODEL_PATH)
         self._prefixes = PrefixStore(config.prefix_cache_mb * 2**20)
         self._pending: collections.deque[Generation] = collections.deque()
         self._admitting: list[Generation] = []  # taken from the queue, not yet in a slot
@@ -106,7 +109,14 @@ class BatchedEngine(Engine):
     @classmethod
     async def start(cls, config: BatchConfig) -> BatchedEngine:
         llama = await asyncio.to_thread(BatchContext, config)
-        return cls(config, llama, asyncio.get_running_loop())
+        draft = None
+        if config.draft_model_path is not None and config.draft_tokens > 0:
+            try:
+                draft = await asyncio.to_thread(DraftModel.load, config.draft_model_path, config, llama)
+            except BaseException:
+                llama.close()
+                raise
+        return cls(config, llama, asyncio.get_running_loop(), draft)
 
     # ---- the Engine interface (event loop side) ---------------------------------------
 
@@ -174,9 +184,10 @@ class BatchedEngine(Engine):
             plan = await self.plan_reload(path)
             if plan.mode == "beside":
                 llama = await asyncio.to_thread(BatchContext, config)  # the old model keeps serving
+                fits = await asyncio.to_thread(self._draft_fits, llama)
                 done: asyncio.Future[None] = self._loop.create_future()
                 with self._wakeup:
-                    self._swap = Swap(config, llama, done)
+                    self._swap = Swap(config, llama, done, fits)
                     self._wakeup.notify()
                 await done
             else:
@@ -214,9 +225,11 @@ class BatchedEngine(Engine):
         except ModelUnavailable as error:
             self._no_model(error)
             raise
+        fits = await asyncio.to_thread(self._draft_fits, llama)
         with self._wakeup:
             self._llama, self._config, self._unavailable = llama, config, None
             self._slots = [Slot(seq) for seq in range(llama.n_parallel)]
+            self._keep_draft(fits)  # the scheduler is still parked: this thread may use the draft model
             self._offline = False
             self._wakeup.notify()
         if failure is not None:
@@ -251,6 +264,9 @@ class BatchedEngine(Engine):
         if self._llama is not None:
             self._llama.close()
             self._llama = None
+        if self._draft is not None:
+            self._draft.close()
+            self._draft = None
 
     # ---- the scheduler thread ---------------------------------------------------------
 
@@ -349,7 +365,22 @@ class BatchedEngine(Engine):
         self._ram.clear()  # saved states belong to the old model
         self._prefixes.clear()
         self._speculation.new_model()  # and what a step costs
+        self._keep_draft(swap.draft_fits)
         self._loop.call_soon_threadsafe(finish_swap, old, swap.done)
+
+    def _draft_fits(self, llama: BatchContext) -> bool:
+        """Whether the draft model can draft for a newly loaded model (any thread: reads vocabularies)."""
+        return self._draft is None or self._draft.fits(llama)
+
+    def _keep_draft(self, fits: bool) -> None:
+        """At a swap, nothing under way: the draft model starts afresh for the new model, or closes."""
+        if self._draft is None:
+            return
+        if fits:
+            self._draft.reset()
+        else:
+            self._draft.close()
+            self._draft = None
 
     def _take_admissible(self) -> list[Generation]:
         """Under the lock: as many waiting requests as there are free slots (FIFO)."""
@@ -441,7 +472,8 @@ class BatchedEngine(Engine):
         sampling = request.sampling
         greedy = sampling.temperature <= 0 and sampling.repeat_penalty == 1.0
         job = Job(generation, tokens, llama.sampler(request), slot, TextStream(request.stop), fed=keep, greedy=greedy)
-        job.drafter = self._speculation.drafter(tokens, conversation)
+        source = ModelDrafts(self._draft, slot.seq, tokens) if self._draft is not None else None
+        job.drafter = self._speculation.drafter(tokens, conversation, source)
         generation.stats.prompt_tokens = len(tokens)
         generation.stats.reused_tokens = keep
         job.share_at = self._share_point(request, tokens, keep)
@@ -626,7 +658,7 @@ class BatchedEngine(Engine):
             return self._finish(job, reason="length")
         job.next_token = token
         if job.drafter is not None:
-            job.drafter.lookup.extend(token)
+            job.drafter.source.extend(token)
         return None
 
     def _finish(self, job: Job, error: BaseException | None = None, reason: str | None = None) -> None:

@@ -19,7 +19,9 @@ from tests.e2e.fake_discord import FakeDiscord, wait_for
 from tests.e2e.nothing_lost import assert_nothing_lost, live_stop_buttons, rows
 
 pytestmark = pytest.mark.llama
-LONG = {"MAX_NEW_TOKENS": "700", "N_CTX": "2048", "TEMPERATURE": "0", "REPEAT_PENALTY": "1.0"}
+# Long enough that the reply is still being written well after it spills into a second
+# Discord message (700 tokens ended within a poll of that on a fast host: CI, 2026-12-07).
+LONG = {"MAX_NEW_TOKENS": "1400", "N_CTX": "4096", "TEMPERATURE": "0", "REPEAT_PENALTY": "1.0"}
 ASK = "Write a very long story about a lighthouse keeper, in many paragraphs."
 
 
