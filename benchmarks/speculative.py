@@ -99,9 +99,11 @@ async def engine_runs(model: Path, draft: int, args: argparse.Namespace) -> dict
 async def greedy_replies(model: Path, args: argparse.Namespace, draft_model: Path | None = None,
                          always: bool = False) -> list[tuple[Generation, str]]:
     """The fastest of `--repeat` greedy replies to every workload-1 and -2 prompt, with its
-    text; with `draft_model`, drafting from it at every step (`always`) or as decided."""
+    text; with `draft_model`, drafting from it at every step (`always`) or as decided. Every
+    try evaluates its prompt afresh: a prompt evaluated in other chunks gives logits a hair
+    apart, and greedy text can differ for that alone."""
     engine = await BatchedEngine.start(BatchConfig(
-        model, n_ctx=2048, n_gpu_layers=args.n_gpu_layers, n_parallel=1, n_threads=args.threads,
+        model, n_ctx=2048, n_gpu_layers=args.n_gpu_layers, n_parallel=1, n_threads=args.threads, reuse_prefix=False,
         draft_tokens=args.draft if draft_model else 0, draft_model_path=draft_model, draft_always=always))
     try:
         replies = []

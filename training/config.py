@@ -110,6 +110,16 @@ class ExportSpec:
     check: StrictBool = True  # compare each GGUF with transformers (needs the merged model in memory)
 
 
+@dataclass(config=STRICT_KEYS)
+class EvalSpec:
+    enabled: StrictBool = False  # `hermes-train all` runs the eval stage too
+    tasks: list[StrictStr] = field(default_factory=lambda: ["gpt4all"])  # suites or harness task names
+    limit: StrictInt | None = None  # items per task (a quick look: the table says partial)
+    n_gpu_layers: StrictInt = -1  # as the bot's N_GPU_LAYERS
+    n_ctx: StrictInt = 2048
+    hf: StrictBool = False  # also the merged Hugging Face model (the harness's hf backend)
+
+
 def _datasets(value: Any) -> Any:
     """`datasets: [a.json, …]` is short for `[{path: a.json}, …]`."""
     if isinstance(value, list):
@@ -125,6 +135,7 @@ class TrainConfig:
     lora: LoraSpec = field(default_factory=LoraSpec)
     train: TrainSpec = field(default_factory=TrainSpec)
     export: ExportSpec = field(default_factory=ExportSpec)
+    eval: EvalSpec = field(default_factory=EvalSpec)
     hub_repo: StrictStr | None = None  # optional: upload the adapter / GGUF here
 
     @property
@@ -199,6 +210,10 @@ def _check(config: TrainConfig) -> None:
         raise ConfigError(f"export.outtype={e.outtype!r}: expected 'f16' or 'bf16'")
     if e.merge_into not in {"nf4", "bf16"}:
         raise ConfigError(f"export.merge_into={e.merge_into!r}: expected 'nf4' or 'bf16'")
+    if config.eval.limit is not None and config.eval.limit < 1:
+        raise ConfigError(f"eval.limit={config.eval.limit}: expected at least 1 (or null for every item)")
+    if not config.eval.tasks:
+        raise ConfigError("eval.tasks: expected a non-empty list of suites or task names")
     if any(not d.weight > 0 for d in config.datasets):
         raise ConfigError("datasets: every weight must be > 0")
 
