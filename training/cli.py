@@ -4,7 +4,9 @@
     hermes-train train    CONFIG   QLoRA (resumes from the last checkpoint; --fresh to restart)
     hermes-train merge    CONFIG   adapter + base → merged safetensors (shard by shard)
     hermes-train export   CONFIG   merged → GGUF (f16/bf16) → quantized GGUFs, then check them
-    hermes-train all      CONFIG   every stage above, in order
+    hermes-train all      CONFIG   every stage above, in order (and eval, when `eval.enabled`)
+    hermes-train eval     CONFIG   lm-evaluation-harness on the run's GGUFs: a table beside the model card's
+    hermes-train eval --compare f16.gguf q8_0.gguf q4_k_m.gguf [--tasks gpt4all]   any files, side by side
     hermes-train upload   CONFIG   push the adapter and GGUFs to `hub_repo`
 
 Multi-GPU: `accelerate launch --config_file training/configs/accelerate/ddp-8xh100.yaml
@@ -31,7 +33,7 @@ from pathlib import Path
 from training.config import ConfigError, TrainConfig, load_config
 
 log = logging.getLogger("training")
-STAGES = ("data", "train", "merge", "export", "all", "upload")
+STAGES = ("data", "train", "merge", "export", "all", "eval", "upload")
 
 
 def paths(config: TrainConfig) -> dict[str, Path]:
@@ -92,6 +94,44 @@ def run_export(config: TrainConfig) -> list[Path]:
     return outputs
 
 
+def run_eval(config: TrainConfig | None, args: argparse.Namespace) -> int:
+    """The eval stage: the run's GGUFs (unquantized first, so each quantization's column shows
+    its loss), the merged model first with `--hf`; or the files of `--compare`."""
+    from training.evaluate import EvalError, run
+
+    spec = config.eval if config is not None else None
+    tasks = args.tasks.split(",") if args.tasks else (spec.tasks if spec else ["gpt4all"])
+    limit = args.limit if args.limit is not None else (spec.limit if spec else None)
+    n_gpu_layers = args.n_gpu_layers if args.n_gpu_layers is not None else (spec.n_gpu_layers if spec else -1)
+    if args.compare:
+        models = [str(m) for m in args.compare]
+        out = args.out or Path("eval")
+    elif config is not None:
+        p = paths(config)
+        stem = config.output_dir.name
+        order = [config.export.outtype, *config.export.quantizations]
+        models = [str(p["gguf"] / f"{stem}.{q}.gguf") for q in order if (p["gguf"] / f"{stem}.{q}.gguf").is_file()]
+        if not models:
+            print(f"error: no GGUF in {p['gguf']}: run `hermes-train export` first", file=sys.stderr)
+            return 2
+        if args.hf or (spec is not None and spec.hf):
+            models.insert(0, str(p["merged"]))
+        out = args.out or config.output_dir / "eval"
+    else:
+        print("error: hermes-train eval needs a CONFIG or --compare FILE...", file=sys.stderr)
+        return 2
+    missing = [m for m in models if not Path(m).exists()]
+    if missing:
+        print(f"error: not found: {', '.join(missing)}", file=sys.stderr)
+        return 2
+    try:
+        print(f"table written to {run(models, tasks, out, limit, spec.n_ctx if spec else 2048, n_gpu_layers)}")
+    except EvalError as error:
+        print(f"error: {error}", file=sys.stderr)
+        return 2
+    return 0
+
+
 def resolve_base(base_model: str) -> Path:
     """A local folder as is; a hub id downloaded (safetensors, config, tokenizer) once."""
     if Path(base_model).is_dir():
@@ -104,12 +144,25 @@ def resolve_base(base_model: str) -> Path:
 def main(argv: Sequence[str] | None = None) -> int:
     parser = argparse.ArgumentParser(prog="hermes-train", description=__doc__.splitlines()[0])
     parser.add_argument("stage", choices=STAGES)
-    parser.add_argument("config", type=Path, help="YAML recipe, e.g. training/configs/hermes-llama2-70b.yaml")
+    parser.add_argument("config", type=Path, nargs="?",
+                        help="YAML recipe, e.g. training/configs/hermes-llama2-70b.yaml")
     parser.add_argument("--fresh", action="store_true", help="train from scratch even if checkpoints exist")
+    evaluation = parser.add_argument_group("eval")
+    evaluation.add_argument("--tasks", help="comma-separated suites (gpt4all, bigbench, agieval, local) or task names")
+    evaluation.add_argument("--compare", nargs="+", type=Path, metavar="MODEL",
+                            help="GGUF files (or merged model folders) side by side; the first is the reference")
+    evaluation.add_argument("--limit", type=int, help="at most this many items per task (the table says partial)")
+    evaluation.add_argument("--hf", action="store_true", help="also the merged model, with the harness's hf backend")
+    evaluation.add_argument("--n-gpu-layers", type=int, help="as the bot's N_GPU_LAYERS (default: the config's, -1)")
+    evaluation.add_argument("--out", type=Path, help="where eval.md and eval.json go (default: the run's eval/)")
     args = parser.parse_args(argv)
     rank, world = launched_ranks()
     where = f"[rank {rank}/{world}] " if world > 1 else ""
     logging.basicConfig(level=logging.INFO, format=f"%(asctime)s %(levelname)s {where}%(name)s: %(message)s")
+    if args.stage == "eval" and args.config is None:
+        return run_eval(None, args)
+    if args.config is None:
+        parser.error(f"hermes-train {args.stage} needs a CONFIG")
     try:
         config = load_config(args.config)
     except ConfigError as error:
@@ -140,6 +193,11 @@ def main(argv: Sequence[str] | None = None) -> int:
     if args.stage in ("export", "all"):
         log.info("stage export")
         run_export(config)
+    if args.stage == "eval" or (args.stage == "all" and config.eval.enabled):
+        log.info("stage eval")
+        code = run_eval(config, args)
+        if code:
+            return code
     if args.stage == "upload":
         log.info("stage upload")
         if not config.hub_repo:

@@ -14,9 +14,9 @@ from typing import Any
 import pytest
 
 from bot.core.conversation import Message
+from bot.core.prompt import build_prompt
 from bot.engine.base import GenerationRequest, SamplingParams
 from bot.engine.llama import LlamaConfig, LlamaEngine
-from bot.core.prompt import build_prompt
 from tests.training.conftest import alpaca_records, tiny_config
 from training.data import prepare_dataset
 from training.model import load_tokenizer
@@ -194,3 +194,16 @@ def test_one_command_runs_the_whole_chain(tiny_base: Path, tmp_path: Path) -> No
     lines = [line for line in result.stdout.splitlines() if line.startswith("MODEL_PATH=")]
     assert [Path(line.split("=", 1)[1]).name for line in lines] == ["run.f16.gguf", "run.Q4_K_M.gguf"]
     assert all(Path(line.split("=", 1)[1]).is_file() for line in lines)
+
+
+def test_eval_on_the_tiny_trained_model_writes_the_table(exported: dict[str, Path], tmp_path: Path) -> None:
+    from training.cli import main
+
+    files = [str(exported[q]) for q in ("F16", "Q8_0", "Q4_K_M")]
+    assert main(["eval", "--compare", *files, "--tasks", "local", "--limit", "20", "--out", str(tmp_path),
+                 "--n-gpu-layers", "0"]) == 0
+    data = json.loads((tmp_path / "eval.json").read_text())
+    assert data["models"] == ["tiny.f16.gguf", "tiny.Q8_0.gguf", "tiny.Q4_K_M.gguf"]
+    accs = [r["values"] for r in data["rows"] if (r["task"], r["metric"]) == ("hermes_local_mc", "acc")][0]
+    assert all(0 <= v["value"] <= 1 for v in accs.values())
+    assert "Δ vs tiny.f16.gguf" in (tmp_path / "eval.md").read_text()
