@@ -30,6 +30,18 @@ async def stored_reply(h: Harness, channel_id: int):  # type: ignore[no-untyped-
     return reply
 
 
+async def delivered_reply(h: Harness, channel_id: int, tries: int = 600):  # type: ignore[no-untyped-def]
+    """The latest stored reply once it is final and marked delivered: the bot stores a final
+    state first, makes Discord show it, and only then marks it delivered, so Discord can
+    show the final reply a moment before the store says so."""
+    for _ in range(tries):
+        reply = await stored_reply(h, channel_id)
+        if reply.status != "streaming" and not reply.undelivered:
+            return reply
+        await asyncio.sleep(0.05)
+    raise AssertionError(f"reply not delivered: {reply}")
+
+
 async def ask(h: Harness, text: str, answer: str) -> tuple[int, int]:
     """Ann asks in her DM; the question's id and its (final) reply's id."""
     d = h.discord
@@ -37,6 +49,7 @@ async def ask(h: Harness, text: str, answer: str) -> tuple[int, int]:
     question = await d.user_says(d.ann, d.dm, text)
     reply_id = int((await wait_for(lambda: d.replies_to(question)))[0]["id"])
     await wait_for(lambda: d.messages[reply_id]["content"] == answer and labels(d, reply_id) == FINAL)
+    await delivered_reply(h, d.dm)  # until then a click is told "still being written"
     return question, reply_id
 
 
@@ -50,16 +63,18 @@ async def test_swipes_choose_the_reply_in_history_and_survive_a_restart(start_bo
     await d.click(d.ann, reply_id, regen)
     await wait_for(lambda: d.messages[reply_id]["content"] == "Second answer." and "▶" in labels(d, reply_id))
     assert labels(d, reply_id) == ["◀", "2/2", "▶", *FINAL]
+    await delivered_reply(h, d.dm)
     await d.click(d.ann, reply_id, regen)
     await wait_for(lambda: d.messages[reply_id]["content"] == "Third answer." and "3/3" in labels(d, reply_id))
     assert disabled(d, reply_id) == ["3/3", "▶"], "nothing after the newest"
+    await delivered_reply(h, d.dm)
 
     # ◀ shows the second: in Discord, and as the stored reply (the one in history).
     click = await d.click(d.ann, reply_id, f"hermes:swipe:prev:{d.ann.id}")
     await wait_for(lambda: d.messages[reply_id]["content"] == "Second answer." and "2/3" in labels(d, reply_id))
     assert click.response_type == 6
-    reply = await stored_reply(h, d.dm)
-    assert (reply.content, reply.undelivered) == ("Second answer.", False)
+    reply = await delivered_reply(h, d.dm)
+    assert reply.content == "Second answer."
     assert await h.store.alternatives(reply.id) == ["First answer.", "Second answer.", "Third answer."]
     # Someone else may not swipe it.
     eve = await d.click(User(999, "Eve"), reply_id, f"hermes:swipe:next:{d.ann.id}")
@@ -100,7 +115,7 @@ async def test_continue_extends_the_reply_and_the_next_prompt_has_all_of_it(star
     assert click.response_type == 6
     continued = h.engine.prompts[-1]
     assert continued.endswith("### Response:\nThe sea is wide"), "the reply is left open, no new turn"
-    assert (await stored_reply(h, d.dm)).content == "The sea is wide and deep."
+    assert (await delivered_reply(h, d.dm)).content == "The sea is wide and deep."
 
     # /continue works on the latest reply too.
     h.engine.say(" Ships sail on it.")
@@ -125,7 +140,7 @@ async def test_a_continuation_past_2000_characters_adds_a_part(start_bot: StartB
     h.engine.say(" more" * 60)
     await d.click(d.ann, reply_id, f"hermes:continue:{d.ann.id}")
     await wait_for(lambda: len(d.bot_messages(d.dm)) == 2 and labels(d, reply_id) == FINAL)
-    reply = await stored_reply(h, d.dm)
+    reply = await delivered_reply(h, d.dm)
     assert reply.content == (first + "more " * 60).strip()
     assert len(reply.part_ids) == 2 and int(reply.part_ids[0]) == reply_id
     shown = "".join(d.messages[int(p)]["content"] for p in reply.part_ids)
@@ -184,10 +199,7 @@ async def test_a_continue_that_cannot_start_leaves_the_finished_reply_finished(
     h.engine.broken = EngineError("the model is being reloaded")
     await d.click(d.ann, reply_id, f"hermes:continue:{d.ann.id}")
     await wait_for(lambda: "cannot answer in" in caplog.text, timeout=30)  # the Continue ran and failed
-    for _ in range(300):
-        if (reply := await stored_reply(h, d.dm)).status != "streaming" and not reply.undelivered:
-            break
-        await asyncio.sleep(0.05)
+    reply = await delivered_reply(h, d.dm, tries=300)
     h.engine.broken = None
     assert (reply.status, reply.content, reply.notice) == ("done", "The sea is wide and deep.", None)
     assert d.messages[reply_id]["content"] == "The sea is wide and deep."
@@ -210,10 +222,11 @@ async def test_a_redelivery_never_writes_an_older_copy_over_a_swipe(
     q = await d.user_says(d.ann, d.dm, "tell me")
     rid = int((await wait_for(lambda: d.replies_to(q)))[0]["id"])
     await wait_for(lambda: d.messages[rid]["content"] == "Take A." and labels(d, rid) == FINAL)
+    await delivered_reply(h, d.dm)
     h.engine.say("Take B.")
     await d.click(d.ann, rid, f"hermes:regen:{d.ann.id}")
     await wait_for(lambda: d.messages[rid]["content"] == "Take B." and "2/2" in labels(d, rid))
-    reply = await stored_reply(h, d.dm)
+    reply = await delivered_reply(h, d.dm)
     assert await h.store.alternatives(reply.id) == ["Take A.", "Take B."]
 
     # Discord has a bad moment: ◀ is stored (content A) but not shown yet: undelivered.
