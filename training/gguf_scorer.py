@@ -13,13 +13,14 @@ every choice's sequence) and several items share one decode, up to `n_batch` tok
 
 from __future__ import annotations
 
-import ctypes
 import logging
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 
 import numpy
+
+from bot.engine import llama_tokens
 
 log = logging.getLogger(__name__)
 
@@ -88,23 +89,10 @@ class GGUFScorer:
     # ---- text and tokens ----------------------------------------------------------------
 
     def tokenize(self, text: str, add_bos: bool = False) -> list[int]:
-        data = text.encode("utf-8")
-        size = len(data) + 8
-        buffer = (self.lib.llama_token * size)()
-        n = self.lib.llama_tokenize(self.vocab, data, len(data), buffer, size, add_bos and self.add_bos, False)
-        if n < 0:
-            size = -n
-            buffer = (self.lib.llama_token * size)()
-            n = self.lib.llama_tokenize(self.vocab, data, len(data), buffer, size, add_bos and self.add_bos, False)
-        return list(buffer[:n])
+        return llama_tokens.tokenize(self.lib, self.vocab, text, add_bos and self.add_bos)
 
     def piece(self, token: int) -> bytes:
-        buffer = ctypes.create_string_buffer(64)
-        n = self.lib.llama_token_to_piece(self.vocab, token, buffer, 64, 0, False)
-        if n < 0:
-            buffer = ctypes.create_string_buffer(-n)
-            n = self.lib.llama_token_to_piece(self.vocab, token, buffer, -n, 0, False)
-        return buffer.raw[:n]
+        return llama_tokens.piece(self.lib, self.vocab, token)
 
     def prefix(self) -> list[int]:
         """What an empty context is: BOS (where the model uses one)."""

@@ -14,7 +14,7 @@ from typing import Any
 
 import numpy
 
-from bot.engine import common, repack
+from bot.engine import common, llama_tokens, repack
 from bot.engine.base import EngineError, GenerationRequest, ModelLoadError
 
 log = logging.getLogger(__name__)
@@ -99,23 +99,10 @@ class BatchContext:
         self.n_batch = config.n_batch
 
     def tokenize(self, text: str, add_bos: bool = True) -> list[int]:
-        data = text.encode("utf-8")
-        size = len(data) + 8
-        buffer = (self.lib.llama_token * size)()
-        n = self.lib.llama_tokenize(self.vocab, data, len(data), buffer, size, add_bos, False)
-        if n < 0:
-            size = -n
-            buffer = (self.lib.llama_token * size)()
-            n = self.lib.llama_tokenize(self.vocab, data, len(data), buffer, size, add_bos, False)
-        return list(buffer[:n])
+        return llama_tokens.tokenize(self.lib, self.vocab, text, add_bos)
 
     def piece(self, token: int) -> bytes:
-        buffer = ctypes.create_string_buffer(64)
-        n = self.lib.llama_token_to_piece(self.vocab, token, buffer, 64, 0, False)
-        if n < 0:
-            buffer = ctypes.create_string_buffer(-n)
-            n = self.lib.llama_token_to_piece(self.vocab, token, buffer, -n, 0, False)
-        return buffer.raw[:n]
+        return llama_tokens.piece(self.lib, self.vocab, token)
 
     def is_end(self, token: int) -> bool:
         return bool(self.lib.llama_vocab_is_eog(self.vocab, token))

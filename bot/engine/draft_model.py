@@ -84,11 +84,12 @@ class DraftModel:
         if reason := vocabulary_mismatch(self.llama, target):
             log.warning("draft model %s is off: it cannot draft for %s (%s)", self.name, "the new model", reason)
             return False
-        self.n_target_vocab = min(self.n_target_vocab, target.n_vocab)
         return True
 
-    def reset(self) -> None:
-        """Forget every draft sequence (a new served model: its slots start empty)."""
+    def reset(self, target: BatchContext) -> None:
+        """Draft for `target` from now on (a new served model, checked by `fits`): every draft
+        sequence forgotten (its slots start empty), tokens past its vocabulary never proposed."""
+        self.n_target_vocab = target.n_vocab
         self._evaluated = [[] for _ in range(self.llama.n_parallel)]
         for seq in range(self.llama.n_parallel):
             self.llama.forget(seq)

@@ -229,7 +229,7 @@ class BatchedEngine(Engine):
         with self._wakeup:
             self._llama, self._config, self._unavailable = llama, config, None
             self._slots = [Slot(seq) for seq in range(llama.n_parallel)]
-            self._keep_draft(fits)  # the scheduler is still parked: this thread may use the draft model
+            self._keep_draft(fits, llama)  # the scheduler is still parked: this thread may use the draft model
             self._offline = False
             self._wakeup.notify()
         if failure is not None:
@@ -365,19 +365,19 @@ class BatchedEngine(Engine):
         self._ram.clear()  # saved states belong to the old model
         self._prefixes.clear()
         self._speculation.new_model()  # and what a step costs
-        self._keep_draft(swap.draft_fits)
+        self._keep_draft(swap.draft_fits, swap.llama)
         self._loop.call_soon_threadsafe(finish_swap, old, swap.done)
 
     def _draft_fits(self, llama: BatchContext) -> bool:
         """Whether the draft model can draft for a newly loaded model (any thread: reads vocabularies)."""
         return self._draft is None or self._draft.fits(llama)
 
-    def _keep_draft(self, fits: bool) -> None:
-        """At a swap, nothing under way: the draft model starts afresh for the new model, or closes."""
+    def _keep_draft(self, fits: bool, llama: BatchContext) -> None:
+        """At a swap to `llama`, nothing under way: the draft model starts afresh for it, or closes."""
         if self._draft is None:
             return
         if fits:
-            self._draft.reset()
+            self._draft.reset(llama)
         else:
             self._draft.close()
             self._draft = None

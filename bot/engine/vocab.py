@@ -9,7 +9,7 @@ import ctypes
 import logging
 from pathlib import Path
 
-from bot.engine import repack
+from bot.engine import llama_tokens, repack
 from bot.engine.base import ModelLoadError
 
 
@@ -34,15 +34,7 @@ class VocabTokenizer:
         self.path = path
 
     def tokenize(self, text: str) -> list[int]:
-        data = text.encode("utf-8")
-        size = len(data) + 8
-        buffer = (self.lib.llama_token * size)()
-        n = self.lib.llama_tokenize(self.vocab, data, len(data), buffer, size, True, False)
-        if n < 0:
-            size = -n
-            buffer = (self.lib.llama_token * size)()
-            n = self.lib.llama_tokenize(self.vocab, data, len(data), buffer, size, True, False)
-        return list(buffer[:n])
+        return llama_tokens.tokenize(self.lib, self.vocab, text, add_bos=True)
 
     def close(self) -> None:
         if self.model:

@@ -13,7 +13,8 @@ import pytest
 
 from bot.engine.base import GenerationRequest, ModelLoadError, SamplingParams
 from bot.engine.lookup import plan_drafts
-from bot.engine.scheduler import BatchConfig, BatchedEngine
+from bot.engine.scheduler import BatchedEngine
+from tests.engine.engine_pairs import plain_and, start
 
 GREEDY = SamplingParams(temperature=0.0, repeat_penalty=1.0, seed=1)
 PROMPT = "### Instruction:\nAnn: Tell me about the sea, the wind and the old lighthouse.\n\n### Response:\n"
@@ -29,20 +30,15 @@ def test_the_plan_pays_for_proposing_drafts() -> None:
     assert plan_drafts([(0.5, 4)], line, draft_cost=0.010 / 4) == [1]
 
 
-async def start(gguf_path: Path, draft: Path | None, **kw: object) -> BatchedEngine:
-    return await BatchedEngine.start(BatchConfig(gguf_path, n_ctx=1024, n_gpu_layers=0, n_parallel=2,
-                                                 draft_tokens=4 if draft else 0, draft_model_path=draft, **kw))
+def drafting(draft: Path) -> dict[str, object]:
+    """The settings of an engine that drafts with `draft`."""
+    return {"draft_tokens": 4, "draft_model_path": draft}
 
 
 @pytest.fixture
 async def engines(gguf_path: Path) -> AsyncIterator[tuple[BatchedEngine, BatchedEngine]]:
-    plain = await start(gguf_path, None)
-    drafted = await start(gguf_path, gguf_path, draft_always=True)
-    try:
-        yield plain, drafted
-    finally:
-        await plain.close()
-        await drafted.close()
+    async with plain_and(gguf_path, **drafting(gguf_path), draft_always=True) as pair:
+        yield pair
 
 
 @pytest.mark.llama
@@ -113,7 +109,7 @@ async def test_a_draft_model_with_another_vocabulary_is_refused_with_what_to_do(
     gguf_path: Path, other_vocabulary: Path
 ) -> None:
     with pytest.raises(ModelLoadError) as refused:
-        await start(gguf_path, other_vocabulary)
+        await start(gguf_path, **drafting(other_vocabulary))
     message = str(refused.value)
     assert "tiny.f16.gguf cannot draft" in message and "same vocabulary" in message
     assert "320 tokens" in message, message
@@ -123,7 +119,7 @@ async def test_a_draft_model_with_another_vocabulary_is_refused_with_what_to_do(
 async def test_a_hot_swap_to_a_model_the_draft_cannot_serve_turns_the_draft_model_off(
     gguf_path: Path, other_vocabulary: Path, caplog: pytest.LogCaptureFixture
 ) -> None:
-    engine = await start(gguf_path, gguf_path, draft_always=True)
+    engine = await start(gguf_path, **drafting(gguf_path), draft_always=True)
     try:
         caplog.set_level(logging.WARNING)
         await engine.reload(str(other_vocabulary))

@@ -14,7 +14,8 @@ import pytest
 
 from bot.engine.base import GenerationRequest, SamplingParams
 from bot.engine.lookup import Acceptance, PromptLookup, StepCost, plan_drafts
-from bot.engine.scheduler import BatchConfig, BatchedEngine
+from bot.engine.scheduler import BatchedEngine
+from tests.engine.engine_pairs import plain_and, start
 
 GREEDY = SamplingParams(temperature=0.0, repeat_penalty=1.0, seed=1)
 SAMPLED = SamplingParams(temperature=0.8, top_p=0.95, top_k=40, repeat_penalty=1.1, seed=1234)
@@ -123,19 +124,10 @@ def test_sample_then_compare_is_the_speculative_sampling_rule_for_a_certain_draf
 # ---- the engine, with the real small model -------------------------------------------------
 
 
-async def start(gguf_path: Path, draft_tokens: int, **kw: int | bool) -> BatchedEngine:
-    return await BatchedEngine.start(BatchConfig(gguf_path, n_ctx=1024, n_gpu_layers=0, n_parallel=2,
-                                                 draft_tokens=draft_tokens, **kw))
-
-
 @pytest.fixture
 async def engines(gguf_path: Path) -> AsyncIterator[tuple[BatchedEngine, BatchedEngine]]:
-    plain, speculative = await start(gguf_path, 0), await start(gguf_path, 4)
-    try:
-        yield plain, speculative
-    finally:
-        await plain.close()
-        await speculative.close()
+    async with plain_and(gguf_path, draft_tokens=4) as pair:
+        yield pair
 
 
 @pytest.mark.llama
@@ -160,7 +152,7 @@ async def test_sampled_output_with_a_fixed_seed_is_the_same_with_speculation(
     same random numbers: the reply without speculation is the reference. Drafting at every
     step (whether the engine's cost plan would pay for it depends on this host's timings)."""
     plain, _ = engines
-    speculative = await start(gguf_path, 4, draft_always=True)
+    speculative = await start(gguf_path, draft_tokens=4, draft_always=True)
     try:
         drafted = 0
         for seed in (1, 2, 3):
@@ -226,7 +218,7 @@ async def test_two_conversations_at_once_draft_nothing_and_write_the_same(
 async def test_drafts_that_do_not_pay_stop(gguf_path: Path) -> None:
     """A reply with nothing to quote: the few drafts tried are mostly rejected, and the
     conversation stops drafting instead of paying for them at every step."""
-    engine = await start(gguf_path, 4)
+    engine = await start(gguf_path, draft_tokens=4)
     try:
         prompt = "### Instruction:\nAnn: Invent a brand new word and define it.\n\n### Response:\n"
         generation = engine.submit(GenerationRequest(prompt, 64, (), SAMPLED, "noquote"))
