@@ -108,7 +108,8 @@ class PartWriter:
         self.swipes: SwipeView | None = None  # the reply's alternatives, for the final buttons
         self._swipes_shown: SwipeView | None = None
         self.retry_seconds = retry_seconds
-        # Stores the reply's part ids when parts leave it (set by the reply's owner).
+        # Stores the reply's part ids as parts join or leave it (set by the reply's owner): a
+        # person deleting a part just posted must find it in the store to erase the reply.
         self.persist: Callable[[list[str]], Awaitable[None]] | None = None
 
     async def put(self, parts: list[str], running: bool) -> None:
@@ -176,6 +177,8 @@ class PartWriter:
         message_id = await retried(lambda: self.poster.send(part, **extra), "send a reply", self.retry_seconds)
         self.part_ids.append(message_id)
         self.shown.append(part)
+        if self.persist is not None:
+            await self.persist([str(i) for i in self.part_ids])
         if index == 0:
             self.running, self._swipes_shown = running, self.swipes
 
@@ -258,12 +261,11 @@ class ReplyStream:
         text = self.base + text
         self.text = text
         # Stored before it is shown: a crash in between never leaves Discord showing text
-        # that history lacks. A part's id is known only once Discord took it: stored next
-        # (a crash in that window leaves an orphan part that recovery adopts).
+        # that history lacks. A part's id is known only once Discord took it: the writer
+        # stores it next (a crash in that window leaves an orphan part that recovery adopts).
         await self.store.update_reply(self.reply_id, text, [str(i) for i in self.writer.part_ids])
         if self.undelivered:
             return
-        parts_before = list(self.writer.part_ids)
         try:
             await self.writer.put(split_message(display(text, notice)), running=True)
         except (discord.HTTPException, OSError) as error:
@@ -271,8 +273,6 @@ class ReplyStream:
                 raise
             log.warning("Discord is not taking reply %d (%s); it goes on in the store", self.reply_id, error)
             self.undelivered = True
-        if self.writer.part_ids != parts_before:  # added, or posted again (a frozen part)
-            await self.store.update_reply(self.reply_id, text, [str(i) for i in self.writer.part_ids])
 
     async def finish(self, stopped: bool = False) -> bool:
         return await self._final(STOPPED if stopped else DONE, STOPPED_NOTICE if stopped else None)

@@ -7,9 +7,12 @@ from __future__ import annotations
 import asyncio
 import sqlite3
 from datetime import UTC, datetime, timedelta
+from typing import Any
+
+import pytest
 
 from bot.core.conversation import Message
-from tests.e2e.conftest import StartBot
+from tests.e2e.conftest import Harness, StartBot
 from tests.e2e.fake_discord import GUILD_ID, wait_for
 
 
@@ -117,12 +120,11 @@ async def test_a_deleted_channel_and_a_server_that_removed_the_bot_are_purged(
     assert "hi in private" in texts(database_url), "a DM is not the server's"
 
 
-async def test_deleting_a_later_part_of_a_long_reply_erases_it(start_bot: StartBot) -> None:
-    """Found by a hostile review: only the first part of a reply was matched, so deleting
-    its second Discord message (a moderator removing the offending half) erased nothing."""
+async def deleting_the_second_part_erases(h: Harness) -> None:
+    """A long reply; the person deletes its second Discord message as soon as it appears:
+    the reply's text leaves history."""
     from tests.e2e.test_swipes import FINAL, labels
 
-    h = await start_bot()
     h.engine.delay = 0.0
     d = h.discord
     h.engine.say(("word " * 380 + "SECRET-IN-PART-TWO " * 20).strip())
@@ -141,3 +143,25 @@ async def test_deleting_a_later_part_of_a_long_reply_erases_it(start_bot: StartB
             break
         await asyncio.sleep(0.05)
     assert "SECRET" not in await history() and "write a lot" in await history()
+
+
+async def test_deleting_a_later_part_of_a_long_reply_erases_it(start_bot: StartBot) -> None:
+    """Found by a hostile review: only the first part of a reply was matched, so deleting
+    its second Discord message (a moderator removing the offending half) erased nothing."""
+    await deleting_the_second_part_erases(await start_bot())
+
+
+async def test_a_part_deleted_before_the_reply_is_marked_delivered_erases_it(
+        start_bot: StartBot, monkeypatch: pytest.MonkeyPatch) -> None:
+    """Found by delay injection: a part posted by the final delivery was stored only with
+    the delivered mark, after every part; a deletion in between matched no reply and the
+    text stayed in history. Each part's id is now stored as soon as Discord took it."""
+    h = await start_bot()
+    mark_delivered = h.store.mark_delivered
+
+    async def slow_mark(*args: Any, **kw: Any) -> None:
+        await asyncio.sleep(0.5)  # Discord slow to answer the final edits of a reply
+        await mark_delivered(*args, **kw)
+
+    monkeypatch.setattr(h.store, "mark_delivered", slow_mark)
+    await deleting_the_second_part_erases(h)

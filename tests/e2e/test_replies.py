@@ -7,6 +7,7 @@ import re
 from tests.e2e.conftest import StartBot
 from tests.e2e.fake_discord import wait_for
 from tests.e2e.test_conversations import stored
+from tests.e2e.test_swipes import delivered_reply
 
 LONG_STORY = " ".join(f"Word{i}." for i in range(120))
 
@@ -87,6 +88,7 @@ async def test_regenerate_replaces_the_reply(start_bot: StartBot) -> None:
     reply_id = int((await wait_for(lambda: d.replies_to(question)))[0]["id"])
     await wait_for(lambda: d.messages[reply_id]["content"] == "A first try.")
     await stored(h, d.general, 2)
+    await delivered_reply(h, d.general)  # until then a click is told "still being written"
     click = await d.click(d.ann, reply_id, f"hermes:regen:{d.ann.id}")
     await wait_for(lambda: d.messages[reply_id]["content"] == "A better answer.")
     assert click.response_type == 6
