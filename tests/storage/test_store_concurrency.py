@@ -10,7 +10,7 @@ script) would be: two separate `Store` objects, each with its own engines and po
 
 These tests can fail (checked by hand by patching the store): with the select-then-insert
 get-or-create below, 12 to 26 of the 40 racing PostgreSQL calls raised IntegrityError in ten
-runs (the control test keeps that check); with SQLite's busy timeout and the store's retry
+runs (the control test keeps that check, with the two first lookers made to interleave); with SQLite's busy timeout and the store's retry
 taken away (LOCK_WAIT_SECONDS = 0, lock_wait = 0) 26 of the 40 SQLite racers failed with
 "database is locked", and the lock test failed at BEGIN IMMEDIATE with a 0.5 s busy timeout.
 """
@@ -96,16 +96,32 @@ async def test_two_stores_race_first_messages_on_postgres(postgres_url: str) -> 
         await second.close()
 
 
-async def _select_then_insert(
-    self: Store, session: AsyncSession, key: str, is_dm: bool = False, guild_id: str | None = None
-) -> ConversationRow:
-    """The get-or-create that the race tests must catch: look, then insert if absent."""
-    row = await session.scalar(select(ConversationRow).where(ConversationRow.key == key))
-    if row is None:
-        row = ConversationRow(key=key, enabled=False, is_dm=is_dm, guild_id=guild_id, created_at=utcnow())
-        session.add(row)
-        await session.flush()
-    return row
+class _SelectThenInsert:
+    """The get-or-create that the race tests must catch: look, then insert if absent.
+
+    Left to timing, the race needs two transactions to look before either inserts, and on a
+    slow host the first one can commit before the second looks (CI saw 40 of 40 succeed).
+    So the first two lookers that find no row wait for each other (up to 10 s) before they
+    insert: the interleaving the store's own get-or-create must survive, every run."""
+
+    def __init__(self) -> None:
+        self.found_none = 0
+        self.both_looked = asyncio.Event()
+
+    async def __call__(
+        self, store: Store, session: AsyncSession, key: str, is_dm: bool = False, guild_id: str | None = None
+    ) -> ConversationRow:
+        row = await session.scalar(select(ConversationRow).where(ConversationRow.key == key))
+        if row is None:
+            self.found_none += 1
+            if self.found_none == 2:
+                self.both_looked.set()
+            if self.found_none <= 2:
+                await asyncio.wait_for(self.both_looked.wait(), 10)
+            row = ConversationRow(key=key, enabled=False, is_dm=is_dm, guild_id=guild_id, created_at=utcnow())
+            session.add(row)
+            await session.flush()
+        return row
 
 
 async def test_the_race_catches_a_select_then_insert_get_or_create(
@@ -117,9 +133,11 @@ async def test_the_race_catches_a_select_then_insert_get_or_create(
     whole write transactions); the SQLite race guards the lock handling between engines."""
     first = await Store.open(postgres_url)
     second = await Store.open(postgres_url)
-    monkeypatch.setattr(Store, "_conversation", _select_then_insert)
+    naive = _SelectThenInsert()
+    monkeypatch.setattr(Store, "_conversation", lambda store, *args, **kwargs: naive(store, *args, **kwargs))
     try:
         results = await _race([first, second], "race")
+        assert naive.found_none >= 2
         assert any(isinstance(r, IntegrityError) for r in results), results
     finally:
         await first.close()
