@@ -18,7 +18,9 @@ executing one posts a message whose author is the webhook under the `username` g
 and deleted through the webhook's token (`webhook_messages` reads them).
 
 Outages: `fail_next` / `fail_for` answer matching requests with 5xx (bodies as Discord's
-edge sends them) or cut the connection (status 0), without handling them. A reply to a
+edge sends them) or cut the connection (status 0), without handling them. Latency:
+`answer_late` lets matching requests take effect at once and holds their answers back, as
+when Discord's response is slow on its way back (people already see the change). A reply to a
 deleted or unknown message fails with 50035 unless `fail_if_not_exists` is false, as on
 Discord. `GET /channels/{id}/messages` pages history like Discord (newest first).
 
@@ -173,6 +175,13 @@ class _Fault:
 
 
 @dataclass
+class _Latency:
+    method: str
+    route: str
+    seconds: float
+
+
+@dataclass
 class _Connection:
     """One gateway websocket; `sent` is the last sequence number written to it."""
     ws: web.WebSocketResponse
@@ -252,6 +261,7 @@ class FakeDiscord:
         self._buckets: dict[tuple[str, str, str], Bucket] = {}
         self.faults: list[tuple[str, str, int]] = []  # every injected failure: (method, route, status)
         self._faults: list[_Fault] = []
+        self._latencies: list[_Latency] = []
         self.guild_ids: list[int] = [GUILD_ID, GUILD2_ID]  # the servers the bot is in (`add_guild`)
         self._extra_guilds: dict[int, tuple[str, User, list[User]]] = {}  # name, owner, members
         self._ws: web.WebSocketResponse | None = None  # the latest gateway websocket
@@ -349,6 +359,9 @@ class FakeDiscord:
             return await self._fail(request, fault)
         response = await handler(request)
         self.requests.append((request.method, request.path, response.status))
+        delay = self._latency(request)
+        if delay:
+            await asyncio.sleep(delay)
         return response
 
     # ---- injected faults ---------------------------------------------------------------
@@ -358,19 +371,35 @@ class FakeDiscord:
         "/channels/{id}/messages") with these statuses, unhandled; 0 cuts the connection."""
         self._faults.extend(_Fault(method.upper(), route_template(route), status) for status in statuses)
 
-    def clear_faults(self) -> None:
-        """Discord answers normally again (every fault still pending is dropped)."""
-        self._faults.clear()
-
     def fail_for(self, method: str, route: str, status: int, seconds: float) -> None:
         """Every matching request fails with `status` for the next `seconds` (Discord is down)."""
         self._faults.append(_Fault(method.upper(), route_template(route), status, time.monotonic() + seconds))
 
+    def clear_faults(self) -> None:
+        """Discord answers normally again (every fault and latency still pending is dropped)."""
+        self._faults.clear()
+        self._latencies.clear()
+
+    def answer_late(self, method: str, route: str, seconds: float) -> None:
+        """Every matching request takes effect at once (events go out, people see it) and
+        its answer reaches the bot `seconds` later, until `clear_faults`."""
+        self._latencies.append(_Latency(method.upper(), route_template(route), seconds))
+
+    @staticmethod
+    def _route_of(request: web.Request) -> str:
+        resource = request.match_info.route.resource
+        return route_template(resource.canonical if resource is not None else request.path)
+
+    def _latency(self, request: web.Request) -> float:
+        if not self._latencies:
+            return 0.0
+        route = self._route_of(request)
+        return sum(late.seconds for late in self._latencies if late.method == request.method and late.route == route)
+
     def _take_fault(self, request: web.Request) -> int | None:
         if not self._faults:
             return None
-        resource = request.match_info.route.resource
-        route = route_template(resource.canonical if resource is not None else request.path)
+        route = self._route_of(request)
         now = time.monotonic()
         self._faults = [f for f in self._faults if f.until is None or f.until > now]
         for fault in self._faults:  # fail_next before fail_for: the first one in order wins

@@ -11,7 +11,7 @@ import pytest
 from bot.engine.scheduler import BatchConfig, BatchedEngine
 from tests.e2e.conftest import StartBot
 from tests.e2e.fake_discord import GUILD_ID, wait_for
-from tests.e2e.test_conversations import stored
+from tests.e2e.store_waits import stored
 
 
 async def test_reset_forgets_and_survives_restart(start_bot: StartBot) -> None:

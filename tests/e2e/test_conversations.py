@@ -2,21 +2,9 @@
 
 from __future__ import annotations
 
-import asyncio
-
-from bot.core.conversation import Message
-from tests.e2e.conftest import Harness, StartBot
+from tests.e2e.conftest import StartBot
 from tests.e2e.fake_discord import wait_for
-
-
-async def stored(h: Harness, channel_id: int, count: int) -> list[Message]:
-    """The stored history of a channel, once it has `count` messages."""
-    for _ in range(200):
-        history = await h.store.recent_messages(f"discord:{channel_id}", 100)
-        if len(history) >= count:
-            return history
-        await asyncio.sleep(0.05)
-    raise AssertionError(f"history has {len(history)} messages, expected {count}")
+from tests.e2e.store_waits import stored
 
 
 async def test_dm_is_answered_with_a_reply_that_pings_nobody(start_bot: StartBot) -> None:

@@ -95,6 +95,23 @@ async def test_500_and_502_are_retried_by_discord_py(fake_discord: FakeDiscord, 
     assert fake_discord.history[sent.id] == ["to edit", "edited"]  # the failed PATCH changed nothing
 
 
+async def test_a_late_answer_takes_effect_first(fake_discord: FakeDiscord, client: Client) -> None:
+    general = channel(client, fake_discord.general)
+    sent = await general.send("to edit")
+    fake_discord.answer_late("PATCH", EDIT, 0.4)
+    started = time.monotonic()
+    edit = asyncio.create_task(sent.edit(content="edited"))
+    await wait_for(lambda: fake_discord.messages[sent.id]["content"] == "edited")
+    assert not edit.done()  # people see the edit; the bot has no answer yet
+    await edit
+    assert time.monotonic() - started >= 0.4
+    fake_discord.clear_faults()
+    fake_discord.answer_late("PATCH", EDIT, 30)
+    other = await asyncio.wait_for(general.send("posts are on time"), 10)  # only the route given is late
+    fake_discord.clear_faults()
+    await asyncio.wait_for(other.edit(content="edits on time again"), 10)
+
+
 async def test_a_dropped_connection_raises_a_connection_error(fake_discord: FakeDiscord, client: Client) -> None:
     general = channel(client, fake_discord.general)
     fake_discord.fail_next("POST", SEND, 0)

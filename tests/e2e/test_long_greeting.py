@@ -9,7 +9,7 @@ from bot.core.replies import DISCORD_LIMIT, split_message
 from tests.card_files import png_card, v3_card
 from tests.e2e.conftest import StartBot
 from tests.e2e.fake_discord import GUILD_ID, wait_for
-from tests.e2e.test_conversations import stored
+from tests.e2e.store_waits import stored
 
 # About 7000 characters: pings that must not ping anyone, prose, a code block with a
 # 2500-character line (which once made the split hang), and more prose.

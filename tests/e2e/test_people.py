@@ -13,7 +13,7 @@ from bot.roleplay.attachments import MAX_FILE_BYTES
 from bot.storage.store import MessageRow
 from tests.e2e.conftest import Harness, StartBot
 from tests.e2e.fake_discord import FakeDiscord, Interaction, User, wait_for
-from tests.e2e.test_conversations import stored
+from tests.e2e.store_waits import stored
 
 PNG = b"\x89PNG\r\n\x1a\n\x00\x00\x00\rIHDR" + bytes(64)
 

@@ -6,8 +6,7 @@ import re
 
 from tests.e2e.conftest import StartBot
 from tests.e2e.fake_discord import wait_for
-from tests.e2e.test_conversations import stored
-from tests.e2e.test_swipes import delivered_reply
+from tests.e2e.store_waits import delivered_reply, stored
 
 LONG_STORY = " ".join(f"Word{i}." for i in range(120))
 

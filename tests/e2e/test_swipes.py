@@ -10,7 +10,7 @@ import pytest
 from tests.e2e.conftest import Harness, StartBot
 from tests.e2e.fake_discord import FakeDiscord, User, wait_for
 from tests.e2e.nothing_lost import assert_nothing_lost
-from tests.e2e.test_conversations import stored
+from tests.e2e.store_waits import delivered_reply, stored, stored_reply
 
 FINAL = ["Regenerate", "Continue"]
 
@@ -22,24 +22,6 @@ def labels(d: FakeDiscord, message_id: int) -> list[str]:
 def disabled(d: FakeDiscord, message_id: int) -> list[str]:
     return [c["label"] for row in d.messages[message_id]["components"] for c in row["components"]
             if c.get("disabled")]
-
-
-async def stored_reply(h: Harness, channel_id: int):  # type: ignore[no-untyped-def]
-    reply = await h.store.latest_reply(f"discord:{channel_id}")
-    assert reply is not None
-    return reply
-
-
-async def delivered_reply(h: Harness, channel_id: int, tries: int = 600):  # type: ignore[no-untyped-def]
-    """The latest stored reply once it is final and marked delivered: the bot stores a final
-    state first, makes Discord show it, and only then marks it delivered, so Discord can
-    show the final reply a moment before the store says so."""
-    for _ in range(tries):
-        reply = await stored_reply(h, channel_id)
-        if reply.status != "streaming" and not reply.undelivered:
-            return reply
-        await asyncio.sleep(0.05)
-    raise AssertionError(f"reply not delivered: {reply}")
 
 
 async def ask(h: Harness, text: str, answer: str) -> tuple[int, int]:

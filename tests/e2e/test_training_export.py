@@ -10,7 +10,7 @@ from pathlib import Path
 from bot.lifecycle.dataset_export import PromptLimits, export_dataset
 from tests.e2e.conftest import StartBot
 from tests.e2e.fake_discord import wait_for
-from tests.e2e.test_conversations import stored
+from tests.e2e.store_waits import stored
 
 MANAGE_CHANNELS = 1 << 4
 
