@@ -4,6 +4,7 @@ real SQLite store, the scripted or the real llama.cpp engine) connected to it.""
 from __future__ import annotations
 
 import asyncio
+import os
 from collections.abc import AsyncIterator, Callable, Awaitable
 from dataclasses import dataclass
 from pathlib import Path
@@ -33,8 +34,14 @@ class Harness:
 
 @pytest.fixture
 async def fake_discord() -> AsyncIterator[FakeDiscord]:
+    """The Discord stand-in; FAKE_DISCORD_LATENCY=0.1 makes every answer to the bot come
+    0.1 s after the request took effect (Discord's own latency), to hunt for races between
+    what people see and what the bot has stored (a test that clears faults clears it too)."""
     server = FakeDiscord()
     await server.start()
+    latency = float(os.environ.get("FAKE_DISCORD_LATENCY") or 0)
+    if latency:
+        server.answer_late("*", "*", latency)
     yield server
     await server.stop()
 

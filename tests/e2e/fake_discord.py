@@ -382,7 +382,8 @@ class FakeDiscord:
 
     def answer_late(self, method: str, route: str, seconds: float) -> None:
         """Every matching request takes effect at once (events go out, people see it) and
-        its answer reaches the bot `seconds` later, until `clear_faults`."""
+        its answer reaches the bot `seconds` later, until `clear_faults`; "*" matches any
+        method or route."""
         self._latencies.append(_Latency(method.upper(), route_template(route), seconds))
 
     @staticmethod
@@ -394,7 +395,8 @@ class FakeDiscord:
         if not self._latencies:
             return 0.0
         route = self._route_of(request)
-        return sum(late.seconds for late in self._latencies if late.method == request.method and late.route == route)
+        return sum(late.seconds for late in self._latencies
+                   if late.method in ("*", request.method) and late.route in ("*", route))
 
     def _take_fault(self, request: web.Request) -> int | None:
         if not self._faults:
