@@ -23,6 +23,17 @@ async def stored(h: Harness, channel_id: int, count: int) -> list[Message]:
     raise AssertionError(f"history has {len(history)} messages, expected {count}")
 
 
+async def stored_containing(h: Harness, channel_id: int, text: str) -> list[Message]:
+    """The stored history of a channel, once a message in it contains `text` (a command's
+    answer is stored right after Discord took it: a test sees it a moment before)."""
+    for _ in range(200):
+        history = await h.store.recent_messages(f"discord:{channel_id}", 100)
+        if any(text in m.content for m in history):
+            return history
+        await asyncio.sleep(0.05)
+    raise AssertionError(f"no stored message contains {text!r}: {[m.content for m in history]}")
+
+
 async def stored_reply(h: Harness, channel_id: int) -> StoredReply:
     """The channel's latest stored reply, as it is now."""
     reply = await h.store.latest_reply(f"discord:{channel_id}")

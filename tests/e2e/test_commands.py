@@ -11,7 +11,7 @@ import pytest
 from bot.engine.scheduler import BatchConfig, BatchedEngine
 from tests.e2e.conftest import StartBot
 from tests.e2e.fake_discord import GUILD_ID, wait_for
-from tests.e2e.store_waits import stored
+from tests.e2e.store_waits import stored, stored_containing
 
 
 async def test_reset_forgets_and_survives_restart(start_bot: StartBot) -> None:
@@ -107,6 +107,10 @@ async def test_persona_set_greets_and_plays_the_character(start_bot: StartBot) -
     chosen = await d.slash(d.mod, d.general, "persona", sub="set", options={"name": "marlowe"})
     await wait_for(lambda: chosen.response_type == 4)
     assert d.original(chosen)["content"].startswith("*Marlowe doesn't look up")
+    await stored_containing(h, d.general, "Marlowe doesn't look up")
+    # The greeting's id comes with Discord's answer to the command: no second request that
+    # could fail after it was shown.
+    assert not [r for r in d.requests if r[0] == "GET" and r[1].endswith("/messages/@original")]
     h.engine.say("Trouble, then.")
     question = await d.user_says(d.ann, d.general, "I have a case", mention_bot=True)
     await wait_for(lambda: d.replies_to(question))
@@ -208,6 +212,7 @@ async def test_persona_import_from_an_attachment(start_bot: StartBot) -> None:
     chosen = await d.slash(d.mod, d.general, "persona", sub="set", options={"name": "nova-vex", "greeting": 1})
     await wait_for(lambda: chosen.response_type == 4)
     assert d.original(chosen)["content"] == "Strap in, Mod!"
+    await stored_containing(h, d.general, "Strap in, Mod!")
     await h.bot.close()
 
     h2 = await start_bot()  # the import survives a restart

@@ -87,8 +87,11 @@ class Personas(commands.Cog):
             return
         # A greeting of any length is posted whole: the first part answers the command, the
         # rest follow it. History keeps it once, unsplit, under the first part's id.
-        await interaction.response.send_message(parts[0], allowed_mentions=NO_PINGS)
-        sent = await interaction.original_response()
+        answered = await interaction.response.send_message(parts[0], allowed_mentions=NO_PINGS)
+        # Discord's answer to the callback carries the message: no second request (a fetch
+        # could fail after the greeting is shown, and the greeting would not be stored).
+        sent = answered.resource if isinstance(answered.resource, discord.InteractionMessage) \
+            else await interaction.original_response()
         await self.responder.save_reply(conversation, persona, text.strip(), bot_id=str(sent.author.id),
                                         platform_id=str(sent.id))
         for part in parts[1:]:
