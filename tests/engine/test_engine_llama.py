@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import asyncio
 import shutil
+import threading
 from pathlib import Path
 
 import pytest
@@ -169,13 +170,24 @@ async def test_hot_swap_that_does_not_fit_unloads_first(
     _tight_memory(monkeypatch)
     assert (await engine.plan_reload(str(copy))).mode == "unload"
     running = engine.submit(request(max_new=32))
+    # The worker holds after the first piece until `during` is queued: on a fast host the
+    # 32 tokens could otherwise be done before the swap begins.
+    holding, release, push = threading.Event(), threading.Event(), running.push
+
+    def push_then_hold(piece: str) -> None:
+        push(piece)
+        holding.set()
+        release.wait(30)
+
+    running.push = push_then_hold  # type: ignore[method-assign]
     running_text = asyncio.create_task(running.text())
-    await asyncio.sleep(0.2)
+    await asyncio.to_thread(holding.wait, 30)
     swap = asyncio.create_task(engine.reload(str(copy)))
     while not engine._parked:
         await asyncio.sleep(0.01)
     during = engine.submit(request(max_new=16))
-    assert during.position >= 1, "waits behind the swap"
+    assert during.position >= 1, "waits behind the generation under way and the swap"
+    release.set()
     old = engine._llm
     info = await swap
     assert info.name == "copy" and old._model.model is None, "the old model was freed"
