@@ -7,7 +7,7 @@ from __future__ import annotations
 import asyncio
 
 from bot.core.conversation import Message
-from bot.roleplay.memory import SUMMARY_HEADING
+from bot.roleplay.memory import MEMORY_CONCURRENCY, SUMMARY_HEADING
 from bot.core.prompt import INPUT, INSTRUCTION
 from tests.e2e.conftest import StartBot
 from bot.storage.store import Store
@@ -36,16 +36,20 @@ async def test_a_long_conversation_gets_a_background_summary_read_before_the_rec
     key = await long_dm(database_url, fake_discord, 20)
     h = await start_bot(**SMALL)
     d = h.discord
-    h.bot.responder.memory.debounce = 3.0
+    memory = h.bot.responder.memory
+    memory.debounce = 0.0
+    for _ in range(MEMORY_CONCURRENCY):  # no summary may start until the reply is checked
+        await memory._slots.acquire()
     h.engine.say("Sure, Ann.")
     question = await d.user_says(d.ann, d.dm, "is everything fine?")
     reply = (await wait_for(lambda: d.replies_to(question)))[0]
     await wait_for(lambda: d.messages[int(reply["id"])]["content"] == "Sure, Ann.")
-    # The reply is whole while the summary has not even been asked for: it is built in the
-    # background, after the reply.
+    # The reply is whole while the summary waits: it is built in the background, after it.
     assert len(h.engine.prompts) == 1 and "Turn 0:" not in h.engine.prompts[0]
-    assert key in h.bot.responder.memory._tasks
+    assert key in memory._tasks
     h.engine.say("Ann keeps a ship; parts 0 to 7 are fine.", "Ann keeps a ship; parts 0 to 14 are fine.")
+    for _ in range(MEMORY_CONCURRENCY):
+        memory._slots.release()
     for _ in range(200):
         state = (await h.store.prompt_extras(key))[0]
         if state.summary.endswith("14 are fine."):

@@ -6,6 +6,7 @@ import asyncio
 import copy
 import json
 import logging
+import threading
 import time
 from pathlib import Path
 
@@ -196,16 +197,32 @@ def test_imported_cards_that_no_longer_load_are_skipped(caplog: pytest.LogCaptur
 # --- /persona import parses off the event loop, within a time limit ----------------------------
 
 
-async def test_cards_are_parsed_off_the_event_loop() -> None:
-    """The loop keeps ticking while a worst-case card is parsed in a worker thread."""
+async def test_cards_are_parsed_off_the_event_loop(monkeypatch: pytest.MonkeyPatch) -> None:
+    """The loop keeps ticking while a worst-case card is parsed in a worker thread: each
+    parse, after its real work, waits until the loop has ticked 5 more times (on the loop's
+    own thread it would wait its 10 s out, the loop frozen)."""
     ticks = 0
+    ticked = threading.Condition()
+    parsed_in: list[tuple[int, bool]] = []
+    real = bot.roleplay.personas.card_and_persona
+
+    def parse_while_the_loop_ticks(data: bytes, filename: str):  # type: ignore[no-untyped-def]
+        started = ticks
+        try:
+            return real(data, filename)
+        finally:
+            with ticked:
+                parsed_in.append((threading.get_ident(), ticked.wait_for(lambda: ticks >= started + 5, 10)))
 
     async def ticker() -> None:
         nonlocal ticks
         while True:
-            ticks += 1
+            with ticked:
+                ticks += 1
+                ticked.notify_all()
             await asyncio.sleep(0.001)
 
+    monkeypatch.setattr(bot.roleplay.personas, "card_and_persona", parse_while_the_loop_ticks)
     task = asyncio.create_task(ticker())
     try:
         card, persona = await parse_card_off_loop(worst_cards()["largest accepted card: dense JSON in a chara zTXt"],
@@ -215,7 +232,8 @@ async def test_cards_are_parsed_off_the_event_loop() -> None:
     finally:
         task.cancel()
     assert persona.name == "Dense" and card["data"]["name"] == "Dense"
-    assert ticks > 5
+    assert len(parsed_in) == 2
+    assert all(thread != threading.get_ident() and loop_ticked for thread, loop_ticked in parsed_in)
 
 
 async def test_a_parse_past_the_time_limit_is_refused_clearly(monkeypatch: pytest.MonkeyPatch) -> None:
