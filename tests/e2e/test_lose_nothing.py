@@ -14,6 +14,7 @@ from bot.edge import recovery
 from tests.e2e.conftest import StartBot
 from tests.e2e.fake_discord import wait_for
 from tests.e2e.nothing_lost import assert_nothing_lost, rows
+from tests.e2e.store_waits import stored_containing
 
 SEND = "/channels/{id}/messages"
 EDIT = "/channels/{id}/messages/{id}"
@@ -211,12 +212,37 @@ async def test_a_mention_still_waiting_at_shutdown_is_answered_after_the_restart
     first = await d.user_says(d.ann, d.general, "tell a story", mention_bot=True)
     await wait_for(lambda: d.replies_to(first))
     waiting = await d.user_says(d.bob, d.general, "and me?", mention_bot=True)
-    await asyncio.sleep(0.3)
+    await stored_containing(h, d.general, "and me?")  # waiting: stored, behind the story
     await h.bot.shutdown()
     h2 = await start_bot()
     h2.engine.say("answer to Bob after the restart")
     await wait_for(lambda: d.replies_to(waiting), timeout=30)
     await assert_nothing_lost(d, h2.store, {d.general: [first, waiting]})
+
+
+async def test_a_message_being_stored_when_shutdown_begins_is_stored_before_it_ends(
+        start_bot: StartBot, monkeypatch: pytest.MonkeyPatch) -> None:
+    """SIGTERM while a message Discord delivered is still being stored (a slow database):
+    the shutdown waits for it, so the restart finds it and answers it. Before, the shutdown
+    ended without it and the process exited: the message was in nobody's history."""
+    h = await start_bot(SHUTDOWN_GRACE_SECONDS="5")
+    d = h.discord
+    add_message, storing = h.store.add_message, asyncio.Event()
+
+    async def slow_add(key: str, message, *args, **kw):  # type: ignore[no-untyped-def]
+        if message.content == "are you there?":
+            storing.set()
+            await asyncio.sleep(1.0)
+        return await add_message(key, message, *args, **kw)
+
+    monkeypatch.setattr(h.store, "add_message", slow_add)
+    question = await d.user_says(d.ann, d.dm, "are you there?")
+    await asyncio.wait_for(storing.wait(), 10)
+    await h.bot.shutdown()
+    assert "are you there?" in [m.content for m in await h.store.recent_messages(f"discord:{d.dm}", 10)]
+    h2 = await start_bot()
+    h2.engine.say("Here, after the restart.")
+    await assert_nothing_lost(d, h2.store, {d.dm: [question]}, timeout=30)
 
 
 async def test_a_crash_before_the_first_text_does_not_hide_what_was_said_meanwhile(start_bot: StartBot) -> None:

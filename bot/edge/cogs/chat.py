@@ -72,6 +72,7 @@ class Chat(commands.Cog):
         # Messages of a channel are handled in the order Discord sent them (discord.py runs
         # each listener as its own task; without this, storing could reorder them).
         self._arrivals: weakref.WeakValueDictionary[int, asyncio.Lock] = weakref.WeakValueDictionary()
+        self._arriving: set[asyncio.Task[object]] = set()  # messages being stored: a shutdown waits for them
         self.follow_ups = FollowUps()  # whom the bot last answered per channel (/channel speak)
         self.chance = random.random
         self.reading = asyncio.Semaphore(READS_AT_ONCE)  # attached files read at once
@@ -120,6 +121,10 @@ class Chat(commands.Cog):
         if not self.bot.allowed_guild(came.guild_id) or self.webhooks.owns(message):
             return  # another server, or a scene character's reply (stored by the reply path)
         metrics.MESSAGES.inc()
+        task = asyncio.current_task()
+        if task is not None:
+            self._arriving.add(task)
+            task.add_done_callback(self._arriving.discard)
         if len(self.held):  # behind those kept while the database was away: Discord's order
             if not self.held.hold((message, came)):
                 await self._notify(message, "*(I could not save your message; please send it again in a minute)*")
@@ -330,6 +335,12 @@ class Chat(commands.Cog):
         self.accepting = False
         if self._retention is not None:
             self._retention.cancel()
+        deadline = time.monotonic() + grace
+        if self._arriving:  # Discord delivered them: store them (answered after the restart)
+            _, late = await asyncio.wait(set(self._arriving), timeout=grace)
+            if late:
+                log.warning("%d messages Discord delivered were not stored within the shutdown grace; "
+                            "the restart back-fills what it can from Discord", len(late))
         await self.held.close()
         dropped = self.lanes.close()
         under_way = self.answerer.interrupt_all() if self.answerer else 0
@@ -337,7 +348,7 @@ class Chat(commands.Cog):
                  under_way, dropped)
         workers = self.lanes.workers() + self.recovery.stop()
         if workers:
-            done, pending = await asyncio.wait(workers, timeout=grace)
+            done, pending = await asyncio.wait(workers, timeout=max(0.0, deadline - time.monotonic()))
             for task in pending:
                 task.cancel()
             if pending:
