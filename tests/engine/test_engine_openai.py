@@ -16,6 +16,7 @@ from bot.engine.base import EngineError, GenerationRequest, ModelLoadError, Samp
 from bot.engine.openai_compat import OpenAIConfig, OpenAIEngine
 from bot.engine.openai_server import split_base_url
 from bot.engine.special_text import ZERO_WIDTH_SPACE, defang
+from tests.e2e.fake_discord import wait_for
 from tests.engine.openai_standin import REPLY, OpenAIStandIn
 from tests.llama_server import free_port
 
@@ -188,7 +189,7 @@ async def test_stop_closes_the_stream() -> None:
                 if len(pieces) == 2:
                     generation.cancel()
             assert len(pieces) == 2 and generation.stats.stopped_by == "cancelled"
-            await asyncio.sleep(0.6)
+            await wait_for(lambda: server.disconnects, timeout=10)  # noticed at its next write
             assert server.disconnects == 1 and server.finished == 0
         finally:
             await engine.close()

@@ -7,6 +7,7 @@ import asyncio
 
 from bot.core.conversation import Message, utcnow
 from bot.roleplay.memory import (
+    MEMORY_CONCURRENCY,
     SUMMARY_HEADING,
     MemoryState,
     clean_summary,
@@ -113,10 +114,14 @@ async def test_an_overflowing_prompt_gets_a_summary_that_replaces_the_turns_it_c
     responder.memory.debounce = 0
     key = "terminal:memory"
     await _long_chat(store, key, 40)
+    for _ in range(MEMORY_CONCURRENCY):  # the summaries wait until their texts are scripted
+        await responder.memory._slots.acquire()
     first = await responder.start_reply(key, "Ann")
     await first.generation.text()
     assert "Turn 0:" not in first.prompt.text  # dropped: it does not fit
     engine.say("Sum 1.", "Sum 2.", "Sum 3.", "Sum 4.", "Sum 5.")
+    for _ in range(MEMORY_CONCURRENCY):
+        responder.memory._slots.release()
     await asyncio.wait_for(asyncio.gather(*responder.memory._tasks.values()), 10)
     assert responder.memory._tasks == {}  # a finished summary leaves nothing behind
     # The backlog is more than one request can read: several requests, oldest turns first,

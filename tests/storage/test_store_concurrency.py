@@ -196,7 +196,7 @@ async def test_write_waits_out_another_process_lock_and_reads_go_on(database_url
         during = await store.recent_messages("c", 10)
         state = await store.state("c")
         read_took = time.monotonic() - read_started
-        assert read_took < 0.5, read_took
+        assert read_took < HOLD_SECONDS / 3, read_took  # it did not wait for the lock (3 s)
         assert [m.content for m in during] == ["0/0"]  # neither pending write is visible yet
         assert state.known
 
@@ -209,7 +209,6 @@ async def test_write_waits_out_another_process_lock_and_reads_go_on(database_url
         # The write finished only after the other process let go, having waited the whole hold.
         assert done_at >= released_at
         assert done_at - started >= HOLD_SECONDS - (started - locked_at) - 0.05, (done_at - started, started - locked_at)
-        assert done_at - started >= HOLD_SECONDS * 0.9
         assert [m.content for m in await store.recent_messages("c", 10)] == ["0/0", "from the other process", "0/1"]
     finally:
         if holder is not None and holder.returncode is None:
