@@ -10,9 +10,14 @@ from pathlib import Path
 import pytest
 
 from bot.core.conversation import Message
-from bot.engine.base import EngineBusy, GenerationRequest, ModelLoadError, SamplingParams
-from bot.engine.llama import LlamaConfig, LlamaEngine
 from bot.core.prompt import build_prompt
+from bot.engine.base import (
+    EngineBusy,
+    GenerationRequest,
+    ModelLoadError,
+    SamplingParams,
+)
+from bot.engine.llama import LlamaConfig, LlamaEngine
 
 pytestmark = pytest.mark.llama
 GREEDY = SamplingParams(temperature=0.0, seed=1)

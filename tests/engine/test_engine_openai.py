@@ -12,7 +12,12 @@ from pathlib import Path
 
 import pytest
 
-from bot.engine.base import EngineError, GenerationRequest, ModelLoadError, SamplingParams
+from bot.engine.base import (
+    EngineError,
+    GenerationRequest,
+    ModelLoadError,
+    SamplingParams,
+)
 from bot.engine.openai_compat import OpenAIConfig, OpenAIEngine
 from bot.engine.openai_server import split_base_url
 from bot.engine.special_text import ZERO_WIDTH_SPACE, defang

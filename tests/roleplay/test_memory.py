@@ -6,6 +6,9 @@ from __future__ import annotations
 import asyncio
 
 from bot.core.conversation import Message, utcnow
+from bot.core.prompt import HEADERS, INPUT, INSTRUCTION, RESPONSE
+from bot.core.settings import load_settings
+from bot.lifecycle.responder import Responder
 from bot.roleplay.memory import (
     MEMORY_CONCURRENCY,
     SUMMARY_HEADING,
@@ -18,13 +21,10 @@ from bot.roleplay.memory import (
     with_memory,
 )
 from bot.roleplay.personas import persona_from_dict
-from bot.core.prompt import HEADERS, INPUT, INSTRUCTION, RESPONSE
-from bot.lifecycle.responder import Responder
-from bot.core.settings import load_settings
 from bot.storage.store import Store
 from tests.conftest import word_tokens
-from tests.e2e.scripted_engine import ScriptedEngine
 from tests.core.test_prompt_integrity import parse, speaker_of
+from tests.e2e.scripted_engine import ScriptedEngine
 
 pytest_plugins = ["tests.pg"]
 
