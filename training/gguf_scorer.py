@@ -82,7 +82,10 @@ class GGUFScorer:
             llama_cpp.llama_model_free(self.model)
             raise ScorerError(f"llama.cpp could not create a context of {n_ctx} tokens for {path.name}")
         self.memory = llama_cpp.llama_get_memory(self.ctx)
-        self.batch = llama_cpp.llama_batch_init(n_batch, 0, n_seq)
+        # llama.cpp caps a causal model's batch at the context size: decode no more than that
+        # (a larger batch aborts the process in llama_decode).
+        self.n_batch = min(n_batch, llama_cpp.llama_n_batch(self.ctx), llama_cpp.llama_n_ubatch(self.ctx))
+        self.batch = llama_cpp.llama_batch_init(self.n_batch, 0, n_seq)
         self.bos = llama_cpp.llama_vocab_bos(self.vocab)
         self.add_bos = bool(llama_cpp.llama_vocab_get_add_bos(self.vocab))
 
@@ -114,7 +117,7 @@ class GGUFScorer:
         cells = seqs = 0
         for context, members in groups.items():
             for part in self._parts(context, [(i, list(choices[i].continuation)) for i in members]):
-                size = len(part[0]) + sum(len(c) for _, c in part[1])
+                size = _cells(part[0], [c for _, c in part[1]])
                 if pending and (cells + size > self.n_batch or seqs + len(part[1]) > self.n_seq):
                     self._score_together(pending, results, progress)
                     pending, cells, seqs = [], 0, 0
@@ -134,7 +137,7 @@ class GGUFScorer:
         for member in members:
             trial = current + [member]
             ctx = self._window(context, max(len(c) for _, c in trial))
-            if current and (len(trial) > self.n_seq or len(ctx) + sum(len(c) for _, c in trial) > self.n_ctx):
+            if current and (len(trial) > self.n_seq or _cells(ctx, [c for _, c in trial]) > self.n_ctx):
                 parts.append((self._window(context, max(len(c) for _, c in current)), current))
                 current = [member]
             else:
@@ -145,8 +148,8 @@ class GGUFScorer:
 
     def _window(self, context: tuple[int, ...], longest: int) -> list[int]:
         ctx = list(context) or self.prefix()
-        if len(ctx) + longest > self.n_ctx:
-            ctx = ctx[-max(1, self.n_ctx - longest) :]
+        if _cells(ctx, [[0] * longest]) > self.n_ctx:
+            ctx = ctx[-max(1, self.n_ctx - longest + 1) :]
         return ctx
 
     def _score_together(self, parts: list[tuple[list[int], list[tuple[int, list[int]]]]],
@@ -163,7 +166,8 @@ class GGUFScorer:
             last = len(entries) + len(ctx) - 1
             entries.extend((token, pos, seqs, pos == len(ctx) - 1) for pos, token in enumerate(ctx))
             for (i, cont), s in zip(members, seqs, strict=True):
-                cont = cont[-(self.n_ctx - len(ctx)) :] if len(ctx) + len(cont) > self.n_ctx else cont
+                if _cells(ctx, [cont]) > self.n_ctx:  # longer than the window by itself
+                    cont = cont[-(self.n_ctx - len(ctx) + 1) :]
                 predictors = [last]
                 for k, token in enumerate(cont[:-1]):  # the last token predicts nothing we need
                     predictors.append(len(entries))
@@ -238,3 +242,9 @@ class GGUFScorer:
         self.lib.llama_batch_free(self.batch)
         self.lib.llama_free(self.ctx)
         self.lib.llama_model_free(self.model)
+
+
+def _cells(context: Sequence[int], continuations: Sequence[Sequence[int]]) -> int:
+    """The KV cells a context and its continuations take: each continuation's last token is
+    read, never evaluated (it predicts nothing scored)."""
+    return len(context) + sum(max(0, len(c) - 1) for c in continuations)

@@ -115,3 +115,52 @@ def test_suites_are_the_card_tables_and_the_table_shows_the_card() -> None:
     markdown, data = table([Column("mine.gguf", {("arc_easy", "acc"): (0.5, 0.01)})], None)
     assert "| arc_easy | acc | 0.5000 ± 0.0100 | 0.8422 |" in markdown
     assert data["rows"][0]["card"] == 0.8422
+
+
+def test_rolling_log_likelihood_scores_every_token_once_as_llama_does(gguf_path: Path) -> None:
+    """Perplexity tasks (`loglikelihood_rolling`): the sum over the text's tokens of log p(token
+    | the tokens before it, at most the context window), after BOS. One window (a context of
+    512 holds the text) and several (64: the harness's disjoint windows), each against the same
+    sum from `Llama`'s log-probabilities."""
+    from types import SimpleNamespace
+
+    from lm_eval.utils import get_rolling_token_windows, make_disjoint_window
+
+    from training.eval_backend import HermesGGUF
+
+    text = " ".join(f"The keeper of light {i} wrote down the ships that passed the island." for i in range(8))
+    llm = open_llama(gguf_path, n_ctx=512, logits_all=True, verbose=False)
+    try:
+        tokens = llm.tokenize(text.encode(), add_bos=False)
+        bos = llm.token_bos()
+
+        def window_logprob(context: list[int], continuation: list[int]) -> float:
+            whole = context + continuation
+            llm.reset()
+            llm.eval(whole)
+            logits = np.array(llm.scores[: len(whole)], dtype=np.float64)
+            total = 0.0
+            for k in range(len(context), len(whole)):
+                row = logits[k - 1]
+                total += row[whole[k]] - row.max() - np.log(np.exp(row - row.max()).sum())
+            return total
+
+        def reference(max_length: int) -> float:
+            windows = [make_disjoint_window(w) for w in get_rolling_token_windows(
+                token_list=tokens, prefix_token=bos, max_seq_len=max_length, context_len=1)]
+            assert sum(len(c) for _, c in windows) == len(tokens)  # every token once
+            return sum(window_logprob(list(c), list(t)) for c, t in windows)
+
+        expected = {n_ctx: reference(n_ctx) for n_ctx in (512, 64)}
+    finally:
+        llm.close()
+    assert 100 < len(tokens) < 500
+    for n_ctx, want in expected.items():
+        backend = HermesGGUF(str(gguf_path), n_ctx=n_ctx, n_seq=4)
+        try:
+            (got,) = backend.loglikelihood_rolling([SimpleNamespace(args=(text,))], disable_tqdm=True)
+        finally:
+            backend.close()
+        # Batched kernels move a log-prob by a little; over ~150 tokens well under 1 %.
+        assert abs(got - want) <= 0.01 * abs(want) + 0.5, (n_ctx, got, want)
+    assert expected[64] < expected[512]  # a shorter window predicts worse: the windows are real
