@@ -186,6 +186,8 @@ def test_one_command_runs_the_whole_chain(tiny_base: Path, tmp_path: Path) -> No
                   "gradient_accumulation_steps": 1, "optimizer": "adamw_torch", "packing": True,
                   "learning_rate": 1e-3, "gradient_checkpointing": True},
         "export": {"quantizations": ["Q4_K_M"], "probe_prompts": ["Hi.\nThere."]},
+        # The eval stage finds the run's GGUFs itself, unquantized first.
+        "eval": {"enabled": True, "tasks": ["local"], "limit": 5, "n_gpu_layers": 0, "n_ctx": 256},
     }
     (tmp_path / "tiny.yaml").write_text(yaml.safe_dump(config))
     result = subprocess.run([sys.executable, "-m", "training.cli", "all", str(tmp_path / "tiny.yaml")],
@@ -194,6 +196,9 @@ def test_one_command_runs_the_whole_chain(tiny_base: Path, tmp_path: Path) -> No
     lines = [line for line in result.stdout.splitlines() if line.startswith("MODEL_PATH=")]
     assert [Path(line.split("=", 1)[1]).name for line in lines] == ["run.f16.gguf", "run.Q4_K_M.gguf"]
     assert all(Path(line.split("=", 1)[1]).is_file() for line in lines)
+    table = json.loads((tmp_path / "run" / "eval" / "eval.json").read_text())
+    assert table["models"] == ["run.f16.gguf", "run.Q4_K_M.gguf"]
+    assert {(r["task"], r["metric"]) for r in table["rows"]} >= {("hermes_local_mc", "acc"), ("hermes_local_gen", "exact_match")}
 
 
 def test_eval_on_the_tiny_trained_model_writes_the_table(exported: dict[str, Path], tmp_path: Path) -> None:
