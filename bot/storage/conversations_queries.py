@@ -4,6 +4,8 @@ reset, persona, enabling, imported cards."""
 from __future__ import annotations
 
 import json
+import logging
+from collections.abc import Sequence
 from typing import Any
 
 from sqlalchemy import (
@@ -25,6 +27,8 @@ from bot.storage.tables import (
     _message_values,
     _to_message,
 )
+
+log = logging.getLogger(__name__)
 
 
 class ConversationQueries(StoreBase):
@@ -52,7 +56,9 @@ class ConversationQueries(StoreBase):
             )
             return bool(result.rowcount)
 
-        return await self._write(work)
+        added = await self._write(work)
+        await self._erase_deleted_meanwhile(key, [message.platform_id])
+        return added
 
     @_reads
     async def recent_messages(self, key: str, limit: int, after_id: int | None = None) -> list[Message]:
@@ -94,12 +100,22 @@ class ConversationQueries(StoreBase):
         """A message deleted in Discord: its text is erased; a tombstone without text (ids
         and time) remains, so it never reaches a prompt again. A later part of a long reply
         erases the whole reply (its text is stored once, unsplit)."""
+        deleted = platform_id
         platform_id = await self._reply_of_part(key, platform_id) or platform_id
         erased = await self._update_message(key, platform_id, content="", notice=None, attachments=None,
                                             deleted_at=utcnow())
+        if not erased:  # not stored (yet?): erased when it is (bot.storage.late_deletions)
+            self.late_deletions.add(deleted)
+            return False
         await self._drop_alternatives(key, platform_id)
         await self._forget_memory_of_message(key, platform_id)
         return erased
+
+    async def _erase_deleted_meanwhile(self, key: str, platform_ids: Sequence[str | None]) -> None:
+        """Ids just stored that Discord had already reported deleted: erase them now."""
+        for platform_id in self.late_deletions.take(platform_ids):
+            log.info("%s: message %s was deleted in Discord before it was stored; erasing it", key, platform_id)
+            await self.delete_message(key, platform_id)
 
     @_reads
     async def _reply_of_part(self, key: str, platform_id: str) -> str | None:

@@ -27,6 +27,7 @@ from sqlalchemy.ext.asyncio import (
 )
 
 from bot.core.conversation import utcnow
+from bot.storage.late_deletions import LateDeletions
 from bot.storage.reconnect import Availability, DatabaseUnavailable, is_disconnect
 from bot.storage.tables import Base, ConversationRow
 from bot.telemetry import metrics
@@ -103,6 +104,7 @@ class StoreBase:
         self.lock_wait = LOCK_WAIT_SECONDS
         self.retry_seconds = retry_seconds
         self.availability = Availability()
+        self.late_deletions = LateDeletions()  # deleted in Discord before they were stored
 
     @classmethod
     async def open(cls, database_url: str, migrate: bool = True,

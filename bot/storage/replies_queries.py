@@ -117,6 +117,10 @@ class ReplyQueries(StoreBase):
             await session.execute(update(MessageRow).where(MessageRow.id == reply_id).values(**values))
 
         await self._write(work)
+        if "part_ids" in values and len(self.late_deletions):  # a part deleted before its id came back
+            reply = await self.reply(reply_id)
+            if reply is not None:
+                await self._erase_deleted_meanwhile(reply.key, json.loads(values["part_ids"]))
 
     @_reads
     async def reply(self, reply_id: int) -> StoredReply | None:

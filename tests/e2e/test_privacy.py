@@ -158,3 +158,13 @@ async def test_a_part_deleted_before_the_reply_is_marked_delivered_erases_it(sta
     h = await start_bot()
     h.discord.answer_late("PATCH", "/channels/{id}/messages/{id}", 0.5)
     await deleting_the_second_part_erases(h)
+
+
+async def test_a_part_deleted_before_discord_answers_its_post_erases_it(start_bot: StartBot) -> None:
+    """Discord shows a new part (and reports its deletion) before its answer to the POST,
+    which carries the part's id, reaches the bot: a moderation bot deletes within
+    milliseconds. The deletion matched nothing stored; it is kept, and the reply is erased
+    when the part's id is stored (found with FAKE_DISCORD_LATENCY=0.1)."""
+    h = await start_bot()
+    h.discord.answer_late("POST", "/channels/{id}/messages", 0.5)
+    await deleting_the_second_part_erases(h)
