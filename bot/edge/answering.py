@@ -75,9 +75,17 @@ class Answerer:
         self._under_way: dict[int, _UnderWay] = {}  # reply row id → reply being written
         self.shutting_down = False
 
-    def generation_of(self, message_id: int) -> Generation | None:
-        """The generation of the reply whose first Discord part is this message."""
-        return next((u.generation for u in self._under_way.values() if u.stream.first_part_id == message_id), None)
+    def generation_of(self, message_id: int, answers: int | None = None) -> Generation | None:
+        """The generation of the reply whose first Discord part is this message. People can
+        click a part before Discord's answer to the bot's POST brings its id: then the reply
+        under way whose first part is still unknown and that answers the same question
+        (`answers`: the message the clicked part replies to)."""
+        under_way = list(self._under_way.values())
+        found = next((u for u in under_way if u.stream.first_part_id == message_id), None)
+        if found is None and answers is not None:
+            found = next((u for u in under_way if u.stream.first_part_id is None and u.stream.to.question_id == answers),
+                         None)
+        return found.generation if found is not None else None
 
     def is_under_way(self, reply_id: int) -> bool:
         return reply_id in self._under_way

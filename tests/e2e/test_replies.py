@@ -66,7 +66,8 @@ async def test_stop_keeps_what_was_written(start_bot: StartBot) -> None:
     await wait_for(lambda: intruder.response_type == 4)
     assert "Only the person who asked" in d.original(intruder)["content"]
     click = await d.click(d.ann, reply_id, stop_id)
-    await wait_for(lambda: click.response_type == 6)
+    await wait_for(lambda: click.response_type is not None)
+    assert click.response_type == 6, (click.response_type, d.original(click) if click.response_type == 4 else None)
     # The final edit drops Stop and keeps Regenerate (and Continue); the text is cut short, not lost.
     await wait_for(lambda: [c["label"] for row in d.messages[reply_id]["components"] for c in row["components"]]
                    == ["Regenerate", "Continue"])
@@ -76,6 +77,23 @@ async def test_stop_keeps_what_was_written(start_bot: StartBot) -> None:
     assert 0 < len(written) < len(LONG_STORY) and LONG_STORY.startswith(written)
     history = await stored(h, d.dm, 2)
     assert history[-1].content == written, "history has the model's words, not the notice"
+
+
+async def test_stop_works_before_discord_answered_the_first_post(start_bot: StartBot) -> None:
+    """People see a part (and its Stop) before Discord's answer, with the part's id, reaches
+    the bot: Stop still stops it, not "already finished" (found with FAKE_DISCORD_LATENCY)."""
+    h = await start_bot()
+    h.engine.delay = 0.05
+    h.engine.say(LONG_STORY)
+    d = h.discord
+    d.answer_late("POST", "/channels/{id}/messages", 1.0)
+    question = await d.user_says(d.ann, d.dm, "tell me a story")
+    reply_id = int((await wait_for(lambda: d.replies_to(question)))[0]["id"])
+    click = await d.click(d.ann, reply_id, f"hermes:stop:{d.ann.id}")
+    await wait_for(lambda: click.response_type is not None)
+    assert click.response_type == 6, d.original(click)
+    await wait_for(lambda: d.messages[reply_id]["content"].endswith("\n\n*(stopped)*"))
+    assert len(d.messages[reply_id]["content"]) < len(LONG_STORY)
 
 
 async def test_regenerate_replaces_the_reply(start_bot: StartBot) -> None:

@@ -294,7 +294,9 @@ class Chat(commands.Cog):
                 "Only the person who asked, or an admin, can stop this reply.", ephemeral=True
             )
             return
-        generation = self.get_answerer().generation_of(interaction.message.id) if interaction.message else None
+        message = interaction.message
+        answers = message.reference.message_id if message is not None and message.reference else None
+        generation = self.get_answerer().generation_of(message.id, answers) if message is not None else None
         if generation is None:
             await interaction.response.send_message("This reply is already finished.", ephemeral=True)
             return
