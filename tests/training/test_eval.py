@@ -10,6 +10,7 @@ import os
 import subprocess
 import sys
 from pathlib import Path
+from typing import Any
 
 import numpy as np
 import pytest
@@ -23,6 +24,19 @@ pytestmark = pytest.mark.llama
 
 def rows(name: str) -> list[dict]:
     return [json.loads(line) for line in (LOCAL_TASKS / name).read_text().splitlines() if line.strip()]
+
+
+def logprob_after(llm: Any, whole: list[int], start: int) -> float:
+    """Sum of log p(whole[k] | whole[:k]) for k from `start`, from `Llama`'s logits (one
+    text evaluated alone)."""
+    llm.reset()
+    llm.eval(whole)
+    logits = np.array(llm.scores[: len(whole)], dtype=np.float64)
+    total = 0.0
+    for k in range(start, len(whole)):
+        row = logits[k - 1]
+        total += row[whole[k]] - row.max() - np.log(np.exp(row - row.max()).sum())
+    return total
 
 
 def reference_scores(path: Path) -> tuple[float, float, float]:
@@ -39,13 +53,7 @@ def reference_scores(path: Path) -> tuple[float, float, float]:
             scores, normed = [], []
             for choice in item["choices"]:
                 whole = llm.tokenize((context + " " + choice).encode(), add_bos=True)
-                llm.reset()
-                llm.eval(whole)
-                logits = np.array(llm.scores[: len(whole)], dtype=np.float64)
-                total = 0.0
-                for k in range(len(head), len(whole)):
-                    row = logits[k - 1]
-                    total += row[whole[k]] - row.max() - np.log(np.exp(row - row.max()).sum())
+                total = logprob_after(llm, whole, len(head))
                 scores.append(total)
                 normed.append(total / len(" " + choice))
             right += int(np.argmax(scores)) == item["answer"]
@@ -134,22 +142,11 @@ def test_rolling_log_likelihood_scores_every_token_once_as_llama_does(gguf_path:
         tokens = llm.tokenize(text.encode(), add_bos=False)
         bos = llm.token_bos()
 
-        def window_logprob(context: list[int], continuation: list[int]) -> float:
-            whole = context + continuation
-            llm.reset()
-            llm.eval(whole)
-            logits = np.array(llm.scores[: len(whole)], dtype=np.float64)
-            total = 0.0
-            for k in range(len(context), len(whole)):
-                row = logits[k - 1]
-                total += row[whole[k]] - row.max() - np.log(np.exp(row - row.max()).sum())
-            return total
-
         def reference(max_length: int) -> float:
             windows = [make_disjoint_window(w) for w in get_rolling_token_windows(
                 token_list=tokens, prefix_token=bos, max_seq_len=max_length, context_len=1)]
             assert sum(len(c) for _, c in windows) == len(tokens)  # every token once
-            return sum(window_logprob(list(c), list(t)) for c, t in windows)
+            return sum(logprob_after(llm, [*c, *t], len(c)) for c, t in windows)
 
         expected = {n_ctx: reference(n_ctx) for n_ctx in (512, 64)}
     finally:
